@@ -1,0 +1,37 @@
+# Sourced by scripts/devservices and scripts/test: makes sure the project venv exists and holds
+# `.[all,dev]`. Everything downloaded is cached outside the clone (CI clones afresh every run).
+#
+#   MSA_CACHE_DIR  cache for tools, jars and binaries   (default: ~/.cache/msa-framework)
+#   MSA_VENV       the project's virtualenv              (default: <repo>/.venv)
+#   MSA_PYTHON     the interpreter that seeds the venv   (default: python3)
+
+MSA_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export MSA_CACHE_DIR=${MSA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/msa-framework}
+MSA_VENV=${MSA_VENV:-$MSA_REPO/.venv}
+MSA_PYTHON=${MSA_PYTHON:-python3}
+mkdir -p "$MSA_CACHE_DIR"
+
+msa_log() { printf '[msa] %s\n' "$*" >&2; }
+
+# uv resolves and installs in seconds instead of minutes; it lives in a tools venv in the cache.
+msa_uv() {
+    local tools=$MSA_CACHE_DIR/tools
+    if [ ! -x "$tools/bin/uv" ]; then
+        msa_log "installing uv into $tools"
+        "$MSA_PYTHON" -m venv "$tools" >&2
+        "$tools/bin/python" -m pip install --quiet uv >&2
+    fi
+    "$tools/bin/uv" "$@"
+}
+
+msa_ensure_venv() {
+    local stamp=$MSA_VENV/.msa-installed want
+    want=$(cat "$MSA_REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)
+    if [ -x "$MSA_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    msa_log "installing msa-framework[all,dev] into $MSA_VENV"
+    [ -x "$MSA_VENV/bin/python" ] || msa_uv venv --quiet --python "$MSA_PYTHON" "$MSA_VENV" >&2
+    msa_uv pip install --quiet --python "$MSA_VENV/bin/python" -e "$MSA_REPO[all,dev]" >&2
+    echo "$want" > "$stamp"
+}

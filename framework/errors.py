@@ -1,0 +1,140 @@
+"""The framework's exceptions: one rooted tree, control-flow signals kept apart from errors.
+
+    MsaError                               root of everything the framework raises
+    ├── ConfigurationError(ValueError)     misuse: bad settings, a handler declared wrongly
+    ├── NotStartedError                    used before start(), or after stop()
+    ├── MessageError                       a message that cannot be taken as it is
+    │   ├── DecodeError                    bytes/headers are not a valid envelope
+    │   ├── UnknownMessageType             no schema registered for an incoming `type`
+    │   └── PayloadValidationError(ValueError)  the data does not match its schema
+    ├── BusError                           the message bus failed
+    │   ├── TransportError                 the broker could not be reached or refused a call
+    │   │   ├── PublishError               a record was not acknowledged
+    │   │   └── CommitError                consumed offsets could not be committed
+    │   ├── TopicError                     a topic could not be declared or does not exist
+    │   └── RequestTimeout(TimeoutError)   no reply to a request within its timeout
+    ├── RemoteError                        a request's handler failed; carries its error type
+    └── PersistenceError                   the database failed (see framework.persistence)
+
+    HandlerSignal                          not errors: raised BY a handler to steer delivery
+    ├── RetryLater                         retry this message after a delay (counts an attempt)
+    └── Reject                             never retry: dead-letter it now with the reason
+
+Foreign exceptions (aiokafka, asyncpg, pymongo, aiohttp) are translated to these at one edge per
+integration, with `raise ... from exc`, so callers never import a driver to catch its errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BusError",
+    "CommitError",
+    "ConfigurationError",
+    "DecodeError",
+    "HandlerSignal",
+    "MessageError",
+    "MsaError",
+    "NotStartedError",
+    "PayloadValidationError",
+    "PersistenceError",
+    "PublishError",
+    "Reject",
+    "RemoteError",
+    "RequestTimeout",
+    "RetryLater",
+    "TopicError",
+    "TransportError",
+    "UnknownMessageType",
+]
+
+
+class MsaError(Exception):
+    """Root of every exception the framework raises."""
+
+
+class ConfigurationError(MsaError, ValueError):
+    """The framework was set up wrongly (settings, handler declarations, topic specs)."""
+
+
+class NotStartedError(MsaError, RuntimeError):
+    """A component was used before `start()` or after `stop()`."""
+
+
+class MessageError(MsaError):
+    """A message cannot be taken as it is; retrying will not help. It is dead-lettered."""
+
+
+class DecodeError(MessageError, ValueError):
+    """The record's bytes or headers are not a valid CloudEvents envelope."""
+
+
+class UnknownMessageType(MessageError, LookupError):
+    """No schema is registered for the envelope's `type`."""
+
+
+class PayloadValidationError(MessageError, ValueError):
+    """The payload does not match the schema of its type; `errors` lists what is wrong."""
+
+    def __init__(self, message: str, *, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class BusError(MsaError):
+    """The message bus failed."""
+
+
+class TransportError(BusError):
+    """The broker could not be reached, or refused the call."""
+
+
+class PublishError(TransportError):
+    """A record was not acknowledged by the broker."""
+
+
+class CommitError(TransportError):
+    """Consumed offsets could not be committed (for example after losing the partitions)."""
+
+
+class TopicError(BusError):
+    """A topic could not be declared, or does not exist where it must."""
+
+
+class RequestTimeout(BusError, TimeoutError):
+    """No reply arrived for a request within its timeout."""
+
+
+class RemoteError(MsaError):
+    """The handler of a request failed; the reply carried its error type and message."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.remote_message = message
+
+
+class PersistenceError(MsaError):
+    """The database failed."""
+
+
+class HandlerSignal(Exception):  # noqa: N818 - signals, not errors
+    """Raised by a handler to steer delivery. Not an error: not logged as one."""
+
+
+class RetryLater(HandlerSignal):
+    """Try this message again after `delay` seconds (or the retry policy's backoff)."""
+
+    def __init__(self, reason: str = "", *, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+class Reject(HandlerSignal):
+    """Never retry this message: dead-letter it now, with `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

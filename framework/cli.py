@@ -1,12 +1,24 @@
-"""The `msa` command line."""
+"""The `msa` command line.
+
+msa run module:Service                 run a service until SIGTERM (see framework.runner)
+msa asyncapi module:Service            print its AsyncAPI 3.0 document
+msa openapi module:Service             print its OpenAPI 3.1 document
+msa dlq replay TOPIC.dlq [--limit N] [--dry-run]
+                                       publish dead letters back to their original topic
+                                       (transport from MSA_TRANSPORT / KAFKA_BOOTSTRAP)
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 
+import orjson
+
 from framework import __version__
+from framework.errors import MsaError
 
 __all__ = ["build_parser", "main"]
 
@@ -17,12 +29,64 @@ def build_parser() -> argparse.ArgumentParser:
         description="msa-framework: run and inspect event-driven microservices.",
     )
     parser.add_argument("--version", action="version", version=f"msa-framework {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a service until SIGTERM")
+    run.add_argument("target", help="module:Service (a class, an instance or a factory)")
+
+    for name, what in (("asyncapi", "AsyncAPI 3.0"), ("openapi", "OpenAPI 3.1")):
+        doc = commands.add_parser(name, help=f"print a service's {what} document")
+        doc.add_argument("target", help="module:Service")
+
+    dlq = commands.add_parser("dlq", help="dead-letter topics")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    replay = dlq_commands.add_parser("replay", help="publish dead letters back to their topic")
+    replay.add_argument("topic", help="the dead-letter topic, e.g. orders.dlq")
+    replay.add_argument("--limit", type=int, default=None, help="replay at most N records")
+    replay.add_argument("--dry-run", action="store_true", help="list, publish nothing")
     return parser
+
+
+async def _replay(topic: str, limit: int | None, dry_run: bool) -> int:
+    from framework.bus.dlq import replay
+    from framework.service import ServiceSettings
+
+    transport = ServiceSettings.from_env().make_transport()
+    await transport.start()
+    try:
+        report = await replay(transport, topic, limit=limit, dry_run=dry_run)
+    finally:
+        await transport.stop()
+    verb = "would replay" if dry_run else "replayed"
+    for letter in report.replayed:
+        print(
+            f"{verb} {letter.record.topic}[{letter.record.partition}]@{letter.record.offset} "
+            f"-> {letter.original_topic} ({letter.error_type}: {letter.error_message})"
+        )
+    print(f"{verb} {report.count} record(s) from {topic}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            from framework.runner import run
+
+            return run(args.target)
+        if args.command in ("asyncapi", "openapi"):
+            from framework import docs
+            from framework.runner import service_class
+
+            document = getattr(docs, args.command)(service_class(args.target))
+            sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+            return 0
+        if args.command == "dlq":
+            return asyncio.run(_replay(args.topic, args.limit, args.dry_run))
+    except MsaError as exc:
+        print(f"msa: error: {exc}", file=sys.stderr)
+        return 2
     parser.print_help()
     return 0
 

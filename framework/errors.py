@@ -119,7 +119,7 @@ class PersistenceError(MsaError):
     """The database failed."""
 
 
-class HandlerSignal(Exception):  # noqa: N818 - signals, not errors
+class HandlerSignal(Exception):
     """Raised by a handler to steer delivery. Not an error: not logged as one."""
 
 

@@ -1,0 +1,25 @@
+"""The message bus: one contract, an in-memory transport and a Kafka transport.
+
+- `Bus` (framework.bus.bus): typed publish, subscriptions, request/reply, middleware.
+- `Subscription`, `ConsumerOptions`, `RetryPolicy`, `Message`, `HandlerSpec`
+  (framework.bus.consumer): ordered concurrency, at-least-once commits, retries, dead letters.
+- `MemoryTransport` (framework.bus.memory): Kafka-like, in process.
+- `KafkaTransport`, `KafkaSettings` (framework.bus.kafka, extra `kafka`): Apache Kafka via aiokafka.
+"""
+
+from framework.bus.bus import Bus, BusMetrics, Outgoing, current_message
+from framework.bus.consumer import ConsumerOptions, HandlerSpec, Message, RetryPolicy, Subscription
+from framework.bus.memory import MemoryTransport
+
+__all__ = [
+    "Bus",
+    "BusMetrics",
+    "ConsumerOptions",
+    "HandlerSpec",
+    "MemoryTransport",
+    "Message",
+    "Outgoing",
+    "RetryPolicy",
+    "Subscription",
+    "current_message",
+]

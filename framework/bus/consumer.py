@@ -1,0 +1,590 @@
+"""Consuming: ordered concurrency, at-least-once commits, retries and dead letters.
+
+One `Subscription` is one consumer-group member on one transport. It fetches records, and:
+
+**Ordered concurrency.** Records are split into *lanes*: by default one lane per (partition, key),
+so one key is handled strictly in order while different keys, even inside one partition, run
+concurrently up to `ConsumerOptions.concurrency` handlers at once (the approach of Confluent's
+Parallel Consumer). `ordering="partition"` makes one lane per partition; `ordering="none"` one lane
+per record. Keyless records share their partition's lane in `"key"` mode.
+
+**At-least-once.** Each partition tracks the offsets it fetched; the committed offset is the lowest
+one not yet done, so a crash never skips a record whose handler had not finished. Commits happen
+every `commit_interval` seconds, on rebalance (for the partitions being revoked) and at stop.
+
+**Retries.** A handler that raises is retried with exponential backoff and jitter
+(`RetryPolicy`), up to `max_attempts`; then the record goes to the dead-letter topic. Two modes:
+
+- `retry_mode="in_place"` (default): the record's lane waits and retries. Other keys keep flowing;
+  the same key waits, so per-key order holds, which is what keyed aggregates (an order's events)
+  need. The partition's committed offset stays below the record until it is resolved.
+- `retry_mode="retry_topic"`: the record is re-published to `<topic>.retry.<group>` with the
+  attempt count and a not-before time in headers, and the original is committed at once. Nothing
+  waits, but later records of the same key may overtake the retried one. Choose it for
+  independent records (notifications, analytics). The retry topic is per group so that one
+  group's retries never reach another group.
+
+**Dead letters.** A payload that fails validation, an envelope that cannot be decoded, a
+`Reject` from the handler, or a record out of attempts is published to `<topic>.dlq` with its
+original key, value and headers, plus `msa-dlq-*` headers: error type, error message, attempts,
+original topic/partition/offset, group and time. `msa dlq replay` publishes them back.
+
+**Requests.** A record whose envelope has a `replyto` extension is a request: the handler's
+return value is published to that topic as the reply; a failure is replied as an error at once
+(the caller is waiting with a timeout, so retrying past it would help nobody).
+
+**Graceful stop.** `stop(grace)` stops fetching, lets handlers already running finish within
+`grace` seconds, abandons records not started (they are redelivered), commits and leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from framework.errors import (
+    CommitError,
+    DecodeError,
+    MessageError,
+    MsaError,
+    Reject,
+    RetryLater,
+    TransportError,
+)
+from framework.messages import Envelope, decode_payload, from_binary
+from framework.types import Headers, Record, TopicPartition, TopicSpec
+
+if TYPE_CHECKING:
+    from framework.bus.bus import Bus
+
+__all__ = [
+    "ConsumerOptions",
+    "HandlerSpec",
+    "Message",
+    "RetryPolicy",
+    "Subscription",
+]
+
+T = TypeVar("T")
+log = logging.getLogger("framework.bus")
+
+DLQ_PREFIX = "msa-dlq-"
+RETRY_ATTEMPT = "msa-retry-attempt"
+RETRY_NOT_BEFORE = "msa-retry-not-before"
+RETRY_ORIGIN = "msa-retry-original-"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Exponential backoff: `initial * multiplier**(attempt-1)`, capped, with +-jitter."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.2
+    multiplier: float = 2.0
+    max_backoff: float = 30.0
+    jitter: float = 0.1
+
+    def backoff(self, attempt: int) -> float:
+        delay = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        if self.jitter:
+            delay *= 1 + random.uniform(-self.jitter, self.jitter)
+        return max(0.0, delay)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsumerOptions:
+    """How one subscription consumes. Every field has a production-sensible default."""
+
+    group: str
+    concurrency: int = 16
+    ordering: Literal["key", "partition", "none"] = "key"
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry_mode: Literal["in_place", "retry_topic"] = "in_place"
+    dead_letter: bool = True
+    start_from: Literal["earliest", "latest"] = "earliest"
+    max_poll_records: int = 500
+    max_buffered: int = 2000
+    commit_interval: float = 0.2
+    fetch_timeout: float = 0.2
+
+    def dlq_topic(self, topic: str) -> str:
+        return f"{topic}.dlq"
+
+    def retry_topic(self, topic: str) -> str:
+        return f"{topic}.retry.{self.group}"
+
+
+@dataclass(slots=True, kw_only=True)
+class Message(Generic[T]):
+    """What a handler receives: the typed envelope plus where and how often it was delivered."""
+
+    envelope: Envelope[T]
+    record: Record
+    attempt: int
+    group: str
+
+    @property
+    def data(self) -> T:
+        return self.envelope.data
+
+    @property
+    def key(self) -> str | None:
+        return self.envelope.partitionkey
+
+    @property
+    def topic(self) -> str:
+        return self.record.topic
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.envelope.extensions.get("replyto")
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    """A handler for one CloudEvents type: its payload class and the coroutine to call."""
+
+    payload_type: Any
+    call: Callable[[Message[Any]], Awaitable[Any]]
+    name: str = ""
+
+
+class _PartitionState:
+    """Offsets fetched but not done yet, in fetch order; what may be committed."""
+
+    __slots__ = ("committed", "done", "next_offset", "pending", "revoked")
+
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()
+        self.done: set[int] = set()
+        self.next_offset: int | None = None
+        self.committed: int | None = None
+        self.revoked = False
+
+    def track(self, offset: int) -> None:
+        self.pending.append(offset)
+        self.next_offset = offset + 1
+
+    def finish(self, offset: int) -> None:
+        pending = self.pending
+        if pending and pending[0] == offset:
+            pending.popleft()
+            done = self.done
+            while pending and pending[0] in done:
+                done.remove(pending.popleft())
+        else:
+            self.done.add(offset)
+
+    def committable(self) -> int | None:
+        offset = self.pending[0] if self.pending else self.next_offset
+        return None if offset is None or offset == self.committed else offset
+
+
+_Item = tuple[_PartitionState, Record]
+
+
+class Subscription:
+    """A running consumer-group member. Created and started by `Bus.subscribe`."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        topics: Sequence[str],
+        handlers: Mapping[str, HandlerSpec],
+        options: ConsumerOptions,
+    ) -> None:
+        self.bus = bus
+        self.topics = tuple(topics)
+        self.handlers = dict(handlers)
+        self.options = options
+        self.group = options.group
+        self._partitions: dict[TopicPartition, _PartitionState] = {}
+        self._lanes: dict[object, deque[_Item]] = {}
+        self._lane_tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(options.concurrency)
+        self._buffered = 0
+        self._space = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._draining = False
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._commit_task: asyncio.Task[None] | None = None
+        self._retry_origin = {options.retry_topic(t): t for t in self.topics}
+        self._consumer: Any = None
+        metrics = bus.metrics
+        self._m_in = metrics.messages_in
+        self._m_latency = metrics.handler_seconds
+        self._m_retries = metrics.retries
+        self._m_dlq = metrics.dead_letters
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def all_topics(self) -> list[str]:
+        topics = list(self.topics)
+        if self.options.retry_mode == "retry_topic":
+            topics += [self.options.retry_topic(t) for t in self.topics]
+        return topics
+
+    async def start(self) -> None:
+        transport = self.bus.transport
+        declared = self.all_topics()
+        if self.options.dead_letter:
+            declared += [self.options.dlq_topic(t) for t in self.topics]
+        await transport.declare([TopicSpec(name=name) for name in declared])
+        self._consumer = transport.consumer(
+            self.all_topics(),
+            group=self.group,
+            listener=self,
+            start_from=self.options.start_from,
+            max_poll_records=self.options.max_poll_records,
+        )
+        await self._consumer.start()
+        self._fetch_task = asyncio.create_task(self._fetch_loop(), name=f"fetch:{self.group}")
+        self._commit_task = asyncio.create_task(self._commit_loop(), name=f"commit:{self.group}")
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop fetching, finish running handlers within `grace`, commit, leave the group."""
+        if self._consumer is None:
+            return
+        self._stopping.set()
+        self._draining = True
+        self._space.set()
+        for task in (self._fetch_task, self._commit_task):
+            if task is not None:
+                await _finish(task)
+        if self._lane_tasks:
+            _, late = await asyncio.wait(set(self._lane_tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning(
+                    "group %s: %d handler(s) still running after the %.1fs grace period were "
+                    "cancelled; their records will be redelivered",
+                    self.group,
+                    len(late),
+                    grace,
+                )
+                await asyncio.wait(late)
+        await self._commit(list(self._partitions))
+        consumer, self._consumer = self._consumer, None
+        await consumer.stop()
+
+    @property
+    def in_flight(self) -> int:
+        return self._buffered
+
+    def lag(self) -> Mapping[TopicPartition, int]:
+        return self._consumer.lag() if self._consumer is not None else {}
+
+    # -- rebalance listener -------------------------------------------------------------------
+
+    async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
+        for tp in partitions:
+            self._partitions[tp] = _PartitionState()
+
+    async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
+        await self._commit([tp for tp in partitions if tp in self._partitions])
+        for tp in partitions:
+            state = self._partitions.pop(tp, None)
+            if state is not None:
+                state.revoked = True  # queued records are dropped; running ones won't commit
+
+    # -- fetching -------------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        options = self.options
+        consumer = self._consumer
+        failures = 0
+        while not self._stopping.is_set():
+            room = options.max_buffered - self._buffered
+            if room <= 0:
+                self._space.clear()
+                await self._space.wait()
+                continue
+            try:
+                records = await consumer.fetch(
+                    timeout=options.fetch_timeout, max_records=min(room, options.max_poll_records)
+                )
+                failures = 0
+            except TransportError as exc:
+                failures += 1
+                log.warning("group %s: fetch failed (%s); retrying", self.group, exc)
+                await self._sleep(min(5.0, 0.1 * 2**failures))
+                continue
+            if self._stopping.is_set():
+                break  # not started: the group's committed offset still points before them
+            for record in records:
+                self._accept(record)
+
+    def _accept(self, record: Record) -> None:
+        tp = record.topic_partition
+        state = self._partitions.get(tp)
+        if state is None:
+            return
+        state.track(record.offset)
+        ordering = self.options.ordering
+        lane_key: object
+        if ordering == "key":
+            lane_key = (tp, record.key)
+        elif ordering == "partition":
+            lane_key = tp
+        else:
+            lane_key = (tp, record.offset)
+        self._buffered += 1
+        lane = self._lanes.get(lane_key)
+        if lane is not None:
+            lane.append((state, record))
+            return
+        lane = self._lanes[lane_key] = deque([(state, record)])
+        task = asyncio.create_task(self._run_lane(lane_key, lane))
+        self._lane_tasks.add(task)
+        task.add_done_callback(self._lane_tasks.discard)
+
+    async def _run_lane(self, lane_key: object, lane: deque[_Item]) -> None:
+        try:
+            while lane:
+                state, record = lane[0]
+                if state.revoked or self._draining:
+                    break
+                done = await self._process(record, state)
+                lane.popleft()
+                self._release(1)
+                if not done:
+                    break
+                if not state.revoked:
+                    state.finish(record.offset)
+        finally:
+            if lane:
+                self._release(len(lane))
+                lane.clear()
+            if self._lanes.get(lane_key) is lane:
+                del self._lanes[lane_key]
+
+    def _release(self, count: int) -> None:
+        self._buffered -= count
+        self._space.set()
+
+    # -- handling -------------------------------------------------------------------------------
+
+    async def _process(self, record: Record, state: _PartitionState) -> bool:
+        """Handle one record to a final outcome. False: abandoned (stopping), not done."""
+        attempt = 1
+        origin = self._retry_origin.get(record.topic)
+        if origin is not None:
+            attempt = int(record.header(RETRY_ATTEMPT) or b"2")
+            not_before = int(record.header(RETRY_NOT_BEFORE) or b"0") / 1000
+            if not await self._sleep(not_before - time.time()):
+                return False
+        topic = origin or record.topic
+        try:
+            envelope = self._envelope(record)
+            handler = self.handlers.get(envelope.type) or self.handlers.get("*")
+            if handler is None:
+                self._m_in.labels(topic=topic, type=envelope.type, outcome="ignored").inc()
+                return True
+            raw = handler.payload_type is bytes
+            data = envelope.data if raw else decode_payload(envelope.data, handler.payload_type)
+        except MessageError as exc:
+            self._m_in.labels(topic=topic, type="?", outcome="invalid").inc()
+            log.warning("group %s: dead-lettering %s: %s", self.group, _where(record), exc)
+            return await self._dead_letter(record, exc, attempt)
+        message: Message[Any] = Message(
+            envelope=envelope.with_data(data), record=record, attempt=attempt, group=self.group
+        )
+        while True:
+            if state.revoked:
+                return False
+            async with self._slots:
+                began = time.perf_counter()
+                try:
+                    result = await self.bus.dispatch(handler, message)
+                except Exception as exc:  # the handler's failure decides what happens next
+                    error: BaseException = exc
+                else:
+                    self._m_latency.labels(topic=topic, type=envelope.type).observe(
+                        time.perf_counter() - began
+                    )
+                    self._m_in.labels(topic=topic, type=envelope.type, outcome="ok").inc()
+                    if message.reply_to is not None:
+                        await self.bus.reply(message, result)
+                    return True
+            self._m_in.labels(topic=topic, type=envelope.type, outcome="error").inc()
+            if message.reply_to is not None:
+                await self.bus.reply_error(message, error)
+                return True
+            if isinstance(error, Reject | MessageError):
+                return await self._dead_letter(record, error, attempt)
+            if attempt >= self.options.retry.max_attempts:
+                log.error(
+                    "group %s: %s failed %d time(s), dead-lettering: %r",
+                    self.group,
+                    _where(record),
+                    attempt,
+                    error,
+                    exc_info=error,
+                )
+                return await self._dead_letter(record, error, attempt)
+            delay = self.options.retry.backoff(attempt)
+            if isinstance(error, RetryLater) and error.delay is not None:
+                delay = error.delay
+            self._m_retries.labels(topic=topic, type=envelope.type).inc()
+            if self.options.retry_mode == "retry_topic":
+                return await self._to_retry_topic(record, topic, attempt + 1, delay)
+            log.info(
+                "group %s: %s attempt %d failed (%r); retrying in %.2fs",
+                self.group,
+                _where(record),
+                attempt,
+                error,
+                delay,
+            )
+            if not await self._sleep(delay):
+                return False
+            attempt += 1
+            message.attempt = attempt
+
+    def _envelope(self, record: Record) -> Envelope[bytes]:
+        """The record's envelope; a raw catch-all handler (`"*"` taking `bytes`) also gets
+        records that are not CloudEvents at all, under a synthetic envelope."""
+        try:
+            return from_binary(record)
+        except DecodeError:
+            catch_all = self.handlers.get("*")
+            if catch_all is None or catch_all.payload_type is not bytes:
+                raise
+            return Envelope(
+                id=f"{record.topic}-{record.partition}-{record.offset}",
+                type="",
+                source="",
+                data=record.value,
+                datacontenttype="application/octet-stream",
+            )
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopping; True if the full time passed."""
+        if seconds <= 0:
+            return not self._draining
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        return not self._stopping.is_set()
+
+    async def _publish_until_done(self, topic: str, record: Record, headers: Headers) -> bool:
+        failures = 0
+        while True:
+            try:
+                future = await self.bus.transport.send(
+                    topic, record.value, key=record.key, headers=headers
+                )
+                await future
+                return True
+            except MsaError as exc:
+                failures += 1
+                log.warning("group %s: publishing to %s failed (%s)", self.group, topic, exc)
+                if not await self._sleep(min(10.0, 0.2 * 2**failures)):
+                    return False
+
+    async def _dead_letter(self, record: Record, error: BaseException, attempts: int) -> bool:
+        origin_topic, origin_partition, origin_offset = _origin(record)
+        if not self.options.dead_letter:
+            log.error(
+                "group %s: dropping %s (dead letters off): %r", self.group, _where(record), error
+            )
+            return True
+        message = str(error.reason if isinstance(error, Reject) else error)
+        headers = _strip(
+            record.headers, (DLQ_PREFIX, RETRY_ATTEMPT, RETRY_NOT_BEFORE, RETRY_ORIGIN)
+        )
+        headers += (
+            (DLQ_PREFIX + "error-type", _error_type(error).encode()),
+            (DLQ_PREFIX + "error-message", message[:4000].encode(errors="replace")),
+            (DLQ_PREFIX + "attempts", str(attempts).encode()),
+            (DLQ_PREFIX + "original-topic", origin_topic.encode()),
+            (DLQ_PREFIX + "original-partition", str(origin_partition).encode()),
+            (DLQ_PREFIX + "original-offset", str(origin_offset).encode()),
+            (DLQ_PREFIX + "group", self.group.encode()),
+            (DLQ_PREFIX + "failed-at", str(int(time.time() * 1000)).encode()),
+        )
+        ok = await self._publish_until_done(self.options.dlq_topic(origin_topic), record, headers)
+        if ok:
+            self._m_dlq.labels(topic=origin_topic).inc()
+        return ok
+
+    async def _to_retry_topic(self, record: Record, topic: str, attempt: int, delay: float) -> bool:
+        origin_topic, origin_partition, origin_offset = _origin(record)
+        headers = _strip(record.headers, (RETRY_ATTEMPT, RETRY_NOT_BEFORE, RETRY_ORIGIN))
+        headers += (
+            (RETRY_ATTEMPT, str(attempt).encode()),
+            (RETRY_NOT_BEFORE, str(int((time.time() + delay) * 1000)).encode()),
+            (RETRY_ORIGIN + "topic", origin_topic.encode()),
+            (RETRY_ORIGIN + "partition", str(origin_partition).encode()),
+            (RETRY_ORIGIN + "offset", str(origin_offset).encode()),
+        )
+        return await self._publish_until_done(self.options.retry_topic(topic), record, headers)
+
+    # -- committing -----------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while not self._stopping.is_set():
+            await self._sleep(self.options.commit_interval)
+            await self._commit(list(self._partitions))
+
+    async def _commit(self, partitions: list[TopicPartition]) -> None:
+        offsets: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            state = self._partitions.get(tp)
+            if state is None:
+                continue
+            offset = state.committable()
+            if offset is not None:
+                offsets[tp] = offset
+        if not offsets or self._consumer is None:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitError, TransportError) as exc:
+            log.warning("group %s: commit failed (%s); records may be redelivered", self.group, exc)
+            return
+        for tp, offset in offsets.items():
+            state = self._partitions.get(tp)
+            if state is not None:
+                state.committed = offset
+
+
+def _where(record: Record) -> str:
+    return f"{record.topic}[{record.partition}]@{record.offset}"
+
+
+def _origin(record: Record) -> tuple[str, int, int]:
+    topic = record.header(RETRY_ORIGIN + "topic")
+    if topic is None:
+        return record.topic, record.partition, record.offset
+    return (
+        topic.decode(),
+        int(record.header(RETRY_ORIGIN + "partition") or b"-1"),
+        int(record.header(RETRY_ORIGIN + "offset") or b"-1"),
+    )
+
+
+def _strip(headers: Headers, prefixes: tuple[str, ...]) -> Headers:
+    return tuple((k, v) for k, v in headers if not k.startswith(prefixes))
+
+
+def _error_type(error: BaseException) -> str:
+    cls = type(error)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+async def _finish(task: asyncio.Task[None]) -> None:
+    try:
+        await asyncio.wait_for(task, timeout=10)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

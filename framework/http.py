@@ -1,0 +1,149 @@
+"""The HTTP side of a service: its routes plus health, metrics and API documents, on aiohttp.
+
+    GET /alive               200 while the process serves requests (no dependency checks)
+    GET /ready               200 when started, dependencies reachable and not stopping; else 503
+    GET /metrics             Prometheus text format
+    GET /docs/asyncapi.json  AsyncAPI 3.0 of the topics it consumes and publishes
+    GET /docs/openapi.json   OpenAPI 3.1 of its routes
+
+Errors are answered as RFC 9457 problem documents (`application/problem+json`): an aiohttp
+HTTP exception keeps its status; `PayloadValidationError` and `DecodeError` are 422/400 with the
+validation errors; any other exception is a 500 whose detail does not leak internals. Every
+request continues the caller's W3C trace (or starts one) and runs with a correlation id taken
+from `X-Correlation-ID` (or the trace id), which log lines then carry.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from framework.docs import asyncapi, openapi
+from framework.errors import DecodeError, MessageError, PayloadValidationError
+from framework.messages import decode_payload
+from framework.observability.metrics import CONTENT_TYPE
+from framework.observability.tracing import trace_middleware, use_correlation_id
+
+if TYPE_CHECKING:
+    from framework.service import Service
+
+__all__ = ["ServiceHttp", "json_response", "problem", "read_json"]
+
+T = TypeVar("T")
+log = logging.getLogger("framework.http")
+PROBLEM = "application/problem+json"
+
+
+def json_response(
+    data: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response encoded with orjson (pydantic models and dataclasses included)."""
+    from framework.messages import encode_payload
+
+    return web.Response(
+        body=encode_payload(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def problem(status: int, title: str, detail: str = "", **extra: Any) -> web.Response:
+    """An RFC 9457 problem response."""
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    return web.Response(body=orjson.dumps(body), status=status, content_type=PROBLEM)
+
+
+async def read_json(request: web.Request, cls: type[T]) -> T:
+    """The request body validated as `cls`; raises the errors the problem middleware maps."""
+    raw = await request.read()
+    if not raw:
+        raise DecodeError("the request body is empty; a JSON document is expected")
+    return decode_payload(raw, cls)
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    correlation = request.headers.get("X-Correlation-ID")
+    with use_correlation_id(correlation):
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            detail = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else ""
+            return problem(exc.status, exc.reason, detail or "")
+        except PayloadValidationError as exc:
+            return problem(422, "Unprocessable Content", str(exc), errors=exc.errors)
+        except (DecodeError, MessageError) as exc:
+            return problem(400, "Bad Request", str(exc))
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return problem(500, "Internal Server Error", "the service failed to handle the request")
+
+
+class ServiceHttp:
+    """Serves a service's aiohttp application; started first and stopped last by `Service`."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.app = self.build_app()
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def build_app(self) -> web.Application:
+        service = self.service
+        app = web.Application(middlewares=[trace_middleware, problem_middleware])
+        app.router.add_get("/alive", self.alive)
+        app.router.add_get("/ready", self.ready)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/docs/asyncapi.json", self.asyncapi)
+        app.router.add_get("/docs/openapi.json", self.openapi)
+        for info in type(service).__msa_routes__:
+            app.router.add_route(info.method, info.path, getattr(service, info.attribute))
+        return app
+
+    async def start(self) -> None:
+        settings = self.service.settings
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, settings.http_host, settings.http_port)
+        await site.start()
+        addresses = self._runner.addresses
+        self.port = int(addresses[0][1]) if addresses else settings.http_port
+        log.info("service %s: HTTP on %s:%s", self.service.name, settings.http_host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def alive(self, request: web.Request) -> web.Response:
+        return json_response({"status": "alive", "service": self.service.name})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        service = self.service
+        checks = await service.check_ready()
+        ok = service.ready and all(checks.values())
+        body = {
+            "status": "ready" if ok else "not ready",
+            "service": service.name,
+            "stopping": service._stopping,
+            "checks": checks,
+        }
+        return json_response(body, status=200 if ok else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.service.metrics.render(), headers={"Content-Type": CONTENT_TYPE}
+        )
+
+    async def asyncapi(self, request: web.Request) -> web.Response:
+        return json_response(asyncapi(self.service))
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return json_response(openapi(self.service))

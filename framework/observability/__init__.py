@@ -1,0 +1,62 @@
+"""Observability: JSON logs, Prometheus metrics and W3C trace context for every service.
+
+- `metrics`: a `MetricsRegistry` per service (no global state) rendering the Prometheus text format.
+- `tracing`: `TraceContext` (W3C `traceparent`), the current trace and correlation id as
+  contextvars, an aiohttp middleware and `inject` for outgoing calls.
+- `logging`: `JsonFormatter` and `configure_logging`, which put service, correlation id and trace
+  id on every line.
+
+Nothing here imports aiohttp until an aiohttp helper is called.
+"""
+
+from framework.observability.logging import JsonFormatter, TextFormatter, configure_logging
+from framework.observability.metrics import (
+    CONTENT_TYPE,
+    DEFAULT_BUCKETS,
+    Counter,
+    CounterChild,
+    Gauge,
+    GaugeChild,
+    Histogram,
+    HistogramChild,
+    MetricsRegistry,
+)
+from framework.observability.tracing import (
+    TRACEPARENT,
+    TraceContext,
+    continue_from,
+    current_correlation_id,
+    current_trace,
+    get_correlation_id,
+    get_trace,
+    inject,
+    trace_middleware,
+    use_correlation_id,
+    use_trace,
+)
+
+__all__ = [
+    "CONTENT_TYPE",
+    "DEFAULT_BUCKETS",
+    "TRACEPARENT",
+    "Counter",
+    "CounterChild",
+    "Gauge",
+    "GaugeChild",
+    "Histogram",
+    "HistogramChild",
+    "JsonFormatter",
+    "MetricsRegistry",
+    "TextFormatter",
+    "TraceContext",
+    "configure_logging",
+    "continue_from",
+    "current_correlation_id",
+    "current_trace",
+    "get_correlation_id",
+    "get_trace",
+    "inject",
+    "trace_middleware",
+    "use_correlation_id",
+    "use_trace",
+]

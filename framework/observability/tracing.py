@@ -1,0 +1,224 @@
+"""W3C Trace Context: parse and write `traceparent`, and carry the current trace in a contextvar.
+
+A trace is a tree of spans that crosses services. Each hop receives a `traceparent` header
+(`00-<trace id: 32 hex>-<parent span id: 16 hex>-<flags: 2 hex>`), continues the trace with a span
+of its own (`continue_from`), makes it current for the work it does (`use_trace`), and passes a
+child on to the next hop (`inject` for HTTP; the bus writes `Envelope.traceparent`). Log lines
+carry the current trace id (see `framework.observability.logging`), so one id finds every line
+of one request across all services.
+
+    >>> parent = TraceContext.parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    >>> span = parent.child()
+    >>> span.trace_id == parent.trace_id and span.span_id != parent.span_id
+    True
+    >>> with use_trace(span):
+    ...     get_trace() is span
+    True
+
+Parsing follows the specification (https://www.w3.org/TR/trace-context/) strictly: lowercase hex
+only, ids that are not all zeros, version `ff` refused, version `00` exactly 55 characters. A
+*later* version is read by its version-00 prefix when what follows is `-` or nothing, as the
+specification asks of parsers, so a newer peer does not restart our traces. Anything invalid
+parses to None, and the receiver starts a new trace. `tracestate` is not propagated: the framework
+keeps no vendor state.
+
+The module also holds the contextvar of the correlation id of the message or request being
+handled (`use_correlation_id`), which the bus and the HTTP side set and the log formatter reads.
+
+aiohttp is imported only inside `trace_middleware` (and only when a handler raises), so this
+module works without the `gateway` extra; `inject` takes any mutable mapping of headers.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from aiohttp.typedefs import Handler
+
+__all__ = [
+    "TRACEPARENT",
+    "TraceContext",
+    "continue_from",
+    "current_correlation_id",
+    "current_trace",
+    "get_correlation_id",
+    "get_trace",
+    "inject",
+    "trace_middleware",
+    "use_correlation_id",
+    "use_trace",
+]
+
+TRACEPARENT = "traceparent"
+"""The header (HTTP) and CloudEvents extension attribute that carries the trace context."""
+
+_VERSION_00_LENGTH = 55
+_FIELDS = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
+_SAMPLED = 0x01
+
+
+def _new_span_id() -> str:
+    # Non-cryptographic randomness is enough for ids (the spec asks for uniqueness, not secrecy);
+    # the `random` module reseeds itself in forked children, so workers do not repeat ids.
+    while True:
+        bits = random.getrandbits(64)
+        if bits:
+            return f"{bits:016x}"
+
+
+def _new_trace_id() -> str:
+    while True:
+        bits = random.getrandbits(128)
+        if bits:
+            return f"{bits:032x}"
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """One span's position in a trace: which trace, which span, and whether it is sampled."""
+
+    trace_id: str
+    """32 lowercase hex digits, not all zero; the same on every span of the trace."""
+    span_id: str
+    """16 lowercase hex digits, not all zero; this span (the `parent-id` of its children)."""
+    sampled: bool = True
+    """The caller records this trace (the `sampled` trace flag)."""
+
+    @classmethod
+    def parse(cls, header: str | None) -> TraceContext | None:
+        """The context a `traceparent` header value describes, or None when it is invalid."""
+        if not header or len(header) < _VERSION_00_LENGTH:
+            return None
+        match = _FIELDS.match(header)
+        if match is None:
+            return None
+        version, trace_id, span_id, flags = match.groups()
+        if version == "ff":
+            return None
+        if len(header) > _VERSION_00_LENGTH and (
+            version == "00" or header[_VERSION_00_LENGTH] != "-"
+        ):
+            return None
+        if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
+            return None
+        return cls(trace_id, span_id, bool(int(flags, 16) & _SAMPLED))
+
+    @classmethod
+    def continue_from(cls, header: str | None) -> TraceContext:
+        """The span for work that received `header`: its child, or a new root if it is invalid."""
+        parent = cls.parse(header)
+        return parent.child() if parent is not None else cls.new_root()
+
+    @classmethod
+    def new_root(cls, *, sampled: bool = True) -> TraceContext:
+        """The first span of a new trace."""
+        return cls(_new_trace_id(), _new_span_id(), sampled)
+
+    def child(self) -> TraceContext:
+        """A new span in the same trace, whose parent is this span."""
+        return TraceContext(self.trace_id, _new_span_id(), self.sampled)
+
+    def to_header(self) -> str:
+        """This span as a version-00 `traceparent` value."""
+        return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
+
+
+current_trace: ContextVar[TraceContext | None] = ContextVar("msa_current_trace", default=None)
+"""The span of the work running now (None outside any traced work)."""
+
+current_correlation_id: ContextVar[str | None] = ContextVar(
+    "msa_current_correlation_id", default=None
+)
+"""The correlation id of the message or request being handled (None outside one)."""
+
+
+def get_trace() -> TraceContext | None:
+    return current_trace.get()
+
+
+def get_correlation_id() -> str | None:
+    return current_correlation_id.get()
+
+
+@contextmanager
+def use_trace(context: TraceContext | None) -> Iterator[TraceContext | None]:
+    """Make `context` the current trace inside the block; the previous one comes back after."""
+    token = current_trace.set(context)
+    try:
+        yield context
+    finally:
+        current_trace.reset(token)
+
+
+@contextmanager
+def use_correlation_id(correlation_id: str | None) -> Iterator[str | None]:
+    """Make `correlation_id` current inside the block; the previous one comes back after."""
+    token = current_correlation_id.set(correlation_id)
+    try:
+        yield correlation_id
+    finally:
+        current_correlation_id.reset(token)
+
+
+def continue_from(header: str | None) -> TraceContext:
+    """The span for work that received `header`: a child of it, or a new root if it is invalid.
+
+    The same as `TraceContext.continue_from`.
+    """
+    return TraceContext.continue_from(header)
+
+
+def inject(headers: MutableMapping[str, str]) -> TraceContext:
+    """Write a `traceparent` for an outgoing call into `headers`; return the span written.
+
+    The span is a child of the current trace, or the root of a new trace outside one:
+
+        headers: dict[str, str] = {}
+        inject(headers)
+        async with session.get(url, headers=headers) as response: ...
+    """
+    current = current_trace.get()
+    span = current.child() if current is not None else TraceContext.new_root()
+    headers[TRACEPARENT] = span.to_header()
+    return span
+
+
+async def trace_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp middleware: continue the caller's trace around the handler.
+
+    The request's `traceparent` is continued with a child span (a new trace when it is missing or
+    invalid), which is current while the handler runs and is returned to the caller in the
+    response's `traceparent` header, also on `web.HTTPException` responses:
+
+        app = web.Application(middlewares=[trace_middleware])
+    """
+    span = continue_from(request.headers.get(TRACEPARENT))
+    header = span.to_header()
+    token = current_trace.set(span)
+    try:
+        response = await handler(request)
+    except Exception as exc:
+        from aiohttp import web
+
+        if isinstance(exc, web.HTTPException):
+            exc.headers[TRACEPARENT] = header
+        raise
+    finally:
+        current_trace.reset(token)
+    if not response.prepared:  # a streamed response or websocket already sent its headers
+        response.headers[TRACEPARENT] = header
+    return response
+
+
+# What `@web.middleware` does, without importing aiohttp here: mark a new-style middleware.
+trace_middleware.__middleware_version__ = 1  # type: ignore[attr-defined]

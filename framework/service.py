@@ -1,0 +1,462 @@
+"""Services: declarative handlers and routes, resources, and a lifecycle with written promises.
+
+    @message_type("shop.order.placed")
+    class OrderPlaced(BaseModel):
+        order_id: str
+        total: Decimal
+
+    class Shipping(Service):
+        name = "shipping"
+        publishes = {"shipping": [ShipmentScheduled]}
+
+        def __init__(self, settings: ServiceSettings | None = None) -> None:
+            super().__init__(settings)
+            self.db = self.use(MongoResource(...))          # started before the bus, stopped after
+
+        @handles("orders", concurrency=32)
+        async def on_order_placed(self, event: OrderPlaced) -> None:
+            await self.publish("shipping", ShipmentScheduled(order_id=event.order_id),
+                               key=event.order_id)
+
+        @route("GET", "/shipments/{order_id}")
+        async def get_shipment(self, request: web.Request) -> web.Response: ...
+
+Run it with `msa run shop.shipping:Shipping`, or in tests with `framework.testing.ServiceHarness`.
+
+A handler's first parameter after `self` is annotated with its payload type (a pydantic model or a
+dataclass); its CloudEvents type is `type_name(payload type)` unless `@handles(type=...)` says
+otherwise. An optional second parameter receives the `Message` (envelope, record, attempt). A
+return value is the reply when the message was a request. Handlers with the same topics, group
+and options share one consumer-group member (`Subscription`); the group defaults to the
+service's name, so every replica of a service shares the work.
+
+Lifecycle, in this order (the promises Kubernetes probes rely on):
+
+- `start()`: the HTTP side starts first (`/alive` answers 200, `/ready` 503); then resources
+  start in the order they were `use`d; then the bus (and every subscription) starts; then
+  `on_start()`; only then is the service ready (`/ready` 200).
+- `stop(grace)` (what SIGTERM triggers): ready goes false at once (`/ready` 503, so the Pod
+  leaves its Service's endpoints); fetching stops; handlers already running finish within
+  `grace` seconds; done offsets are committed; consumers leave their groups; `on_stop()` runs;
+  resources stop in reverse order; the HTTP side stops last. Records fetched but not started
+  are not committed, so another replica receives them.
+- `kill()`: stops at once, without draining or committing (tests of crash recovery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Protocol, TypeVar, get_type_hints, runtime_checkable
+
+from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message
+from framework.errors import ConfigurationError
+from framework.messages import Envelope, type_name
+from framework.observability.metrics import MetricsRegistry
+from framework.types import ConsumeMiddleware, PublishMiddleware, RecordMetadata, Transport
+
+__all__ = [
+    "HandlerInfo",
+    "Resource",
+    "RouteInfo",
+    "Service",
+    "ServiceSettings",
+    "handles",
+    "route",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
+log = logging.getLogger("framework.service")
+
+
+@runtime_checkable
+class Resource(Protocol):
+    """Something a service owns and starts/stops with it (a pool, a client, a relay)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    """How a service runs; `from_env()` reads the environment in one place.
+
+    MSA_TRANSPORT (memory | kafka), KAFKA_BOOTSTRAP (and the other KAFKA_* of `KafkaSettings`),
+    MSA_HTTP_HOST, MSA_HTTP_PORT (0 picks a free port; -1 turns the HTTP side off),
+    MSA_SHUTDOWN_GRACE (seconds), MSA_INSTANCE_ID, MSA_LOG_LEVEL, MSA_LOG_FORMAT.
+    """
+
+    transport: str = "memory"
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    shutdown_grace: float = 25.0
+    instance_id: str | None = None
+    log_level: str = "INFO"
+    log_format: str = "json"
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+        env = dict(os.environ if environ is None else environ)
+        try:
+            return cls(
+                transport=env.get("MSA_TRANSPORT", "memory"),
+                http_host=env.get("MSA_HTTP_HOST", "0.0.0.0"),
+                http_port=int(env.get("MSA_HTTP_PORT", "8080")),
+                shutdown_grace=float(env.get("MSA_SHUTDOWN_GRACE", "25")),
+                instance_id=env.get("MSA_INSTANCE_ID") or None,
+                log_level=env.get("MSA_LOG_LEVEL", "INFO"),
+                log_format=env.get("MSA_LOG_FORMAT", "json"),
+                env=env,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid service setting: {exc}") from exc
+
+    @property
+    def http_enabled(self) -> bool:
+        return self.http_port >= 0
+
+    def make_transport(self) -> Transport:
+        if self.transport == "memory":
+            return MemoryTransport()
+        if self.transport == "kafka":
+            try:
+                from framework.bus.kafka import KafkaSettings, KafkaTransport
+            except ImportError as exc:  # pragma: no cover - depends on the installed extras
+                raise ConfigurationError(
+                    'the Kafka transport needs aiokafka: pip install "msa-framework[kafka]"'
+                ) from exc
+            return KafkaTransport(KafkaSettings.from_env(environ=self.env))
+        raise ConfigurationError(
+            f"MSA_TRANSPORT must be 'memory' or 'kafka', not {self.transport!r}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class HandlerInfo:
+    """What `@handles` recorded on a method."""
+
+    topics: tuple[str, ...]
+    type: str | None
+    group: str | None
+    options: Mapping[str, Any]
+    payload_type: Any = None
+    wants_message: bool = False
+    attribute: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteInfo:
+    """What `@route` recorded on a method."""
+
+    method: str
+    path: str
+    summary: str = ""
+    body: Any = None
+    response: Any = None
+    attribute: str = ""
+
+
+def handles(
+    topics: str | Sequence[str],
+    *,
+    type: str | None = None,
+    group: str | None = None,
+    **options: Any,
+) -> Callable[[F], F]:
+    """Mark a method as the handler of its payload type on `topics`.
+
+    `options` are `ConsumerOptions` fields (concurrency, ordering, retry, retry_mode, ...).
+    """
+    topic_list = (topics,) if isinstance(topics, str) else tuple(topics)
+    unknown = set(options) - set(ConsumerOptions.__dataclass_fields__) - {"group"}
+    if unknown:
+        raise ConfigurationError(f"@handles: unknown consumer option(s) {sorted(unknown)}")
+
+    def mark(fn: F) -> F:
+        if not inspect.iscoroutinefunction(fn):
+            raise ConfigurationError(f"@handles: {fn.__qualname__} must be `async def`")
+        fn.__msa_handler__ = HandlerInfo(  # type: ignore[attr-defined]
+            topics=topic_list, type=type, group=group, options=options
+        )
+        return fn
+
+    return mark
+
+
+def route(method: str, path: str, *, body: Any = None, response: Any = None) -> Callable[[F], F]:
+    """Mark a method as an HTTP route of the service's aiohttp app.
+
+    `body`/`response` (optional payload types) document the route in `/docs/openapi.json`.
+    """
+
+    def mark(fn: F) -> F:
+        if not inspect.iscoroutinefunction(fn):
+            raise ConfigurationError(f"@route: {fn.__qualname__} must be `async def`")
+        summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
+        fn.__msa_route__ = RouteInfo(  # type: ignore[attr-defined]
+            method=method.upper(), path=path, summary=summary, body=body, response=response
+        )
+        return fn
+
+    return mark
+
+
+def _inspect_handler(cls: type, attribute: str, fn: Callable[..., Any]) -> HandlerInfo:
+    info: HandlerInfo = fn.__msa_handler__  # type: ignore[attr-defined]
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    if not params or len(params) > 2:
+        raise ConfigurationError(
+            f"{cls.__name__}.{attribute}: a handler takes (self, payload[, message])"
+        )
+    try:
+        hints = get_type_hints(fn)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"{cls.__name__}.{attribute}: cannot resolve hints: {exc}"
+        ) from exc
+    payload_type = hints.get(params[0].name)
+    if payload_type is None:
+        raise ConfigurationError(
+            f"{cls.__name__}.{attribute}: annotate the payload parameter {params[0].name!r} "
+            "with its type (a pydantic model or a dataclass)"
+        )
+    return replace(
+        info, payload_type=payload_type, wants_message=len(params) == 2, attribute=attribute
+    )
+
+
+class Service:
+    """Base class of a service. See the module docstring for the lifecycle promises."""
+
+    name: ClassVar[str] = ""
+    publishes: ClassVar[Mapping[str, Sequence[type]]] = {}
+    """Topics this service publishes to, and their payload types (for AsyncAPI)."""
+
+    __msa_handlers__: ClassVar[tuple[HandlerInfo, ...]] = ()
+    __msa_routes__: ClassVar[tuple[RouteInfo, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            cls.name = cls.__name__.lower()
+        handlers: list[HandlerInfo] = []
+        routes: list[RouteInfo] = []
+        seen: set[str] = set()
+        for klass in cls.__mro__:
+            for attribute, value in vars(klass).items():
+                if attribute in seen:
+                    continue
+                seen.add(attribute)
+                if hasattr(value, "__msa_handler__"):
+                    handlers.append(_inspect_handler(cls, attribute, value))
+                if hasattr(value, "__msa_route__"):
+                    routes.append(replace(value.__msa_route__, attribute=attribute))
+        cls.__msa_handlers__ = tuple(handlers)
+        cls.__msa_routes__ = tuple(routes)
+
+    def __init__(
+        self,
+        settings: ServiceSettings | None = None,
+        *,
+        transport: Transport | None = None,
+        metrics: MetricsRegistry | None = None,
+    ) -> None:
+        self.settings = settings or ServiceSettings.from_env()
+        self.metrics = metrics or MetricsRegistry()
+        self.bus = Bus(
+            transport or self.settings.make_transport(),
+            source=self.name,
+            metrics=self.metrics,
+            instance_id=self.settings.instance_id,
+        )
+        self._resources: list[Resource] = []
+        self._ready = False
+        self._stopping = False
+        self._http: Any = None
+        self._subscribed = False
+
+    # -- composition ----------------------------------------------------------------------------
+
+    RT = TypeVar("RT", bound=Resource)
+
+    def use(self, resource: RT) -> RT:
+        """Own `resource`: started before the bus in `start()`, stopped after it in `stop()`."""
+        if self._ready:
+            raise ConfigurationError("use() resources before the service starts")
+        self._resources.append(resource)
+        return resource
+
+    def add_publish_middleware(self, middleware: PublishMiddleware) -> None:
+        self.bus.add_publish_middleware(middleware)
+
+    def add_consume_middleware(self, middleware: ConsumeMiddleware) -> None:
+        self.bus.add_consume_middleware(middleware)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._stopping
+
+    @property
+    def http_port(self) -> int | None:
+        """The port the HTTP side listens on (after start), or None."""
+        return self._http.port if self._http is not None else None
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        """Called after resources and the bus started, before the service reports ready."""
+
+    async def on_stop(self) -> None:
+        """Called after the bus drained and committed, before resources stop."""
+
+    async def check_ready(self) -> dict[str, bool]:
+        """Readiness of dependencies for `/ready`; override to add checks (name -> ok)."""
+        checks = {"bus": self.bus.started}
+        for resource in self._resources:
+            check = getattr(resource, "check", None)
+            if check is not None:
+                try:
+                    checks[type(resource).__name__] = bool(await check())
+                except Exception:
+                    checks[type(resource).__name__] = False
+        return checks
+
+    # -- messaging ------------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        data: Any,
+        *,
+        key: str | None = None,
+        type: str | None = None,
+        subject: str | None = None,
+        confirm: bool = True,
+    ) -> RecordMetadata | asyncio.Future[RecordMetadata]:
+        return await self.bus.publish(
+            topic, data, key=key, type=type, subject=subject, confirm=confirm
+        )
+
+    async def request(
+        self,
+        topic: str,
+        data: Any,
+        *,
+        reply_type: type[R] | None = None,
+        key: str | None = None,
+        timeout: float = 10.0,
+    ) -> R:
+        return await self.bus.request(topic, data, reply_type=reply_type, key=key, timeout=timeout)
+
+    def _subscribe_handlers(self) -> None:
+        groups: dict[tuple[Any, ...], dict[str, HandlerSpec]] = {}
+        options_by_key: dict[tuple[Any, ...], ConsumerOptions] = {}
+        for info in self.__msa_handlers__:
+            group = info.group or self.name
+            options = ConsumerOptions(group=group, **info.options)
+            key = (info.topics, options)
+            handlers = groups.setdefault(key, {})
+            options_by_key[key] = options
+            event_type = info.type or type_name(info.payload_type)
+            if event_type in handlers:
+                raise ConfigurationError(
+                    f"{type(self).__name__}: two handlers for {event_type!r} on {info.topics}"
+                )
+            handlers[event_type] = HandlerSpec(
+                payload_type=info.payload_type,
+                call=self._bind_handler(info),
+                name=info.attribute,
+            )
+        for (topics, _), handlers in groups.items():
+            self.bus.subscribe(topics, handlers, options_by_key[(topics, _)])
+
+    def _bind_handler(self, info: HandlerInfo) -> Callable[[Message[Any]], Awaitable[Any]]:
+        method = getattr(self, info.attribute)
+        if info.wants_message:
+
+            async def call_with_message(message: Message[Any]) -> Any:
+                return await method(message.envelope.data, message)
+
+            return call_with_message
+
+        async def call(message: Message[Any]) -> Any:
+            return await method(message.envelope.data)
+
+        return call
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self._subscribed:
+            self._subscribe_handlers()
+            self._subscribed = True
+        if self.settings.http_enabled and self._http is None:
+            from framework.http import ServiceHttp
+
+            self._http = ServiceHttp(self)
+            await self._http.start()
+        started: list[Resource] = []
+        try:
+            for resource in self._resources:
+                await resource.start()
+                started.append(resource)
+            await self.bus.start()
+            await self.on_start()
+        except BaseException:
+            await self.bus.stop(grace=0)
+            for resource in reversed(started):
+                with contextlib.suppress(Exception):
+                    await resource.stop()
+            if self._http is not None:
+                await self._http.stop()
+                self._http = None
+            raise
+        self._ready = True
+        log.info("service %s started", self.name)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop (see the module docstring). Safe to call twice."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace if grace is None else grace
+        log.info("service %s stopping (grace %.1fs)", self.name, grace)
+        try:
+            await self.bus.stop(grace=grace)
+            await self.on_stop()
+        finally:
+            for resource in reversed(self._resources):
+                try:
+                    await resource.stop()
+                except Exception:
+                    log.exception("stopping %r failed", resource)
+            if self._http is not None:
+                await self._http.stop()
+                self._http = None
+            self._ready = False
+            log.info("service %s stopped", self.name)
+
+    async def kill(self) -> None:
+        """Stop at once: no draining, no commits (to test crash recovery)."""
+        self._stopping = True
+        for subscription in self.bus.subscriptions:
+            await subscription.stop(grace=0)
+        self._ready = False
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def envelope(self, data: Any, **attributes: Any) -> Envelope[Any]:
+        return self.bus.envelope(data, **attributes)

@@ -1,0 +1,428 @@
+"""KafkaTransport and KafkaConsumer against the real Apache Kafka broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaConnectionError
+
+from framework.bus.kafka import KafkaConsumer, KafkaSettings, KafkaTransport
+from framework.errors import (
+    CommitError,
+    ConfigurationError,
+    NotStartedError,
+    PublishError,
+    TopicError,
+    TransportError,
+)
+from framework.types import Record, RecordMetadata, TopicPartition, TopicSpec
+
+pytestmark = pytest.mark.kafka
+
+
+def fast_settings(bootstrap: str, **overrides: object) -> KafkaSettings:
+    """Settings that notice rebalances within a fraction of a second."""
+    options: dict[str, object] = {
+        "bootstrap_servers": bootstrap,
+        "session_timeout_ms": 6_000,  # the broker's group.min.session.timeout.ms
+        "heartbeat_interval_ms": 200,
+        "request_timeout_ms": 10_000,
+    }
+    options.update(overrides)
+    return KafkaSettings(**options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def transport(kafka_bootstrap: str) -> AsyncIterator[KafkaTransport]:
+    transport = KafkaTransport(fast_settings(kafka_bootstrap))
+    await transport.start()
+    yield transport
+    await transport.stop()
+
+
+class RecordingListener:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, frozenset[TopicPartition]]] = []
+        self.changed = asyncio.Event()
+
+    async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
+        self.events.append(("revoked", partitions))
+        self.changed.set()
+
+    async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
+        self.events.append(("assigned", partitions))
+        self.changed.set()
+
+    async def wait_for(self, count: int, within: float = 15.0) -> None:
+        async with asyncio.timeout(within):
+            while len(self.events) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def send_all(
+    transport: KafkaTransport, topic: str, values: list[bytes], **options: object
+) -> list[RecordMetadata]:
+    acks = [await transport.send(topic, value, **options) for value in values]  # type: ignore[arg-type]
+    return list(await asyncio.gather(*acks))
+
+
+async def fetch_at_least(consumer: KafkaConsumer, count: int, within: float = 10.0) -> list[Record]:
+    records: list[Record] = []
+    deadline = time.monotonic() + within
+    while len(records) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(records)} of {count} records arrived"
+        records.extend(await consumer.fetch(timeout=min(left, 1.0), max_records=count))
+    return records
+
+
+def partitions(topic: str, count: int) -> frozenset[TopicPartition]:
+    return frozenset(TopicPartition(topic, number) for number in range(count))
+
+
+# -- producing and topics ------------------------------------------------------------------------
+
+
+async def test_send_enqueues_and_the_future_resolves_to_our_record_metadata(
+    transport: KafkaTransport, topic_name: str
+) -> None:
+    acked = await transport.send(topic_name, b"first", key=b"k", partition=1)
+    assert isinstance(acked, asyncio.Future)
+    assert await acked == RecordMetadata(topic_name, 1, 0)
+
+    metadata = await send_all(transport, topic_name, [b"a", b"b", b"c"], partition=1)
+    assert metadata == [RecordMetadata(topic_name, 1, offset) for offset in (1, 2, 3)]
+    assert all(type(m) is RecordMetadata for m in metadata)
+
+
+async def test_unknown_topics_are_created_with_the_transport_defaults(
+    kafka_bootstrap: str, topic_name: str
+) -> None:
+    # The broker's own num.partitions is 3: two partitions prove the transport created it.
+    transport = KafkaTransport(
+        fast_settings(kafka_bootstrap, default_partitions=2, compression_type="gzip")
+    )
+    await transport.start()
+    try:
+        assert await transport.partitions_for(topic_name) == 2
+        acked = await transport.send(topic_name + "-sent", b"v")
+        assert (await acked).partition in {0, 1}
+        assert await transport.partitions_for(topic_name + "-sent") == 2
+        await transport.delete_topics([topic_name, topic_name + "-sent"])
+    finally:
+        await transport.stop()
+
+
+async def test_declare_creates_topics_with_partitions_and_configs(
+    kafka_bootstrap: str, transport: KafkaTransport, topic_name: str
+) -> None:
+    spec = TopicSpec(
+        name=topic_name,
+        partitions=4,
+        retention_ms=3_600_000,
+        config={"cleanup.policy": "compact"},
+    )
+    await transport.declare([spec])
+    await transport.declare([TopicSpec(name=topic_name, partitions=6)])  # exists: left alone
+
+    assert await transport.partitions_for(topic_name) == 4
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic_name)]
+        )
+    finally:
+        await admin.close()
+    configs = {entry[0]: entry[1] for entry in response.resources[0][4]}
+    assert configs["retention.ms"] == "3600000"
+    assert configs["cleanup.policy"] == "compact"
+
+
+async def test_declare_reports_a_topic_the_broker_refuses(
+    transport: KafkaTransport, topic_name: str
+) -> None:
+    with pytest.raises(TopicError, match=topic_name):
+        await transport.declare([TopicSpec(name=topic_name, replication_factor=3)])  # 1 broker
+
+
+async def test_delete_topics_removes_them_and_ignores_missing_ones(
+    kafka_bootstrap: str, transport: KafkaTransport, topic_name: str
+) -> None:
+    await transport.declare([TopicSpec(name=topic_name, partitions=1)])
+    await transport.delete_topics([topic_name, topic_name + "-never-existed"])
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        assert topic_name not in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+async def test_send_failures_become_framework_errors(
+    transport: KafkaTransport, topic_name: str
+) -> None:
+    too_big = b"x" * (transport.settings.max_request_size + 1)
+    with pytest.raises(PublishError, match="MessageSizeTooLargeError") as raised:
+        await transport.send(topic_name, too_big)
+    assert raised.value.__cause__ is not None
+
+    with pytest.raises(TopicError, match="no partition 7"):
+        await transport.send(topic_name, b"v", partition=7)
+
+
+# -- consuming -----------------------------------------------------------------------------------
+
+
+async def test_a_restarted_group_member_resumes_after_the_committed_offset(
+    transport: KafkaTransport, topic_name: str
+) -> None:
+    await transport.declare([TopicSpec(name=topic_name, partitions=1)])
+    values = [f"value-{i}".encode() for i in range(10)]
+    await send_all(transport, topic_name, values, key=b"key", headers=(("h", b"1"), ("h", b"2")))
+    group = topic_name + "-group"
+
+    first = transport.consumer([topic_name], group=group, listener=RecordingListener())
+    await first.start()
+    try:
+        taken = (await fetch_at_least(first, 4))[:4]
+        await first.commit({taken[-1].topic_partition: taken[-1].offset + 1})
+    finally:
+        await first.stop()
+
+    assert [r.value for r in taken] == values[:4]
+    record = taken[0]
+    assert (record.topic, record.partition, record.offset) == (topic_name, 0, 0)
+    assert record.key == b"key"
+    assert record.headers == (("h", b"1"), ("h", b"2"))
+    assert record.header("h") == b"2"
+    assert abs(record.timestamp_ms - time.time() * 1000) < 60_000
+
+    second = transport.consumer([topic_name], group=group, listener=RecordingListener())
+    await second.start()
+    try:
+        rest = await fetch_at_least(second, 6)
+    finally:
+        await second.stop()
+    assert [r.offset for r in rest] == list(range(4, 10))
+    assert [r.value for r in rest] == values[4:]
+
+
+async def test_fetch_orders_records_by_partition_then_offset(
+    transport: KafkaTransport, topic_name: str
+) -> None:
+    await transport.declare([TopicSpec(name=topic_name, partitions=3)])
+    for i in range(12):
+        await (await transport.send(topic_name, str(i).encode(), partition=2 - i % 3))
+    reader = transport.consumer([topic_name], group=None, listener=RecordingListener())
+    await reader.start()
+    try:
+        records = await fetch_at_least(reader, 12)
+    finally:
+        await reader.stop()
+    order = [(r.partition, r.offset) for r in records]
+    assert order == sorted(order)
+    assert sorted(order) == [(p, o) for p in range(3) for o in range(4)]
+
+
+async def test_rebalance_listener_sees_our_partitions_on_assign_and_revoke(
+    transport: KafkaTransport, topic_name: str
+) -> None:
+    await transport.declare([TopicSpec(name=topic_name, partitions=4)])
+    everything = partitions(topic_name, 4)
+    group = topic_name + "-group"
+    first_listener, second_listener = RecordingListener(), RecordingListener()
+    first = transport.consumer([topic_name], group=group, listener=first_listener)
+    second = transport.consumer([topic_name], group=group, listener=second_listener)
+
+    await first.start()
+    try:
+        assert first_listener.events == [("assigned", everything)]
+        assert all(type(tp) is TopicPartition for tp in first_listener.events[0][1])
+        assert first.assignment() == everything
+
+        await second.start()  # joining makes the first member give up everything, then share
+        try:
+            await first_listener.wait_for(3)
+            assert first_listener.events[1] == ("revoked", everything)
+            kind, kept = first_listener.events[2]
+            [(_, taken)] = second_listener.events
+            assert kind == "assigned"
+            assert kept | taken == everything
+            assert not kept & taken
+            assert len(kept) == len(taken) == 2
+            assert first.assignment() == kept
+            assert second.assignment() == taken
+
+            # The first member no longer owns `taken`: committing it is refused.
+            with pytest.raises(CommitError):
+                await first.commit({next(iter(taken)): 0})
+        finally:
+            await second.stop()  # announces what it held, then leaves
+        assert second_listener.events[-1] == ("revoked", taken)
+
+        await first_listener.wait_for(5)  # the group shrinks back to one member
+        assert first_listener.events[3:] == [("revoked", kept), ("assigned", everything)]
+    finally:
+        await first.stop()
+    assert first_listener.events[-1] == ("revoked", everything)
+
+
+async def test_group_less_reader_from_latest_sees_only_records_sent_after_it_started(
+    transport: KafkaTransport, topic_name: str
+) -> None:
+    await send_all(transport, topic_name, [b"old-1", b"old-2", b"old-3"], key=b"a")
+    listener = RecordingListener()
+    reader = transport.consumer([topic_name], group=None, listener=listener, start_from="latest")
+    await reader.start()
+    try:
+        assert listener.events == [("assigned", partitions(topic_name, 3))]
+        assert reader.assignment() == partitions(topic_name, 3)
+        new = [f"new-{i}".encode() for i in range(6)]
+        for i, value in enumerate(new):  # acknowledged before the reader's first fetch
+            await (await transport.send(topic_name, value, key=str(i).encode()))
+        records = await fetch_at_least(reader, len(new))
+        assert await reader.fetch(timeout=0.3, max_records=10) == []
+        await reader.commit({records[0].topic_partition: records[0].offset + 1})  # no group: no-op
+    finally:
+        await reader.stop()
+    assert sorted(r.value for r in records) == sorted(new)
+
+
+async def test_lag_counts_the_records_not_fetched_yet(
+    transport: KafkaTransport, topic_name: str
+) -> None:
+    await transport.declare([TopicSpec(name=topic_name, partitions=1)])
+    await send_all(transport, topic_name, [str(i).encode() for i in range(10)])
+    consumer = transport.consumer(
+        [topic_name], group=topic_name + "-group", listener=RecordingListener()
+    )
+    await consumer.start()
+    try:
+        assert consumer.lag() == {}  # nothing fetched yet: the end is not known
+        first = await consumer.fetch(timeout=5.0, max_records=3)
+        assert len(first) == 3
+        assert consumer.lag() == {TopicPartition(topic_name, 0): 7}
+        await fetch_at_least(consumer, 7)
+        assert consumer.lag() == {TopicPartition(topic_name, 0): 0}
+    finally:
+        await consumer.stop()
+    assert consumer.lag() == {}
+    with pytest.raises(NotStartedError):
+        await consumer.fetch(timeout=0.1, max_records=1)
+
+
+async def test_paused_partitions_are_not_fetched_until_resumed(
+    transport: KafkaTransport, topic_name: str
+) -> None:
+    await transport.declare([TopicSpec(name=topic_name, partitions=2)])
+    for partition in (0, 1):
+        await send_all(transport, topic_name, [b"a", b"b"], partition=partition)
+    reader = transport.consumer([topic_name], group=None, listener=RecordingListener())
+    await reader.start()
+    try:
+        paused = TopicPartition(topic_name, 0)
+        reader.pause([paused, TopicPartition("not-assigned", 0)])  # unknown ones are ignored
+        records = await fetch_at_least(reader, 2)
+        assert await reader.fetch(timeout=0.5, max_records=10) == []
+        assert {r.partition for r in records} == {1}
+        reader.resume([paused])
+        resumed = await fetch_at_least(reader, 2)
+        assert {r.partition for r in resumed} == {0}
+    finally:
+        await reader.stop()
+
+
+# -- failures and misuse -------------------------------------------------------------------------
+
+
+async def test_an_unreachable_bootstrap_fails_fast_with_a_transport_error() -> None:
+    transport = KafkaTransport(
+        KafkaSettings(bootstrap_servers="127.0.0.1:1", request_timeout_ms=2000)
+    )
+    started = time.monotonic()
+    with pytest.raises(TransportError, match=r"127\.0\.0\.1:1") as raised:
+        await transport.start()
+    assert time.monotonic() - started < 5
+    assert isinstance(raised.value.__cause__, KafkaConnectionError)
+    with pytest.raises(NotStartedError):  # a failed start leaves it unstarted
+        await transport.send("topic", b"v")
+
+
+async def test_using_the_transport_or_a_consumer_before_start_raises_not_started(
+    kafka_bootstrap: str, topic_name: str
+) -> None:
+    transport = KafkaTransport(fast_settings(kafka_bootstrap))
+    with pytest.raises(NotStartedError):
+        await transport.send(topic_name, b"v")
+    with pytest.raises(NotStartedError):
+        await transport.partitions_for(topic_name)
+    with pytest.raises(NotStartedError):
+        await transport.declare([TopicSpec(name=topic_name)])
+    consumer = transport.consumer([topic_name], group="g", listener=RecordingListener())
+    with pytest.raises(NotStartedError):
+        await consumer.start()
+    with pytest.raises(NotStartedError):
+        await consumer.fetch(timeout=0.1, max_records=1)
+    with pytest.raises(NotStartedError):
+        await consumer.commit({TopicPartition(topic_name, 0): 1})
+    assert consumer.assignment() == frozenset()
+
+    await transport.start()
+    await transport.stop()
+    await transport.stop()  # idempotent
+    with pytest.raises(NotStartedError):  # and unusable again after stop
+        await transport.send(topic_name, b"v")
+
+
+def test_settings_from_env_require_the_bootstrap_servers() -> None:
+    with pytest.raises(ConfigurationError, match="KAFKA_BOOTSTRAP is not set"):
+        KafkaSettings.from_env(environ={"KAFKA_CLIENT_ID": "svc"})
+
+
+def test_settings_from_env_read_the_optional_variables() -> None:
+    settings = KafkaSettings.from_env(
+        prefix="ORDERS_KAFKA_",
+        environ={
+            "ORDERS_KAFKA_BOOTSTRAP": "k1:9092,k2:9092",
+            "ORDERS_KAFKA_CLIENT_ID": "orders",
+            "ORDERS_KAFKA_LINGER_MS": "20",
+            "ORDERS_KAFKA_COMPRESSION": "gzip",
+            "ORDERS_KAFKA_SECURITY_PROTOCOL": "sasl_plaintext",
+            "ORDERS_KAFKA_SASL_MECHANISM": "scram-sha-512",
+            "ORDERS_KAFKA_SASL_USERNAME": "orders",
+            "ORDERS_KAFKA_SASL_PASSWORD": "s3cret",
+        },
+    )
+    assert settings.bootstrap_servers == "k1:9092,k2:9092"
+    assert (settings.client_id, settings.linger_ms, settings.compression_type) == (
+        "orders",
+        20,
+        "gzip",
+    )
+    assert settings.security_protocol == "SASL_PLAINTEXT"
+    assert settings.sasl_mechanism == "SCRAM-SHA-512"
+    assert settings.sasl_plain_username == "orders"
+    assert settings.sasl_plain_password == "s3cret"
+    assert "s3cret" not in repr(settings)
+    assert settings.client_options()["sasl_plain_password"] == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("KAFKA_LINGER_MS", "soon", "LINGER_MS"),
+        ("KAFKA_COMPRESSION", "brotli", "compression_type"),
+        ("KAFKA_SECURITY_PROTOCOL", "TLS", "security_protocol"),
+    ],
+)
+def test_settings_from_env_reject_bad_values(variable: str, value: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=problem):
+        KafkaSettings.from_env(environ={"KAFKA_BOOTSTRAP": "k:9092", variable: value})

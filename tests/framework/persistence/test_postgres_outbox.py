@@ -1,0 +1,276 @@
+"""PostgreSQL resource, transactional outbox and idempotent inbox, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from pydantic import BaseModel
+
+from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message
+from framework.errors import PersistenceError, PublishError
+from framework.messages import from_binary, message_type
+from framework.persistence.outbox import PostgresInbox, PostgresOutbox
+from framework.persistence.postgres import (
+    DatabaseUnavailable,
+    Migration,
+    MigrationError,
+    PostgresResource,
+    UniqueViolation,
+)
+
+pytestmark = pytest.mark.postgres
+
+ORDERS = [
+    Migration(1, "orders", "create table orders (id text primary key, status text not null)"),
+    Migration(2, "order totals", "alter table orders add column total int not null default 0"),
+]
+
+
+@message_type("test.order.changed")
+class OrderChanged(BaseModel):
+    order_id: str
+    status: str
+    n: int = 0
+
+
+@pytest.fixture
+async def db(postgres_database: str) -> AsyncIterator[PostgresResource]:
+    resource = PostgresResource(postgres_database, migrations=ORDERS, max_size=5)
+    yield resource
+    await resource.stop()
+
+
+@pytest.fixture
+async def bus() -> AsyncIterator[Bus]:
+    bus = Bus(MemoryTransport(), source="orders")
+    await bus.start()
+    yield bus
+    await bus.stop(grace=1)
+
+
+def published(bus: Bus, topic: str) -> list[OrderChanged]:
+    transport = bus.transport
+    assert isinstance(transport, MemoryTransport)
+    records = sorted(transport.records(topic), key=lambda r: r.timestamp_ms)
+    return [OrderChanged.model_validate_json(from_binary(r).data) for r in records]
+
+
+async def eventually(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def drained(outbox: PostgresOutbox) -> None:
+    deadline = time.monotonic() + 5
+    while await outbox.pending():
+        assert time.monotonic() < deadline, "a published row was never deleted"
+        await asyncio.sleep(0.02)
+
+
+async def test_migrations_apply_once_in_order_and_refuse_edits(postgres_database: str) -> None:
+    first = PostgresResource(postgres_database, migrations=ORDERS)
+    second = PostgresResource(postgres_database, migrations=ORDERS)
+    await asyncio.gather(first.start(), second.start())  # replicas starting together
+    try:
+        async with first.connection() as conn:
+            rows = await conn.fetch("select component, version from msa_migrations order by 2")
+            assert [tuple(r) for r in rows] == [("app", 1), ("app", 2)]
+            columns = {r["column_name"] for r in await conn.fetch(
+                "select column_name from information_schema.columns where table_name = 'orders'"
+            )}  # fmt: skip
+            assert columns == {"id", "status", "total"}
+        assert await first.check()
+    finally:
+        await first.stop()
+        await second.stop()
+
+    edited = [ORDERS[0], Migration(2, "order totals", "alter table orders add column x int")]
+    with pytest.raises(MigrationError, match="changed after it was applied"):
+        await PostgresResource(postgres_database, migrations=edited).start()
+    broken = [*ORDERS, Migration(3, "typo", "create tabel nope ()")]
+    with pytest.raises(MigrationError, match="app:3"):
+        await PostgresResource(postgres_database, migrations=broken).start()
+
+
+async def test_transactions_and_error_translation(db: PostgresResource) -> None:
+    await db.start()
+    async with db.transaction() as tx:
+        await tx.execute("insert into orders (id, status) values ('o-1', 'new')")
+    with pytest.raises(UniqueViolation):
+        async with db.transaction() as tx:
+            await tx.execute("insert into orders (id, status) values ('o-2', 'new')")
+            await tx.execute("insert into orders (id, status) values ('o-1', 'again')")
+    async with db.connection() as conn:
+        assert await conn.fetchval("select count(*) from orders") == 1, "o-2 rolled back"
+    with pytest.raises(DatabaseUnavailable):
+        await PostgresResource("postgresql://postgres@127.0.0.1:1/none").start()
+
+
+async def test_outbox_commits_with_the_state_change_and_the_relay_publishes(
+    db: PostgresResource, bus: Bus
+) -> None:
+    outbox = PostgresOutbox(db, bus, poll_interval=5.0)  # NOTIFY, not polling, must wake it
+    await db.start()
+    await outbox.start()
+    try:
+        await eventually(lambda: outbox.is_leader)
+        began = time.monotonic()
+        async with db.transaction() as tx:
+            await tx.execute("insert into orders (id, status) values ('o-1', 'placed')")
+            envelope = await outbox.add(
+                tx, "orders", OrderChanged(order_id="o-1", status="placed"), key="o-1"
+            )
+        await eventually(lambda: len(published(bus, "orders")) == 1)
+        assert time.monotonic() - began < 2.0, "LISTEN/NOTIFY wakes the relay at commit"
+        assert isinstance(bus.transport, MemoryTransport)
+        [record] = bus.transport.records("orders")
+        assert from_binary(record).id == envelope.id
+        assert record.key == b"o-1"
+        await drained(outbox)
+
+        with pytest.raises(RuntimeError):
+            async with db.transaction() as tx:
+                await tx.execute("update orders set status = 'cancelled' where id = 'o-1'")
+                await outbox.add(tx, "orders", OrderChanged(order_id="o-1", status="cancelled"))
+                raise RuntimeError("the handler failed after adding the event")
+        await asyncio.sleep(0.3)
+        assert [e.status for e in published(bus, "orders")] == ["placed"], "no invented events"
+        async with db.connection() as conn:
+            assert await conn.fetchval("select status from orders") == "placed"
+    finally:
+        await outbox.stop()
+
+
+async def test_relay_keeps_order_per_aggregate_and_one_leader_among_replicas(
+    db: PostgresResource, bus: Bus
+) -> None:
+    relays = [PostgresOutbox(db, bus, batch_size=7, poll_interval=0.2) for _ in range(3)]
+    await db.start()
+    for relay in relays:
+        await relay.start()
+    try:
+        await eventually(lambda: sum(r.is_leader for r in relays) == 1)
+
+        async def writer(order: str) -> None:
+            for n in range(30):
+                async with db.transaction() as tx:
+                    await relays[0].add(
+                        tx, "orders", OrderChanged(order_id=order, status="s", n=n), key=order
+                    )
+
+        await asyncio.gather(*(writer(f"o-{i}") for i in range(4)))
+        await eventually(lambda: len(published(bus, "orders")) == 120)
+        await asyncio.sleep(0.3)
+        events = published(bus, "orders")
+        assert len(events) == 120, "each event exactly once"
+        for i in range(4):
+            assert [e.n for e in events if e.order_id == f"o-{i}"] == list(range(30))
+        assert sum(r.published for r in relays) == 120
+        leader = next(r for r in relays if r.is_leader)
+        await leader.stop()  # another replica takes over
+        await eventually(lambda: sum(r.is_leader for r in relays if r is not leader) == 1)
+        async with db.transaction() as tx:
+            await relays[1].add(tx, "orders", OrderChanged(order_id="o-9", status="late"))
+        await eventually(lambda: len(published(bus, "orders")) == 121)
+    finally:
+        for relay in relays:
+            await relay.stop()
+
+
+class FlakyTransport(MemoryTransport):
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def send(self, topic: str, value: bytes, **kwargs: Any) -> asyncio.Future[Any]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise PublishError("broker unavailable")
+        return await super().send(topic, value, **kwargs)
+
+
+async def test_relay_keeps_events_while_the_broker_is_down(db: PostgresResource) -> None:
+    transport = FlakyTransport(failures=3)
+    bus = Bus(transport, source="orders")
+    await bus.start()
+    outbox = PostgresOutbox(db, bus, poll_interval=0.1)
+    await db.start()
+    await outbox.start()
+    try:
+        async with db.transaction() as tx:
+            await outbox.add(tx, "orders", OrderChanged(order_id="o-1", status="placed"))
+        await eventually(lambda: len(transport.records("orders")) == 1)
+        assert transport.failures == 0
+        await drained(outbox)
+        assert len(transport.records("orders")) == 1
+    finally:
+        await outbox.stop()
+        await bus.stop()
+
+
+async def test_inbox_runs_an_effect_once_per_message(db: PostgresResource, bus: Bus) -> None:
+    inbox = PostgresInbox(db)
+    await db.start()
+    await inbox.start()
+    effects: list[str] = []
+
+    async def on_changed(message: Message[OrderChanged]) -> None:
+        async def effect(tx: Any) -> None:
+            await tx.execute(
+                "insert into orders (id, status, total) values ($1, $2, 1) "
+                "on conflict (id) do update set total = orders.total + 1",
+                message.data.order_id,
+                message.data.status,
+            )
+            effects.append(message.envelope.id)
+
+        await inbox.run_once(message, effect)
+
+    await bus.subscribe_running(
+        ["changes"],
+        {"test.order.changed": HandlerSpec(OrderChanged, on_changed)},
+        ConsumerOptions(group="billing", concurrency=4),
+    )
+    envelope = bus.envelope(OrderChanged(order_id="o-1", status="paid"), key="o-1")
+    for _ in range(3):  # the same message id delivered three times
+        await bus.publish_envelope("changes", envelope)
+    await bus.publish("changes", OrderChanged(order_id="o-1", status="paid"), key="o-1")
+    await eventually(lambda: len(effects) == 2)
+    await asyncio.sleep(0.2)
+    async with db.connection() as conn:
+        assert await conn.fetchval("select total from orders where id = 'o-1'") == 2
+        assert await conn.fetchval("select count(*) from msa_inbox") == 2
+        await conn.execute("update msa_inbox set processed_at = now() - interval '30 days'")
+    assert await inbox.cleanup() == 2
+    await inbox.stop()
+
+
+async def test_concurrent_duplicates_block_then_skip(db: PostgresResource) -> None:
+    inbox = PostgresInbox(db)
+    await db.start()
+
+    async def attempt() -> bool:
+        async with db.transaction() as tx:
+            fresh = await inbox.record_id(tx, "g", "m-1")
+            await asyncio.sleep(0.1)  # the first holds its row while the second arrives
+            return fresh
+
+    results = await asyncio.gather(attempt(), attempt())
+    assert sorted(results) == [False, True]
+
+
+async def test_errors_are_framework_errors(db: PostgresResource) -> None:
+    await db.start()
+    with pytest.raises(PersistenceError) as error:
+        async with db.connection() as conn:
+            await conn.execute("select * from no_such_table")
+    assert not isinstance(error.value, asyncpg.PostgresError)
+    assert orjson.loads(b"1") == 1

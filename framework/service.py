@@ -54,7 +54,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, TypeVar, get_type_hints, runtime_checkable
 
-from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message
+from framework.bus import (
+    Bus,
+    ConsumerOptions,
+    HandlerSpec,
+    MemoryTransport,
+    Message,
+)
 from framework.errors import ConfigurationError
 from framework.messages import Envelope, type_name
 from framework.observability.metrics import MetricsRegistry
@@ -270,7 +276,8 @@ class Service:
         metrics: MetricsRegistry | None = None,
     ) -> None:
         self.settings = settings or ServiceSettings.from_env()
-        self.metrics = metrics or MetricsRegistry()
+        # `is None`, not `or`: an empty registry is falsy (it has a length).
+        self.metrics = metrics if metrics is not None else MetricsRegistry()
         self.bus = Bus(
             transport or self.settings.make_transport(),
             source=self.name,
@@ -280,6 +287,7 @@ class Service:
         self._resources: list[Resource] = []
         self._ready = False
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._http: Any = None
         self._subscribed = False
 
@@ -401,8 +409,13 @@ class Service:
         if self.settings.http_enabled and self._http is None:
             from framework.http import ServiceHttp
 
-            self._http = ServiceHttp(self)
-            await self._http.start()
+            http = ServiceHttp(self)
+            try:
+                await http.start()
+            except BaseException:  # e.g. the port is in use: leave nothing half-started
+                await http.stop()
+                raise
+            self._http = http
         started: list[Resource] = []
         try:
             for resource in self._resources:
@@ -423,8 +436,10 @@ class Service:
         log.info("service %s started", self.name)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain and stop (see the module docstring). Safe to call twice."""
+        """Drain and stop (see the module docstring). Safe to call twice: a second call
+        returns once the first one has stopped the service."""
         if self._stopping:
+            await self._stopped.wait()
             return
         self._stopping = True
         grace = self.settings.shutdown_grace if grace is None else grace
@@ -442,14 +457,18 @@ class Service:
                 await self._http.stop()
                 self._http = None
             self._ready = False
+            self._stopped.set()
             log.info("service %s stopped", self.name)
 
     async def kill(self) -> None:
         """Stop at once: no draining, no commits (to test crash recovery)."""
         self._stopping = True
-        for subscription in self.bus.subscriptions:
-            await subscription.stop(grace=0)
+        await self.bus.abort()
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         self._ready = False
+        self._stopped.set()
 
     async def __aenter__(self) -> Service:
         await self.start()

@@ -48,6 +48,12 @@ def _matches(envelope: Envelope[Any], wanted: type | str | None) -> bool:
     return envelope.type == name
 
 
+def _describe(wanted: type | str | None) -> str:
+    if wanted is None:
+        return "message"
+    return wanted if isinstance(wanted, str) else type_name(wanted)
+
+
 class ServiceHarness:
     """Runs one service and records every message it handles and publishes."""
 
@@ -134,7 +140,7 @@ class ServiceHarness:
             lambda: [h for h in self.handled_log if _matches(h.message.envelope, of)],
             count,
             timeout,
-            f"{count} handled {of or 'message'}(s)",
+            f"{count} handled {_describe(of)}(s)",
         )
 
     def published(
@@ -151,7 +157,7 @@ class ServiceHarness:
         self, of: type | str | None = None, *, count: int = 1, timeout: float = 10.0
     ) -> list[Envelope[Any]]:
         return await self._wait(
-            lambda: self.published(of), count, timeout, f"{count} published {of or 'message'}(s)"
+            lambda: self.published(of), count, timeout, f"{count} published {_describe(of)}(s)"
         )
 
     async def _wait(

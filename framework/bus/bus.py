@@ -140,7 +140,7 @@ class Bus:
         self.transport = transport
         self.source = source
         self.instance_id = instance_id or new_id()[:12]
-        self.metrics = BusMetrics(metrics or MetricsRegistry())
+        self.metrics = BusMetrics(metrics if metrics is not None else MetricsRegistry())
         self._publish_middleware = list(publish_middleware)
         self._consume_middleware = list(consume_middleware)
         self._publish_chain: Callable[[Outgoing], Awaitable[Any]] = self._send
@@ -204,6 +204,16 @@ class Bus:
         await self._stop_replies()
         self._started = False
         await self.transport.stop()
+
+    async def abort(self) -> None:
+        """Stop at once, committing nothing (crash-recovery tests; see `Subscription.abort`)."""
+        if not self._started:
+            return
+        await asyncio.gather(*(s.abort() for s in self._subscriptions))
+        await self._stop_replies()
+        self._started = False
+        with contextlib.suppress(Exception):
+            await self.transport.stop()
 
     @property
     def started(self) -> bool:

@@ -213,6 +213,7 @@ class Subscription:
         self._space = asyncio.Event()
         self._stopping = asyncio.Event()
         self._draining = False
+        self._aborting = False
         self._fetch_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self._retry_origin = {options.retry_topic(t): t for t in self.topics}
@@ -275,6 +276,22 @@ class Subscription:
         consumer, self._consumer = self._consumer, None
         await consumer.stop()
 
+    async def abort(self) -> None:
+        """Stop at once, like a crash: cancel handlers, commit nothing, leave the group."""
+        if self._consumer is None:
+            return
+        self._aborting = True
+        self._stopping.set()
+        self._draining = True
+        tasks = [t for t in (self._fetch_task, self._commit_task) if t is not None]
+        tasks += list(self._lane_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        consumer, self._consumer = self._consumer, None
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
     @property
     def in_flight(self) -> int:
         return self._buffered
@@ -289,7 +306,8 @@ class Subscription:
             self._partitions[tp] = _PartitionState()
 
     async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
-        await self._commit([tp for tp in partitions if tp in self._partitions])
+        if not self._aborting:
+            await self._commit([tp for tp in partitions if tp in self._partitions])
         for tp in partitions:
             state = self._partitions.pop(tp, None)
             if state is not None:
@@ -401,6 +419,8 @@ class Subscription:
             if state.revoked:
                 return False
             async with self._slots:
+                if self._draining:
+                    return False  # waited for a slot while stopping: leave it to redelivery
                 began = time.perf_counter()
                 try:
                     result = await self.bus.dispatch(handler, message)

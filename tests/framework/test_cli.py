@@ -1,0 +1,238 @@
+"""The `msa` command line: help, API documents, target errors, and `msa dlq replay` on Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message
+from framework.bus.consumer import DLQ_PREFIX
+from framework.bus.kafka import KafkaSettings, KafkaTransport
+from framework.cli import main
+from framework.errors import Reject
+from framework.messages import from_binary
+from framework.types import Record
+from framework.types import TopicPartition as OurTopicPartition
+from tests.framework.sample_services import Number
+
+ROOT = Path(__file__).resolve().parents[2]
+MSA = Path(sys.executable).with_name("msa")  # the console script `pip install` made
+
+
+@dataclass(frozen=True)
+class Finished:
+    status: int
+    stdout: str
+    stderr: str
+
+
+async def msa(*args: str, env: dict[str, str] | None = None, within: float = 60) -> Finished:
+    """Run the installed `msa` command and wait for it."""
+    process = await asyncio.create_subprocess_exec(
+        str(MSA),
+        *args,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(within):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return Finished(process.returncode, stdout.decode(), stderr.decode())
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+async def test_help_lists_the_commands() -> None:
+    done = await msa("--help")
+    assert done.status == 0
+    for command in ("run", "asyncapi", "openapi", "dlq"):
+        assert f"    {command} " in done.stdout, done.stdout
+
+
+async def test_asyncapi_prints_the_document_of_a_service() -> None:
+    done = await msa("asyncapi", "tests.framework.sample_services:Shop")
+    assert done.status == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["asyncapi"] == "3.0.0"
+    assert document["info"]["title"] == "sample-shop"
+    addresses = {channel["address"] for channel in document["channels"].values()}
+    assert addresses == {"sample.orders", "sample.prices", "sample.accepted"}
+
+
+def test_openapi_prints_the_document_of_a_service(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["openapi", "tests.framework.sample_services:Shop"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["openapi"] == "3.1.0"
+    assert "/orders/{order_id}" in document["paths"]
+
+
+async def test_a_bad_target_exits_2_with_a_message_on_stderr() -> None:
+    done = await msa("asyncapi", "tests.framework.sample_services:Nope")
+    assert done.status == 2
+    assert done.stdout == ""
+    assert done.stderr == (
+        "msa: error: 'tests.framework.sample_services' has no attribute 'Nope'\n"
+    ), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "target", "message"),
+    [
+        ("asyncapi", "no_such_module_here:Shop", "cannot import 'no_such_module_here'"),
+        ("openapi", "tests.framework.sample_services", "expected 'module:attribute'"),
+        ("asyncapi", "tests.framework.sample_services:Number", "is not a Service"),
+        ("run", "tests.framework.sample_services:Nope", "has no attribute 'Nope'"),
+    ],
+)
+def test_bad_targets_are_explained(
+    command: str, target: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, target]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("msa: error: ")
+    assert message in captured.err
+
+
+def test_dlq_replay_without_kafka_settings_says_what_is_missing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MSA_TRANSPORT", "kafka")
+    monkeypatch.delenv("KAFKA_BOOTSTRAP", raising=False)
+    assert main(["dlq", "replay", "orders.dlq"]) == 2
+    assert "KAFKA_BOOTSTRAP is not set" in capsys.readouterr().err
+
+
+# -- dead letters on Kafka ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def rejected_records(kafka_bootstrap: str, topic_name: str) -> list[Record]:
+    """Three numbers on `topic_name` that a subscription rejected into `<topic_name>.dlq`."""
+    transport = KafkaTransport(
+        KafkaSettings(
+            bootstrap_servers=kafka_bootstrap, session_timeout_ms=6_000, heartbeat_interval_ms=200
+        )
+    )
+    bus = Bus(transport, source="tests")
+    rejected: list[int] = []
+    all_rejected = asyncio.Event()
+
+    async def reject(message: Message[Number]) -> None:
+        rejected.append(message.data.n)
+        if len(rejected) == 3:
+            all_rejected.set()
+        raise Reject(f"number {message.data.n} is void")
+
+    bus.subscribe(
+        [topic_name],
+        {"sample.number": HandlerSpec(Number, reject)},
+        ConsumerOptions(group=f"rejecter-{topic_name}"),
+    )
+    await bus.start()
+    try:
+        for n in range(3):
+            await bus.publish(topic_name, Number(n=n), key=str(n))
+        await asyncio.wait_for(all_rejected.wait(), 30)
+    finally:
+        await bus.stop(grace=10)  # lets the rejected records reach the dead-letter topic
+    assert sorted(rejected) == [0, 1, 2]
+    return await read_all(kafka_bootstrap, topic_name, count=3)
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    transport = KafkaTransport(KafkaSettings(bootstrap_servers=bootstrap))
+    await transport.start()
+    try:
+        count = await transport.partitions_for(topic)
+    finally:
+        await transport.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(count)])
+    finally:
+        await consumer.stop()
+    return {tp.partition: offset for tp, offset in ends.items()}
+
+
+class _Listener:
+    async def on_assigned(self, partitions: frozenset[OurTopicPartition]) -> None:
+        return None
+
+    async def on_revoked(self, partitions: frozenset[OurTopicPartition]) -> None:
+        return None
+
+
+async def read_all(bootstrap: str, topic: str, *, count: int) -> list[Record]:
+    """The first `count` records of `topic` (all partitions), waiting up to 20 s for them."""
+    transport = KafkaTransport(KafkaSettings(bootstrap_servers=bootstrap))
+    await transport.start()
+    consumer = transport.consumer([topic], group=None, listener=_Listener())
+    await consumer.start()
+    records: list[Record] = []
+    try:
+        async with asyncio.timeout(20):
+            while len(records) < count:
+                records += await consumer.fetch(timeout=0.5, max_records=500)
+    finally:
+        await consumer.stop()
+        await transport.stop()
+    assert len(records) == count, f"{topic} has {len(records)} records, expected {count}"
+    return records
+
+
+@pytest.mark.kafka
+async def test_dlq_replay_publishes_dead_letters_back_without_their_dlq_headers(
+    rejected_records: list[Record], kafka_bootstrap: str, topic_name: str
+) -> None:
+    dlq = f"{topic_name}.dlq"
+    env = {"MSA_TRANSPORT": "kafka", "KAFKA_BOOTSTRAP": kafka_bootstrap}
+    dead = await read_all(kafka_bootstrap, dlq, count=3)
+    assert all(r.header(DLQ_PREFIX + "error-type") == b"framework.errors.Reject" for r in dead)
+    before = await end_offsets(kafka_bootstrap, topic_name)
+    assert sum(before.values()) == 3
+
+    dry = await msa("dlq", "replay", dlq, "--dry-run", env=env)
+    assert dry.status == 0, dry.stderr
+    listed = [line for line in dry.stdout.splitlines() if line.startswith(f"would replay {dlq}[")]
+    assert len(listed) == 3, dry.stdout
+    for n in range(3):
+        assert any(
+            line.endswith(f"-> {topic_name} (framework.errors.Reject: number {n} is void)")
+            for line in listed
+        ), dry.stdout
+    assert dry.stdout.splitlines()[-1] == f"would replay 3 record(s) from {dlq}"
+    assert await end_offsets(kafka_bootstrap, topic_name) == before  # published nothing
+
+    done = await msa("dlq", "replay", dlq, env=env)
+    assert done.status == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"replayed 3 record(s) from {dlq}"
+
+    records = await read_all(kafka_bootstrap, topic_name, count=6)
+    replayed = [r for r in records if r.offset >= before[r.partition]]
+    assert len(replayed) == 3
+    for record in replayed:
+        assert not [name for name, _ in record.headers if name.startswith(DLQ_PREFIX)]
+    originals = {from_binary(r).id: (r.key, r.value) for r in rejected_records}
+    assert {from_binary(r).id: (r.key, r.value) for r in replayed} == originals
+
+    again = await msa("dlq", "replay", dlq, env=env)
+    assert again.status == 0, again.stderr
+    assert again.stdout.splitlines()[-1] == f"replayed 0 record(s) from {dlq}"

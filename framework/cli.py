@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         doc = commands.add_parser(name, help=f"print a service's {what} document")
         doc.add_argument("target", help="module:Service")
 
+    migrate = commands.add_parser(
+        "migrate", help="apply the database migrations of a service's resources, then exit"
+    )
+    migrate.add_argument("target", help="module:Service (a class, an instance or a factory)")
+
     dlq = commands.add_parser("dlq", help="dead-letter topics")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
     replay = dlq_commands.add_parser("replay", help="publish dead letters back to their topic")
@@ -67,6 +72,27 @@ async def _replay(topic: str, limit: int | None, dry_run: bool) -> int:
     return 0
 
 
+async def _migrate(target: str) -> int:
+    """Start each resource that has migrations without its service, migrate, stop it."""
+    from framework.runner import load_service
+
+    service = load_service(target)
+    databases = [r for r in service.resources if callable(getattr(r, "migrate", None))]
+    if not databases:
+        print(f"{service.name}: no resource with migrations")
+        return 0
+    for database in databases:
+        database.apply_migrations = False  # type: ignore[attr-defined]
+        await database.start()
+        try:
+            applied = await database.migrate()  # type: ignore[attr-defined]
+        finally:
+            await database.stop()
+        names = ", ".join(f"{m.component}:{m.version} {m.name}" for m in applied) or "none"
+        print(f"{service.name}: {type(database).__name__}: applied {len(applied)} ({names})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -82,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             document = getattr(docs, args.command)(service_class(args.target))
             sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
             return 0
+        if args.command == "migrate":
+            return asyncio.run(_migrate(args.target))
         if args.command == "dlq":
             return asyncio.run(_replay(args.topic, args.limit, args.dry_run))
     except MsaError as exc:

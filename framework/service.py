@@ -302,6 +302,11 @@ class Service:
         self._resources.append(resource)
         return resource
 
+    @property
+    def resources(self) -> tuple[Resource, ...]:
+        """The resources this service `use`s, in start order."""
+        return tuple(self._resources)
+
     def add_publish_middleware(self, middleware: PublishMiddleware) -> None:
         self.bus.add_publish_middleware(middleware)
 

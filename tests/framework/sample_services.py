@@ -241,3 +241,23 @@ class BrokenAtStart(Service):
     def __init__(self, settings: ServiceSettings | None = None, **options: Any) -> None:
         super().__init__(settings, **options)
         self.use(_Unreachable())
+
+
+class Ledger(Service):
+    """Owns a PostgreSQL database (POSTGRES_URL) with two migrations, for `msa migrate`."""
+
+    name = "sample-ledger"
+
+    def __init__(self, settings: ServiceSettings | None = None, **options: Any) -> None:
+        from framework.persistence.postgres import Migration, PostgresResource
+
+        super().__init__(settings, **options)
+        self.db = self.use(
+            PostgresResource(
+                self.settings.env.get("POSTGRES_URL", ""),
+                migrations=[
+                    Migration(1, "entries", "create table entries (id text primary key)"),
+                    Migration(2, "amounts", "alter table entries add column cents int"),
+                ],
+            )
+        )

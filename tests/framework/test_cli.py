@@ -236,3 +236,24 @@ async def test_dlq_replay_publishes_dead_letters_back_without_their_dlq_headers(
     again = await msa("dlq", "replay", dlq, env=env)
     assert again.status == 0, again.stderr
     assert again.stdout.splitlines()[-1] == f"replayed 0 record(s) from {dlq}"
+
+
+@pytest.mark.postgres
+async def test_migrate_applies_a_services_migrations_once(postgres_database: str) -> None:
+    import asyncpg
+
+    env = {"POSTGRES_URL": postgres_database}
+    first = await msa("migrate", "tests.framework.sample_services:Ledger", env=env)
+    assert first.status == 0, first.stderr
+    assert "applied 2 (app:1 entries, app:2 amounts)" in first.stdout
+    again = await msa("migrate", "tests.framework.sample_services:Ledger", env=env)
+    assert again.status == 0, again.stderr
+    assert "applied 0 (none)" in again.stdout
+    conn = await asyncpg.connect(postgres_database)
+    try:
+        columns = await conn.fetch(
+            "select column_name from information_schema.columns where table_name = 'entries'"
+        )
+    finally:
+        await conn.close()
+    assert {r["column_name"] for r in columns} == {"id", "cents"}

@@ -20,6 +20,7 @@ same single-document update (or insert):
     await db.collection("orders").update_one(
         {"_id": oid, "status": "new"}, outbox.push({"$set": {"status": "paid"}}, paid))
     outbox.wake()
+    placed = outbox.event("orders", OrderPlaced(order_id=oid), key=oid)   # a new aggregate:
     await db.collection("orders").insert_one(outbox.attach({"_id": oid, "status": "new"}, placed))
 
 `push` adds `$push: {msa_outbox: {$each: [...]}}` and `$min: {msa_pending: <created_at>}`: the
@@ -70,8 +71,9 @@ guard into an update of your own: `filter, update = inbox.guard(message, filter,
   removal in step 4). Every write of FerretDB replaces the document with one consistent state, so
   a lost update loses a state change *together with* its events; but concurrent writers of one
   document (the application's, or the application's and the relay's removal) can lose each
-  other's updates on FerretDB. On MongoDB every operation used here is atomic. FerretDB serves
-  development and tests; run production on MongoDB.
+  other's updates on FerretDB, and two *concurrent* deliveries of one message may both pass the
+  inbox guard there (sequential redeliveries are recognised). On MongoDB every operation used
+  here is atomic. FerretDB serves development and tests; run production on MongoDB.
 - Nested arrays are refused: headers are stored as `[{name, value}]`, not `[[name, value]]`.
 - `$pull` with a condition (`{id: {$in: [...]}}`, even `{id: "x"}`) matches and silently removes
   nothing; `$pullAll` with the exact entries and filters on the exact array work, so they are used.

@@ -59,6 +59,7 @@ from framework.errors import (
     TransportError,
 )
 from framework.messages import Envelope, decode_payload, from_binary
+from framework.tasks import finish_task
 from framework.types import Headers, Record, TopicPartition, TopicSpec
 
 if TYPE_CHECKING:
@@ -257,8 +258,7 @@ class Subscription:
         self._draining = True
         self._space.set()
         for task in (self._fetch_task, self._commit_task):
-            if task is not None:
-                await _finish(task)
+            await finish_task(task)
         if self._lane_tasks:
             _, late = await asyncio.wait(set(self._lane_tasks), timeout=grace)
             for task in late:
@@ -599,12 +599,3 @@ def _strip(headers: Headers, prefixes: tuple[str, ...]) -> Headers:
 def _error_type(error: BaseException) -> str:
     cls = type(error)
     return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
-async def _finish(task: asyncio.Task[None]) -> None:
-    try:
-        await asyncio.wait_for(task, timeout=10)
-    except TimeoutError:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

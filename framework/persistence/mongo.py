@@ -114,6 +114,7 @@ from framework.errors import (
     PublishError,
 )
 from framework.messages import Envelope, new_id, to_binary
+from framework.tasks import finish_task
 
 try:
     import pymongo.errors as mongo_errors
@@ -491,13 +492,7 @@ class MongoOutbox:
         self._stopping.set()
         self._wake.set()
         task, self._task = self._task, None
-        if task is not None:
-            try:
-                await asyncio.wait_for(task, timeout=10)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await finish_task(task)
 
     async def _relay(self) -> None:
         failures = 0

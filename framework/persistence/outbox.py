@@ -43,6 +43,7 @@ import orjson
 from framework.errors import MsaError, NotStartedError, PersistenceError
 from framework.messages import Envelope, to_binary
 from framework.persistence.postgres import Migration, PostgresResource, translate
+from framework.tasks import finish_task
 
 if TYPE_CHECKING:
     from framework.bus import Bus, Message
@@ -161,13 +162,7 @@ class PostgresOutbox:
         self._stopping.set()
         self._wake.set()
         task, self._task = self._task, None
-        if task is not None:
-            try:
-                await asyncio.wait_for(task, timeout=10)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await finish_task(task)
 
     def wake(self) -> None:
         self._wake.set()

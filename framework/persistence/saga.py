@@ -130,6 +130,7 @@ from framework.persistence.postgres import (
     SerializationFailure,
     translate,
 )
+from framework.tasks import finish_task
 
 __all__ = [
     "SAGA_MIGRATIONS",
@@ -512,13 +513,7 @@ class SagaOrchestrator:
     async def stop(self) -> None:
         self._stopping.set()
         task, self._timer = self._timer, None
-        if task is not None:
-            try:
-                await asyncio.wait_for(task, timeout=10)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await finish_task(task)
 
     # -- replies --------------------------------------------------------------------------------
 

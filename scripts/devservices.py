@@ -25,8 +25,12 @@ Server data lives in a per-run folder (`$MSA_RUN_DIR`, default `/tmp/msa-devserv
 starts empty whenever a server is (re)started: tests never see a previous run's topics or rows.
 Every step is idempotent: `up` on running, ready servers changes nothing.
 
-Environment: MSA_CACHE_DIR, MSA_RUN_DIR, MSA_KAFKA_PORT (39092; the controller listens on the
-next port), MSA_POSTGRES_PORT (35432), MSA_MONGO_PORT (37017), MSA_PG_BIN, MSA_KAFKA_HEAP (1g).
+The default ports sit below Linux's ephemeral range (32768-60999) on purpose: a client retrying a
+connection to a stopped server in that range can be given the server's own port as its local
+port (a self-connect), and the restarting server then fails with "Address already in use".
+
+Environment: MSA_CACHE_DIR, MSA_RUN_DIR, MSA_KAFKA_PORT (19092; the controller listens on the
+next port), MSA_POSTGRES_PORT (15432), MSA_MONGO_PORT (17017), MSA_PG_BIN, MSA_KAFKA_HEAP (1g).
 """
 
 from __future__ import annotations
@@ -83,9 +87,9 @@ class Settings:
                     "MSA_RUN_DIR", Path(tempfile.gettempdir()) / f"msa-devservices-{os.getuid()}"
                 )
             ),
-            kafka_port=int(env.get("MSA_KAFKA_PORT", "39092")),
-            postgres_port=int(env.get("MSA_POSTGRES_PORT", "35432")),
-            mongo_port=int(env.get("MSA_MONGO_PORT", "37017")),
+            kafka_port=int(env.get("MSA_KAFKA_PORT", "19092")),
+            postgres_port=int(env.get("MSA_POSTGRES_PORT", "15432")),
+            mongo_port=int(env.get("MSA_MONGO_PORT", "17017")),
             kafka_heap=env.get("MSA_KAFKA_HEAP", "1g"),
             pg_bin=Path(pg_bin) if pg_bin else None,
         )

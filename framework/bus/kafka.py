@@ -49,7 +49,7 @@ import asyncio
 import contextlib
 import os
 import ssl
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
@@ -84,9 +84,12 @@ try:
     from aiokafka.errors import (  # type: ignore[import-untyped]
         CommitFailedError,
         ConsumerStoppedError,
+        InvalidProducerEpoch,
         KafkaError,
+        OutOfOrderSequenceNumber,
         TopicAlreadyExistsError,
         TopicAuthorizationFailedError,
+        UnknownProducerId,
         UnknownTopicOrPartitionError,
         for_code,
     )
@@ -308,8 +311,18 @@ def _record(message: Any) -> Record:
     )
 
 
+_PRODUCER_STATE_LOST: Final = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch)
+"""Broker answers after which an idempotent producer can never write to the partition again:
+its sequence numbers no longer match the broker's (aiokafka consumes the sequence numbers of a
+batch it expires locally, e.g. while a restarting broker had no leader), and aiokafka, unlike
+the Java client, never bumps the epoch or takes a new producer id."""
+
+
 def _acknowledgement(
-    delivery: asyncio.Future[Any], *, bootstrap: str
+    delivery: asyncio.Future[Any],
+    *,
+    bootstrap: str,
+    on_state_lost: Callable[[], None] = lambda: None,
 ) -> asyncio.Future[RecordMetadata]:
     """A future of our `RecordMetadata` that settles when aiokafka's `delivery` does."""
     acknowledged: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
@@ -324,6 +337,8 @@ def _acknowledgement(
             return
         exc = done.exception()
         if exc is not None:
+            if isinstance(exc, _PRODUCER_STATE_LOST):
+                on_state_lost()
             acknowledged.set_exception(
                 _map_error(exc, doing="sending", bootstrap=bootstrap, kind=PublishError)
             )
@@ -364,6 +379,7 @@ class KafkaTransport:
         self._known_topics: set[str] = set()
         self._creating = asyncio.Lock()
         self._lifecycle = asyncio.Lock()
+        self._producer_state_lost = False
 
     @property
     def started(self) -> bool:
@@ -396,6 +412,8 @@ class KafkaTransport:
         headers: Headers = (),
         partition: int | None = None,
     ) -> asyncio.Future[RecordMetadata]:
+        if self._producer_state_lost:
+            await self._replace_producer()
         producer = self._running_producer()
         if self.settings.auto_create_topics and topic not in self._known_topics:
             await self._create_missing([topic])
@@ -405,7 +423,9 @@ class KafkaTransport:
             delivery = await producer.send(
                 topic, value, key=key, partition=partition, headers=list(headers) or None
             )
-        return _acknowledgement(delivery, bootstrap=self.settings.bootstrap_servers)
+        return _acknowledgement(
+            delivery, bootstrap=self.settings.bootstrap_servers, on_state_lost=self._state_lost
+        )
 
     async def declare(self, topics: Sequence[TopicSpec]) -> None:
         self._running_producer()
@@ -468,9 +488,29 @@ class KafkaTransport:
 
     # -- internals -------------------------------------------------------------------------------
 
-    async def _connect(self) -> None:
+    def _state_lost(self) -> None:
+        self._producer_state_lost = True
+
+    async def _replace_producer(self) -> None:
+        """Swap a producer whose idempotence state the broker rejected for a new one (a new
+        producer id, sequences from 0). Records the old one still buffers fail; their senders
+        retry them (the outbox relay does), so they may be written twice, never lost."""
+        async with self._lifecycle:
+            if not self._producer_state_lost or self._producer is None:
+                return
+            old = self._producer
+            producer = self._new_producer()
+            with self._translating("replacing the producer"):
+                async with asyncio.timeout(self.settings.request_timeout):
+                    await producer.start()
+            self._producer, self._producer_state_lost = producer, False
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.settings.request_timeout):
+                await old.stop()
+
+    def _new_producer(self) -> Any:
         settings = self.settings
-        producer = AIOKafkaProducer(
+        return AIOKafkaProducer(
             **settings.client_options(),
             acks=settings.acks,
             enable_idempotence=settings.enable_idempotence,
@@ -479,6 +519,10 @@ class KafkaTransport:
             max_request_size=settings.max_request_size,
             compression_type=settings.compression_type,
         )
+
+    async def _connect(self) -> None:
+        settings = self.settings
+        producer = self._new_producer()
         admin = AIOKafkaAdminClient(**settings.client_options())
         try:
             with self._translating("connecting"):

@@ -196,6 +196,9 @@ class PostgresOutbox:
             await conn.add_listener(CHANNEL, self._on_notify)
             failures = 0
             while not self._stopping.is_set():
+                if not self.bus.started:  # a Service starts its resources before its bus
+                    await self._pause(0.05)  # and stops them after it: nothing to publish with
+                    continue
                 self._wake.clear()  # before the batch: a NOTIFY during it triggers the next one
                 try:
                     count = await self.publish_batch()

@@ -75,7 +75,9 @@ def translate(*, driver_only: bool = False) -> Iterator[None]:
         asyncpg.ConnectionDoesNotExistError,
         asyncpg.CannotConnectNowError,
         asyncpg.AdminShutdownError,
+        asyncpg.CrashShutdownError,
         asyncpg.InterfaceError,
+        asyncpg.InternalClientError,  # e.g. a statement sent between the server's FATAL and EOF
     )
     if not driver_only:
         unavailable += (OSError, TimeoutError)

@@ -47,6 +47,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from framework.errors import (
@@ -189,6 +190,15 @@ class _PartitionState:
 
 
 _Item = tuple[_PartitionState, Record]
+_STOP = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Deferred:
+    """A record that must wait `delay` seconds, then `resume()` to reach its outcome."""
+
+    delay: float
+    resume: Callable[[], Awaitable[bool | _Deferred]]
 
 
 class Subscription:
@@ -208,7 +218,9 @@ class Subscription:
         self.group = options.group
         self._partitions: dict[TopicPartition, _PartitionState] = {}
         self._lanes: dict[object, deque[_Item]] = {}
-        self._lane_tasks: set[asyncio.Task[None]] = set()
+        self._ready: asyncio.Queue[object] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._retry_tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(options.concurrency)
         self._buffered = 0
         self._space = asyncio.Event()
@@ -247,6 +259,10 @@ class Subscription:
             max_poll_records=self.options.max_poll_records,
         )
         await self._consumer.start()
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"worker:{self.group}:{n}")
+            for n in range(self.options.concurrency)
+        ]
         self._fetch_task = asyncio.create_task(self._fetch_loop(), name=f"fetch:{self.group}")
         self._commit_task = asyncio.create_task(self._commit_loop(), name=f"commit:{self.group}")
 
@@ -259,8 +275,11 @@ class Subscription:
         self._space.set()
         for task in (self._fetch_task, self._commit_task):
             await finish_task(task)
-        if self._lane_tasks:
-            _, late = await asyncio.wait(set(self._lane_tasks), timeout=grace)
+        for _ in self._workers:
+            self._ready.put_nowait(_STOP)  # after the queued lanes, which draining drops
+        running = {*self._workers, *self._retry_tasks}
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace)
             for task in late:
                 task.cancel()
             if late:
@@ -284,7 +303,7 @@ class Subscription:
         self._stopping.set()
         self._draining = True
         tasks = [t for t in (self._fetch_task, self._commit_task) if t is not None]
-        tasks += list(self._lane_tasks)
+        tasks += [*self._workers, *self._retry_tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -357,32 +376,68 @@ class Subscription:
         self._buffered += 1
         lane = self._lanes.get(lane_key)
         if lane is not None:
-            lane.append((state, record))
+            lane.append((state, record))  # its owner (a worker or a retry) takes it in turn
             return
-        lane = self._lanes[lane_key] = deque([(state, record)])
-        task = asyncio.create_task(self._run_lane(lane_key, lane))
-        self._lane_tasks.add(task)
-        task.add_done_callback(self._lane_tasks.discard)
+        self._lanes[lane_key] = deque([(state, record)])
+        self._ready.put_nowait(lane_key)
 
-    async def _run_lane(self, lane_key: object, lane: deque[_Item]) -> None:
+    async def _work(self) -> None:
+        """One of `concurrency` workers: take a ready lane, handle its next record, repeat.
+
+        A lane is owned by at most one worker (or one retry) at a time, which keeps a key in
+        order; a lane with more records goes to the back of the queue, so keys take turns.
+        """
+        ready = self._ready
+        while True:
+            lane_key = await ready.get()
+            if lane_key is _STOP:
+                return
+            lane = self._lanes[lane_key]
+            state, record = lane[0]
+            if state.revoked or self._draining:
+                self._drop(lane_key)
+                continue
+            outcome = await self._process(record, state)
+            if isinstance(outcome, _Deferred):
+                task = asyncio.create_task(self._resume(lane_key, outcome))
+                self._retry_tasks.add(task)
+                task.add_done_callback(self._retry_tasks.discard)
+                continue
+            self._settle(lane_key, outcome)
+
+    async def _resume(self, lane_key: object, deferred: _Deferred) -> None:
+        """A lane waiting to retry its head record: off the workers, so others keep going."""
+        outcome: bool | _Deferred = deferred
         try:
-            while lane:
-                state, record = lane[0]
-                if state.revoked or self._draining:
+            while isinstance(outcome, _Deferred):
+                if not await self._sleep(outcome.delay):
+                    outcome = False  # stopping: the record is redelivered
                     break
-                done = await self._process(record, state)
-                lane.popleft()
-                self._release(1)
-                if not done:
-                    break
-                if not state.revoked:
-                    state.finish(record.offset)
-        finally:
-            if lane:
-                self._release(len(lane))
-                lane.clear()
-            if self._lanes.get(lane_key) is lane:
-                del self._lanes[lane_key]
+                outcome = await outcome.resume()
+        except BaseException:
+            self._drop(lane_key)
+            raise
+        self._settle(lane_key, outcome)
+
+    def _settle(self, lane_key: object, done: bool) -> None:
+        """The lane's head record reached an outcome: mark it, then requeue or retire the lane."""
+        lane = self._lanes[lane_key]
+        state, record = lane.popleft()
+        self._release(1)
+        if not done:
+            self._drop(lane_key)  # abandoned: this and the rest are redelivered
+            return
+        if not state.revoked:
+            state.finish(record.offset)
+        if lane:
+            self._ready.put_nowait(lane_key)
+        else:
+            del self._lanes[lane_key]
+
+    def _drop(self, lane_key: object) -> None:
+        lane = self._lanes.pop(lane_key, None)
+        if lane:
+            self._release(len(lane))
 
     def _release(self, count: int) -> None:
         self._buffered -= count
@@ -390,15 +445,19 @@ class Subscription:
 
     # -- handling -------------------------------------------------------------------------------
 
-    async def _process(self, record: Record, state: _PartitionState) -> bool:
-        """Handle one record to a final outcome. False: abandoned (stopping), not done."""
+    async def _process(
+        self, record: Record, state: _PartitionState, *, waited: bool = False
+    ) -> bool | _Deferred:
+        """Handle one record to a final outcome (False: abandoned while stopping), or defer it
+        when it must wait (a retry's backoff, a retry-topic record's not-before time)."""
         attempt = 1
         origin = self._retry_origin.get(record.topic)
         if origin is not None:
             attempt = int(record.header(RETRY_ATTEMPT) or b"2")
             not_before = int(record.header(RETRY_NOT_BEFORE) or b"0") / 1000
-            if not await self._sleep(not_before - time.time()):
-                return False
+            wait = not_before - time.time()
+            if wait > 0 and not waited:
+                return _Deferred(wait, partial(self._process, record, state, waited=True))
         topic = origin or record.topic
         try:
             envelope = self._envelope(record)
@@ -415,6 +474,15 @@ class Subscription:
         message: Message[Any] = Message(
             envelope=envelope.with_data(data), record=record, attempt=attempt, group=self.group
         )
+        return await self._attempts(message, handler, state, topic)
+
+    async def _attempts(
+        self, message: Message[Any], handler: HandlerSpec, state: _PartitionState, topic: str
+    ) -> bool | _Deferred:
+        """Run the handler until success, dead letter or a wait (returned as `_Deferred`)."""
+        record = message.record
+        envelope = message.envelope
+        attempt = message.attempt
         while True:
             if state.revoked:
                 return False
@@ -464,10 +532,8 @@ class Subscription:
                 error,
                 delay,
             )
-            if not await self._sleep(delay):
-                return False
-            attempt += 1
-            message.attempt = attempt
+            message.attempt = attempt + 1
+            return _Deferred(delay, partial(self._attempts, message, handler, state, topic))
 
     def _envelope(self, record: Record) -> Envelope[bytes]:
         """The record's envelope; a raw catch-all handler (`"*"` taking `bytes`) also gets

@@ -62,6 +62,7 @@ CONTENT_TYPE = "content-type"
 JSON = "application/json"
 _CORE = ("id", "source", "type", "specversion", "time", "subject")
 _KNOWN_EXTENSIONS = ("correlationid", "causationid", "traceparent", "partitionkey")
+_STANDARD = frozenset((*_CORE, *_KNOWN_EXTENSIONS))
 
 
 def new_id() -> str:
@@ -215,9 +216,10 @@ class MessageRegistry:
 
 
 def _format_time(value: datetime) -> bytes:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+    """RFC 3339 in UTC with microseconds and `Z` (isoformat is C; strftime is 5x slower)."""
+    if value.tzinfo is not UTC:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return (value.isoformat(timespec="microseconds")[:-6] + "Z").encode()
 
 
 def to_binary(envelope: Envelope[Any]) -> tuple[bytes | None, bytes, Headers]:
@@ -230,15 +232,22 @@ def to_binary(envelope: Envelope[Any]) -> tuple[bytes | None, bytes, Headers]:
         ("ce_time", _format_time(envelope.time)),
         (CONTENT_TYPE, envelope.datacontenttype.encode()),
     ]
+    append = headers.append
     if envelope.subject is not None:
-        headers.append(("ce_subject", envelope.subject.encode()))
-    for name in _KNOWN_EXTENSIONS:
-        value = getattr(envelope, name)
-        if value is not None:
-            headers.append((CE_PREFIX + name, value.encode()))
-    for name, value in envelope.extensions.items():
-        headers.append((CE_PREFIX + name, value.encode()))
-    key = envelope.partitionkey.encode() if envelope.partitionkey is not None else None
+        append(("ce_subject", envelope.subject.encode()))
+    if envelope.correlationid is not None:
+        append(("ce_correlationid", envelope.correlationid.encode()))
+    if envelope.causationid is not None:
+        append(("ce_causationid", envelope.causationid.encode()))
+    if envelope.traceparent is not None:
+        append(("ce_traceparent", envelope.traceparent.encode()))
+    key = None
+    if envelope.partitionkey is not None:
+        key = envelope.partitionkey.encode()
+        append(("ce_partitionkey", key))
+    if envelope.extensions:
+        for name, value in envelope.extensions.items():
+            append((CE_PREFIX + name, value.encode()))
     return key, encode_payload(envelope.data), tuple(headers)
 
 
@@ -251,41 +260,50 @@ def _parse_time(raw: str) -> datetime:
 
 def from_binary(record: Record) -> Envelope[bytes]:
     """The envelope of a binary-mode record; `data` stays raw bytes until typed decoding."""
-    attributes: dict[str, str] = {}
     content_type = JSON
     try:
+        attributes = {k[3:]: v.decode() for k, v in record.headers if k[:3] == CE_PREFIX}
         for name, value in record.headers:
-            if name.startswith(CE_PREFIX):
-                attributes[name[3:]] = value.decode()
-            elif name == CONTENT_TYPE:
+            if name == CONTENT_TYPE:
                 content_type = value.decode()
     except UnicodeDecodeError as exc:
         raise DecodeError(f"a CloudEvents header is not UTF-8: {exc}") from exc
-    missing = [a for a in ("id", "source", "type", "specversion") if a not in attributes]
-    if missing:
+    get = attributes.get
+    event_id, source, event_type, specversion = (
+        get("id"),
+        get("source"),
+        get("type"),
+        get("specversion"),
+    )
+    if event_id is None or source is None or event_type is None or specversion is None:
+        missing = [a for a in ("id", "source", "type", "specversion") if a not in attributes]
         raise DecodeError(
             f"record {record.topic}[{record.partition}]@{record.offset} is not a CloudEvent: "
             f"missing header(s) {', '.join(CE_PREFIX + m for m in missing)}"
         )
-    if attributes["specversion"] != "1.0":
-        raise DecodeError(f"unsupported CloudEvents specversion {attributes['specversion']!r}")
-    extensions = {
-        k: v for k, v in attributes.items() if k not in _CORE and k not in _KNOWN_EXTENSIONS
-    }
-    time = attributes.get("time")
+    if specversion != "1.0":
+        raise DecodeError(f"unsupported CloudEvents specversion {specversion!r}")
+    time = get("time")
+    partitionkey = get("partitionkey")
+    if partitionkey is None and record.key is not None:
+        partitionkey = record.key.decode(errors="replace")
+    extensions = (
+        {k: v for k, v in attributes.items() if k not in _STANDARD}
+        if len(attributes) > len(_STANDARD.intersection(attributes))
+        else {}
+    )
     return Envelope(
-        id=attributes["id"],
-        source=attributes["source"],
-        type=attributes["type"],
+        id=event_id,
+        source=source,
+        type=event_type,
         specversion="1.0",
         time=_parse_time(time) if time is not None else utc_now(),
-        subject=attributes.get("subject"),
+        subject=get("subject"),
         datacontenttype=content_type,
-        correlationid=attributes.get("correlationid"),
-        causationid=attributes.get("causationid"),
-        traceparent=attributes.get("traceparent"),
-        partitionkey=attributes.get("partitionkey")
-        or (record.key.decode(errors="replace") if record.key is not None else None),
+        correlationid=get("correlationid"),
+        causationid=get("causationid"),
+        traceparent=get("traceparent"),
+        partitionkey=partitionkey,
         extensions=extensions,
         data=record.value,
     )

@@ -52,7 +52,7 @@ from framework.errors import (
     RequestTimeout,
 )
 from framework.messages import Envelope, decode_payload, from_binary, new_id, to_binary, type_name
-from framework.observability.metrics import MetricsRegistry
+from framework.observability.metrics import CounterChild, MetricsRegistry
 from framework.observability.tracing import (
     TraceContext,
     continue_from,
@@ -152,6 +152,7 @@ class Bus:
         self._reply_task: asyncio.Task[None] | None = None
         self._reply_lock = asyncio.Lock()
         self._pending: dict[str, asyncio.Future[Envelope[bytes]]] = {}
+        self._out_counters: dict[tuple[str, str], CounterChild] = {}
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -272,6 +273,10 @@ class Bus:
         the send buffer, so a caller can pipeline many records and await them together.
         """
         envelope = self.envelope(data, key=key, type=type, subject=subject, extensions=extensions)
+        if not self._started:
+            raise NotStartedError("Bus.publish before Bus.start()")
+        if self._publish_chain is self._send:  # no middleware: skip the Outgoing hop
+            return await self._send_envelope(topic, envelope, confirm)
         return await self.publish_envelope(topic, envelope, confirm=confirm)
 
     async def publish_envelope(
@@ -285,10 +290,19 @@ class Bus:
         )
 
     async def _send(self, outgoing: Outgoing) -> RecordMetadata | asyncio.Future[RecordMetadata]:
-        key, value, headers = to_binary(outgoing.envelope)
-        future = await self.transport.send(outgoing.topic, value, key=key, headers=headers)
-        self.metrics.messages_out.labels(topic=outgoing.topic, type=outgoing.envelope.type).inc()
-        return await future if outgoing.confirm else future
+        return await self._send_envelope(outgoing.topic, outgoing.envelope, outgoing.confirm)
+
+    async def _send_envelope(
+        self, topic: str, envelope: Envelope[Any], confirm: bool
+    ) -> RecordMetadata | asyncio.Future[RecordMetadata]:
+        key, value, headers = to_binary(envelope)
+        future = await self.transport.send(topic, value, key=key, headers=headers)
+        counter = self._out_counters.get((topic, envelope.type))
+        if counter is None:
+            counter = self.metrics.messages_out.labels(topic=topic, type=envelope.type)
+            self._out_counters[(topic, envelope.type)] = counter
+        counter.inc()
+        return await future if confirm else future
 
     # -- consuming ------------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ from framework.errors import (
     TransportError,
 )
 from framework.messages import Envelope, decode_payload, from_binary
+from framework.observability.metrics import CounterChild, HistogramChild
 from framework.tasks import finish_task
 from framework.types import Headers, Record, TopicPartition, TopicSpec
 
@@ -236,6 +237,7 @@ class Subscription:
         self._m_latency = metrics.handler_seconds
         self._m_retries = metrics.retries
         self._m_dlq = metrics.dead_letters
+        self._ok_children: dict[tuple[str, str], tuple[CounterChild, HistogramChild]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -471,8 +473,9 @@ class Subscription:
             self._m_in.labels(topic=topic, type="?", outcome="invalid").inc()
             log.warning("group %s: dead-lettering %s: %s", self.group, _where(record), exc)
             return await self._dead_letter(record, exc, attempt)
+        envelope.data = data  # ours, freshly decoded: now typed
         message: Message[Any] = Message(
-            envelope=envelope.with_data(data), record=record, attempt=attempt, group=self.group
+            envelope=envelope, record=record, attempt=attempt, group=self.group
         )
         return await self._attempts(message, handler, state, topic)
 
@@ -495,10 +498,9 @@ class Subscription:
                 except Exception as exc:  # the handler's failure decides what happens next
                     error: BaseException = exc
                 else:
-                    self._m_latency.labels(topic=topic, type=envelope.type).observe(
-                        time.perf_counter() - began
-                    )
-                    self._m_in.labels(topic=topic, type=envelope.type, outcome="ok").inc()
+                    handled, latency = self._ok_metrics(topic, envelope.type)
+                    latency.observe(time.perf_counter() - began)
+                    handled.inc()
                     if message.reply_to is not None:
                         await self.bus.reply(message, result)
                     return True
@@ -534,6 +536,17 @@ class Subscription:
             )
             message.attempt = attempt + 1
             return _Deferred(delay, partial(self._attempts, message, handler, state, topic))
+
+    def _ok_metrics(self, topic: str, event_type: str) -> tuple[CounterChild, HistogramChild]:
+        """The success counter and latency histogram children, looked up once per type."""
+        found = self._ok_children.get((topic, event_type))
+        if found is None:
+            found = (
+                self._m_in.labels(topic=topic, type=event_type, outcome="ok"),
+                self._m_latency.labels(topic=topic, type=event_type),
+            )
+            self._ok_children[(topic, event_type)] = found
+        return found
 
     def _envelope(self, record: Record) -> Envelope[bytes]:
         """The record's envelope; a raw catch-all handler (`"*"` taking `bytes`) also gets

@@ -417,12 +417,19 @@ class KafkaTransport:
         producer = self._running_producer()
         if self.settings.auto_create_topics and topic not in self._known_topics:
             await self._create_missing([topic])
-        with self._translating(f"sending to {topic!r}", kind=PublishError):
+        try:  # inline rather than `_translating`: this runs once per record
             if partition is not None and partition not in await producer.partitions_for(topic):
                 raise TopicError(f"Topic {topic!r} has no partition {partition}")
             delivery = await producer.send(
                 topic, value, key=key, partition=partition, headers=list(headers) or None
             )
+        except (KafkaError, ConsumerStoppedError, TimeoutError) as exc:
+            raise _map_error(
+                exc,
+                doing=f"sending to {topic!r}",
+                bootstrap=self.settings.bootstrap_servers,
+                kind=PublishError,
+            ) from exc
         return _acknowledgement(
             delivery, bootstrap=self.settings.bootstrap_servers, on_state_lost=self._state_lost
         )

@@ -143,11 +143,14 @@ class Transport(Protocol):
         key: bytes | None = None,
         headers: Headers = (),
         partition: int | None = None,
+        immediate: bool = False,
     ) -> asyncio.Future[RecordMetadata]:
         """Enqueue a record; the returned future resolves when the broker acknowledged it.
 
         Awaiting `send` only waits for room in the send buffer, which lets callers pipeline
-        many records; await the future to wait for the acknowledgement.
+        many records; await the future to wait for the acknowledgement. `immediate` sends the
+        record at once instead of letting it wait for a batch to fill (requests and replies,
+        where someone is waiting on each record).
         """
 
     async def declare(self, topics: Sequence[TopicSpec]) -> None:

@@ -85,6 +85,7 @@ class Outgoing:
     topic: str
     envelope: Envelope[Any]
     confirm: bool = True
+    immediate: bool = False
 
 
 class BusMetrics:
@@ -280,23 +281,31 @@ class Bus:
         return await self.publish_envelope(topic, envelope, confirm=confirm)
 
     async def publish_envelope(
-        self, topic: str, envelope: Envelope[Any], *, confirm: bool = True
+        self, topic: str, envelope: Envelope[Any], *, confirm: bool = True, immediate: bool = False
     ) -> RecordMetadata | asyncio.Future[RecordMetadata]:
+        """Publish a ready envelope; `immediate` skips batching (see `Transport.send`)."""
         if not self._started:
             raise NotStartedError("Bus.publish before Bus.start()")
         return cast(
             "RecordMetadata | asyncio.Future[RecordMetadata]",
-            await self._publish_chain(Outgoing(topic, envelope, confirm)),
+            await self._publish_chain(Outgoing(topic, envelope, confirm, immediate)),
         )
 
     async def _send(self, outgoing: Outgoing) -> RecordMetadata | asyncio.Future[RecordMetadata]:
-        return await self._send_envelope(outgoing.topic, outgoing.envelope, outgoing.confirm)
+        return await self._send_envelope(
+            outgoing.topic, outgoing.envelope, outgoing.confirm, outgoing.immediate
+        )
 
     async def _send_envelope(
-        self, topic: str, envelope: Envelope[Any], confirm: bool
+        self, topic: str, envelope: Envelope[Any], confirm: bool, immediate: bool = False
     ) -> RecordMetadata | asyncio.Future[RecordMetadata]:
         key, value, headers = to_binary(envelope)
-        future = await self.transport.send(topic, value, key=key, headers=headers)
+        if immediate:
+            future = await self.transport.send(
+                topic, value, key=key, headers=headers, immediate=True
+            )
+        else:
+            future = await self.transport.send(topic, value, key=key, headers=headers)
         counter = self._out_counters.get((topic, envelope.type))
         if counter is None:
             counter = self.metrics.messages_out.labels(topic=topic, type=envelope.type)
@@ -383,7 +392,7 @@ class Bus:
         future: asyncio.Future[Envelope[bytes]] = asyncio.get_running_loop().create_future()
         self._pending[envelope.id] = future
         try:
-            await self.publish_envelope(topic, envelope)
+            await self.publish_envelope(topic, envelope, immediate=True)
             async with asyncio.timeout(timeout):
                 reply = await future
         except TimeoutError:
@@ -424,7 +433,7 @@ class Bus:
             extensions=extensions,
         )
         try:
-            await self.publish_envelope(reply_to, envelope)
+            await self.publish_envelope(reply_to, envelope, immediate=True)
         except MsaError as exc:  # the requester times out; nothing else to do
             log.warning("reply to %s failed: %s", reply_to, exc)
 

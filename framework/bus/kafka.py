@@ -48,11 +48,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
+from framework.bus.memory import partition_for_key
 from framework.errors import (
     CommitError,
     ConfigurationError,
@@ -411,6 +413,7 @@ class KafkaTransport:
         key: bytes | None = None,
         headers: Headers = (),
         partition: int | None = None,
+        immediate: bool = False,
     ) -> asyncio.Future[RecordMetadata]:
         if self._producer_state_lost:
             await self._replace_producer()
@@ -420,9 +423,12 @@ class KafkaTransport:
         try:  # inline rather than `_translating`: this runs once per record
             if partition is not None and partition not in await producer.partitions_for(topic):
                 raise TopicError(f"Topic {topic!r} has no partition {partition}")
-            delivery = await producer.send(
-                topic, value, key=key, partition=partition, headers=list(headers) or None
-            )
+            if immediate:
+                delivery = await self._send_now(producer, topic, value, key, headers, partition)
+            else:
+                delivery = await producer.send(
+                    topic, value, key=key, partition=partition, headers=list(headers) or None
+                )
         except (KafkaError, ConsumerStoppedError, TimeoutError) as exc:
             raise _map_error(
                 exc,
@@ -433,6 +439,30 @@ class KafkaTransport:
         return _acknowledgement(
             delivery, bootstrap=self.settings.bootstrap_servers, on_state_lost=self._state_lost
         )
+
+    async def _send_now(
+        self,
+        producer: Any,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        headers: Headers,
+        partition: int | None,
+    ) -> asyncio.Future[Any]:
+        """Send one record as a closed batch of its own: aiokafka ships a closed batch at once
+        instead of waiting `linger_ms` for more records. The partition is Kafka's default for
+        the key (murmur2, as `partition_for_key`), so ordering per key is the same as `send`."""
+        if partition is None:
+            count = len(await producer.partitions_for(topic))
+            partition = (
+                partition_for_key(key, count) if key is not None else random.randrange(count)
+            )
+        batch = producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None, headers=list(headers)) is None:
+            raise PublishError(f"a record for {topic!r} does not fit in one batch")
+        batch.close()
+        delivery: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+        return delivery
 
     async def declare(self, topics: Sequence[TopicSpec]) -> None:
         self._running_producer()

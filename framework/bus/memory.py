@@ -314,6 +314,7 @@ class MemoryTransport:
         key: bytes | None = None,
         headers: Headers = (),
         partition: int | None = None,
+        immediate: bool = False,
     ) -> asyncio.Future[RecordMetadata]:
         self.require_started()
         logs = self.topic(topic).logs

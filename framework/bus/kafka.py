@@ -48,13 +48,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
-from framework.bus.memory import partition_for_key
 from framework.errors import (
     CommitError,
     ConfigurationError,
@@ -382,6 +380,7 @@ class KafkaTransport:
         self._creating = asyncio.Lock()
         self._lifecycle = asyncio.Lock()
         self._producer_state_lost = False
+        self._urgent_producer: Any = None
 
     @property
     def started(self) -> bool:
@@ -400,10 +399,14 @@ class KafkaTransport:
             producer, admin = self._producer, self._admin
             if producer is None:
                 return
+            urgent, self._urgent_producer = self._urgent_producer, None
             self._producer = self._admin = None
             self._known_topics.clear()
+            closings = [producer.stop(), admin.close()]
+            if urgent is not None:
+                closings.append(urgent.stop())
             with self._translating("stopping"):
-                await _close_all(producer.stop(), admin.close())
+                await _close_all(*closings)
 
     async def send(
         self,
@@ -449,19 +452,23 @@ class KafkaTransport:
         headers: Headers,
         partition: int | None,
     ) -> asyncio.Future[Any]:
-        """Send one record as a closed batch of its own: aiokafka ships a closed batch at once
-        instead of waiting `linger_ms` for more records. The partition is Kafka's default for
-        the key (murmur2, as `partition_for_key`), so ordering per key is the same as `send`."""
-        if partition is None:
-            count = len(await producer.partitions_for(topic))
-            partition = (
-                partition_for_key(key, count) if key is not None else random.randrange(count)
-            )
-        batch = producer.create_batch()
-        if batch.append(key=key, value=value, timestamp=None, headers=list(headers)) is None:
-            raise PublishError(f"a record for {topic!r} does not fit in one batch")
-        batch.close()
-        delivery: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+        """Send through a second producer that does not linger (`linger_ms=0`), for records
+        someone waits on one by one (requests, replies). A second producer, not a closed
+        one-record batch on the first: aiokafka lets only one batch per partition wait at a
+        time, and concurrent replies to one reply partition then time out queueing behind each
+        other. Ordering against records sent without `immediate` is not guaranteed."""
+        urgent = self._urgent_producer
+        if urgent is None:
+            async with self._lifecycle:
+                if self._urgent_producer is None:
+                    candidate = self._new_producer(linger_ms=0)
+                    async with asyncio.timeout(self.settings.request_timeout):
+                        await candidate.start()
+                    self._urgent_producer = candidate
+                urgent = self._urgent_producer
+        delivery: asyncio.Future[Any] = await urgent.send(
+            topic, value, key=key, partition=partition, headers=list(headers) or None
+        )
         return delivery
 
     async def declare(self, topics: Sequence[TopicSpec]) -> None:
@@ -545,13 +552,13 @@ class KafkaTransport:
             async with asyncio.timeout(self.settings.request_timeout):
                 await old.stop()
 
-    def _new_producer(self) -> Any:
+    def _new_producer(self, *, linger_ms: int | None = None) -> Any:
         settings = self.settings
         return AIOKafkaProducer(
             **settings.client_options(),
             acks=settings.acks,
             enable_idempotence=settings.enable_idempotence,
-            linger_ms=settings.linger_ms,
+            linger_ms=settings.linger_ms if linger_ms is None else linger_ms,
             max_batch_size=settings.max_batch_size,
             max_request_size=settings.max_request_size,
             compression_type=settings.compression_type,

@@ -30,6 +30,7 @@ from framework.persistence.mongo import (
     translate,
 )
 from framework.types import Headers, Record, RecordMetadata
+from tests.framework.fakes import FlakyTransport
 
 pytestmark = pytest.mark.mongo
 TOPIC = "orders"
@@ -39,28 +40,6 @@ TOPIC = "orders"
 class OrderChanged(BaseModel):
     order_id: str
     step: int
-
-
-class FlakyTransport(MemoryTransport):
-    """Refuses the first `failures` sends, as a broker that is down would."""
-
-    def __init__(self, failures: int) -> None:
-        super().__init__()
-        self.failures = failures
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes,
-        *,
-        key: bytes | None = None,
-        headers: Headers = (),
-        partition: int | None = None,
-    ) -> asyncio.Future[RecordMetadata]:
-        if self.failures > 0:
-            self.failures -= 1
-            raise PublishError("broker down")
-        return await super().send(topic, value, key=key, headers=headers, partition=partition)
 
 
 class LostAckTransport(MemoryTransport):

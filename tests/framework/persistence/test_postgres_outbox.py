@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message
-from framework.errors import PersistenceError, PublishError
+from framework.errors import PersistenceError
 from framework.messages import from_binary, message_type
 from framework.persistence.outbox import PostgresInbox, PostgresOutbox
 from framework.persistence.postgres import (
@@ -23,6 +23,7 @@ from framework.persistence.postgres import (
     PostgresResource,
     UniqueViolation,
 )
+from tests.framework.fakes import FlakyTransport
 
 pytestmark = pytest.mark.postgres
 
@@ -183,18 +184,6 @@ async def test_relay_keeps_order_per_aggregate_and_one_leader_among_replicas(
     finally:
         for relay in relays:
             await relay.stop()
-
-
-class FlakyTransport(MemoryTransport):
-    def __init__(self, failures: int) -> None:
-        super().__init__()
-        self.failures = failures
-
-    async def send(self, topic: str, value: bytes, **kwargs: Any) -> asyncio.Future[Any]:
-        if self.failures > 0:
-            self.failures -= 1
-            raise PublishError("broker unavailable")
-        return await super().send(topic, value, **kwargs)
 
 
 async def test_relay_keeps_events_while_the_broker_is_down(db: PostgresResource) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, cast
 
@@ -107,9 +107,6 @@ class Envelope(Generic[T]):
             traceparent=self.traceparent,
             **attributes,
         )
-
-    def with_data(self, data: Any) -> Envelope[Any]:
-        return replace(self, data=data)
 
 
 # -- payload types ---------------------------------------------------------------------------

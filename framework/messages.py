@@ -213,10 +213,18 @@ class MessageRegistry:
 
 
 def _format_time(value: datetime) -> bytes:
-    """RFC 3339 in UTC with microseconds and `Z` (isoformat is C; strftime is 5x slower)."""
+    """RFC 3339 in UTC with microseconds and `Z` (bytes %-formatting: half isoformat's cost)."""
     if value.tzinfo is not UTC:
         value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    return (value.isoformat(timespec="microseconds")[:-6] + "Z").encode()
+    return b"%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+    )
 
 
 def to_binary(envelope: Envelope[Any]) -> tuple[bytes | None, bytes, Headers]:
@@ -258,10 +266,12 @@ def _parse_time(raw: str) -> datetime:
 def from_binary(record: Record) -> Envelope[bytes]:
     """The envelope of a binary-mode record; `data` stays raw bytes until typed decoding."""
     content_type = JSON
+    attributes: dict[str, str] = {}
     try:
-        attributes = {k[3:]: v.decode() for k, v in record.headers if k[:3] == CE_PREFIX}
         for name, value in record.headers:
-            if name == CONTENT_TYPE:
+            if name[:3] == CE_PREFIX:
+                attributes[name[3:]] = value.decode()
+            elif name == CONTENT_TYPE:
                 content_type = value.decode()
     except UnicodeDecodeError as exc:
         raise DecodeError(f"a CloudEvents header is not UTF-8: {exc}") from exc

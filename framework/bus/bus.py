@@ -54,10 +54,10 @@ from framework.errors import (
 from framework.messages import Envelope, decode_payload, from_binary, new_id, to_binary, type_name
 from framework.observability.metrics import CounterChild, MetricsRegistry
 from framework.observability.tracing import (
-    TraceContext,
     continue_from,
     current_correlation_id,
     current_trace,
+    new_root_header,
 )
 from framework.types import (
     ConsumeMiddleware,
@@ -238,23 +238,24 @@ class Bus:
     ) -> Envelope[Any]:
         """An envelope from this bus's source, continuing the current message and trace."""
         handled = current_message.get()
-        correlation = current_correlation_id.get()
         trace = current_trace.get()
-        envelope = Envelope(
+        correlationid = causationid = None
+        if handled is not None:
+            cause = handled.envelope
+            correlationid, causationid = cause.correlationid or cause.id, cause.id
+        else:
+            correlationid = current_correlation_id.get()
+        return Envelope(
             type=type or type_name(data.__class__),
             source=self.source,
             data=data,
             subject=subject,
             partitionkey=key,
+            correlationid=correlationid,
+            causationid=causationid,
+            traceparent=trace.child_header() if trace is not None else new_root_header(),
             extensions=dict(extensions) if extensions else {},
         )
-        if handled is not None:
-            envelope.correlationid = handled.envelope.correlationid or handled.envelope.id
-            envelope.causationid = handled.envelope.id
-        elif correlation is not None:
-            envelope.correlationid = correlation
-        envelope.traceparent = (trace.child() if trace else TraceContext.new_root()).to_header()
-        return envelope
 
     async def publish(
         self,
@@ -276,7 +277,7 @@ class Bus:
         envelope = self.envelope(data, key=key, type=type, subject=subject, extensions=extensions)
         if not self._started:
             raise NotStartedError("Bus.publish before Bus.start()")
-        if self._publish_chain is self._send:  # no middleware: skip the Outgoing hop
+        if not self._publish_middleware:  # skip the Outgoing hop
             return await self._send_envelope(topic, envelope, confirm)
         return await self.publish_envelope(topic, envelope, confirm=confirm)
 

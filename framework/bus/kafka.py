@@ -47,11 +47,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, cast
 
 from framework.errors import (
     CommitError,
@@ -94,6 +95,13 @@ try:
         for_code,
     )
     from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
+    from aiokafka.partitioner import (  # type: ignore[import-untyped]
+        DefaultPartitioner,
+        murmur2,
+    )
+    from aiokafka.record.default_records import (  # type: ignore[import-untyped]
+        DefaultRecordBatchBuilder,
+    )
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         'The Kafka transport needs aiokafka: pip install "msa-framework[kafka]"'
@@ -299,14 +307,18 @@ def _our_set(partitions: Iterable[Any]) -> frozenset[TopicPartition]:
 
 
 def _record(message: Any) -> Record:
-    headers: Headers = tuple((name, bytes(value or b"")) for name, value in message.headers)
+    headers: tuple[tuple[str, bytes | None], ...] = tuple(message.headers)  # pairs already
+    for _, header_value in headers:
+        if header_value is None:  # a null header value: make it empty, as our type says
+            headers = tuple((name, value or b"") for name, value in headers)
+            break
     return Record(
         topic=message.topic,
         partition=message.partition,
         offset=message.offset,
         key=message.key,
         value=message.value if message.value is not None else b"",  # tombstone
-        headers=headers,
+        headers=cast(Headers, headers),
         timestamp_ms=message.timestamp,
     )
 
@@ -358,6 +370,80 @@ async def _close_all(*closings: Any) -> None:
             raise result
 
 
+# -- the send fast path --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _key_hash(key: bytes) -> int:
+    """The default partitioner's hash of a key (murmur2, as the Java client), cached: a service
+    sends to a bounded set of keys far more often than it sees new ones."""
+    return int(murmur2(key)) & 0x7FFFFFFF
+
+
+class _Appender:
+    """Appends keyed records to one aiokafka producer's batches without `producer.send()`.
+
+    `send()` spends more time than the batch append itself on work our transport has already
+    done or can cache: it waits on topic metadata (we check it once per topic), rebuilds two
+    sets of partition ids and hashes the key in pure Python per record. This does the same
+    steps - size check, the default partitioner's choice, the accumulator append - with the
+    partition count read from the metadata and the key hash cached. Same batches, same
+    idempotent sequence numbers, same futures. It touches aiokafka internals, so `for_producer`
+    checks they are all there and returns None (use `send()`) when they are not, when the
+    producer has a custom partitioner or serializers, or when it is transactional.
+    """
+
+    __slots__ = ("_accumulator", "_max_request_size", "_partitions", "_timeout", "_tps", "producer")
+
+    def __init__(self, producer: Any) -> None:
+        self.producer = producer
+        self._accumulator = producer._message_accumulator
+        self._partitions: dict[str, dict[int, Any]] = producer._metadata._partitions
+        self._timeout: float = producer._request_timeout_ms / 1000
+        self._max_request_size: int = producer._max_request_size
+        self._tps: dict[tuple[str, int], Any] = {}
+
+    @classmethod
+    def for_producer(cls, producer: Any) -> _Appender | None:
+        try:
+            usable = (
+                isinstance(producer._partitioner, DefaultPartitioner)
+                and producer._key_serializer is None
+                and producer._value_serializer is None
+                and (
+                    producer._txn_manager is None or producer._txn_manager.transactional_id is None
+                )
+                and isinstance(producer._metadata._partitions, dict)
+                and callable(producer._message_accumulator.add_message)
+                and isinstance(producer._request_timeout_ms, int)
+                and isinstance(producer._max_request_size, int)
+            )
+        except AttributeError:  # another aiokafka version: use the public send()
+            return None
+        return cls(producer) if usable else None
+
+    async def append(
+        self, topic: str, key: bytes, value: bytes, headers: Headers
+    ) -> asyncio.Future[Any] | None:
+        """The record's delivery future, or None when the topic's metadata is not known yet
+        (then `send()` must wait for it)."""
+        partitions = self._partitions.get(topic)
+        if not partitions:
+            return None
+        header_list = list(headers)  # the C batch builder takes lists only
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, header_list)
+        if size > self._max_request_size:
+            return None  # send() raises its MessageSizeTooLargeError, mapped like every error
+        partition = _key_hash(key) % len(partitions)
+        tp = self._tps.get((topic, partition))
+        if tp is None:
+            tp = self._tps[(topic, partition)] = KafkaTopicPartition(topic, partition)
+        delivery: asyncio.Future[Any] = await self._accumulator.add_message(
+            tp, key, value, self._timeout, headers=header_list
+        )
+        return delivery
+
+
 # -- the transport -------------------------------------------------------------------------------
 
 
@@ -381,6 +467,7 @@ class KafkaTransport:
         self._lifecycle = asyncio.Lock()
         self._producer_state_lost = False
         self._urgent_producer: Any = None
+        self._appender: _Appender | None = None
 
     @property
     def started(self) -> bool:
@@ -400,7 +487,7 @@ class KafkaTransport:
             if producer is None:
                 return
             urgent, self._urgent_producer = self._urgent_producer, None
-            self._producer = self._admin = None
+            self._producer = self._admin = self._appender = None
             self._known_topics.clear()
             closings = [producer.stop(), admin.close()]
             if urgent is not None:
@@ -426,9 +513,16 @@ class KafkaTransport:
         try:  # inline rather than `_translating`: this runs once per record
             if partition is not None and partition not in await producer.partitions_for(topic):
                 raise TopicError(f"Topic {topic!r} has no partition {partition}")
+            delivery: asyncio.Future[Any] | None = None
             if immediate:
                 delivery = await self._send_now(producer, topic, value, key, headers, partition)
-            else:
+            elif key is not None and partition is None:
+                appender = self._appender
+                if appender is None or appender.producer is not producer:
+                    appender = self._appender = _Appender.for_producer(producer)
+                if appender is not None:
+                    delivery = await appender.append(topic, key, value, headers)
+            if delivery is None:
                 delivery = await producer.send(
                     topic, value, key=key, partition=partition, headers=list(headers) or None
                 )

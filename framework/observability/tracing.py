@@ -128,9 +128,19 @@ class TraceContext:
         """A new span in the same trace, whose parent is this span."""
         return TraceContext(self.trace_id, _new_span_id(), self.sampled)
 
+    def child_header(self) -> str:
+        """The `traceparent` of a new child span, without building the child."""
+        return f"00-{self.trace_id}-{_new_span_id()}-{'01' if self.sampled else '00'}"
+
     def to_header(self) -> str:
         """This span as a version-00 `traceparent` value."""
         return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
+
+
+def new_root_header() -> str:
+    """The `traceparent` of a new sampled root span (what `new_root().to_header()` gives, for
+    the publish path, which needs only the header)."""
+    return f"00-{_new_trace_id()}-{_new_span_id()}-01"
 
 
 current_trace: ContextVar[TraceContext | None] = ContextVar("msa_current_trace", default=None)

@@ -173,9 +173,60 @@ async def test_send_failures_become_framework_errors(
     with pytest.raises(PublishError, match="MessageSizeTooLargeError") as raised:
         await transport.send(topic_name, too_big)
     assert raised.value.__cause__ is not None
+    await transport.send(topic_name, b"v", key=b"k")  # the topic's metadata is known now
+    with pytest.raises(PublishError, match="MessageSizeTooLargeError"):  # the keyed fast path
+        await transport.send(topic_name, too_big, key=b"k")
 
     with pytest.raises(TopicError, match="no partition 7"):
         await transport.send(topic_name, b"v", partition=7)
+
+
+async def test_keyed_sends_land_where_aiokafkas_own_send_puts_them(
+    transport: KafkaTransport, topic_name: str
+) -> None:
+    """Keyed sends skip `producer.send()` (see `_Appender`); they must still land on the
+    partition aiokafka's default partitioner picks, in order, with headers intact."""
+    await transport.declare([TopicSpec(name=topic_name, partitions=5)])
+    keys = [f"key-{n}".encode() for n in range(40)]
+    ours = await asyncio.gather(
+        *[
+            await transport.send(topic_name, b"%d" % n, key=key, headers=(("h", b"%d" % n),))
+            for n, key in enumerate(keys)
+        ]
+    )
+    producer = transport._producer
+    theirs = await asyncio.gather(*[await producer.send(topic_name, b"x", key=key) for key in keys])
+    assert [m.partition for m in ours] == [m.partition for m in theirs]
+    assert len({m.partition for m in ours}) > 1
+
+
+def test_the_fast_path_steps_aside_for_producers_it_cannot_mirror() -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from framework.bus.kafka import _Appender
+
+    def custom_partitioner(key: bytes, all_partitions: list[int], available: list[int]) -> int:
+        return all_partitions[0]
+
+    async def build() -> tuple[object, object, object]:
+        plain = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
+        custom = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", partitioner=custom_partitioner)
+        serialized = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", value_serializer=bytes)
+        try:
+            return (
+                _Appender.for_producer(plain),
+                _Appender.for_producer(custom),
+                _Appender.for_producer(serialized),
+            )
+        finally:
+            for producer in (plain, custom, serialized):
+                await producer.stop()
+
+    plain, custom, serialized = asyncio.run(build())
+    assert plain is not None
+    assert custom is None
+    assert serialized is None
+    assert _Appender.for_producer(object()) is None  # not an aiokafka producer at all
 
 
 # -- consuming -----------------------------------------------------------------------------------
@@ -230,6 +281,23 @@ async def test_fetch_orders_records_by_partition_then_offset(
     order = [(r.partition, r.offset) for r in records]
     assert order == sorted(order)
     assert sorted(order) == [(p, o) for p in range(3) for o in range(4)]
+
+
+async def test_fetched_records_keep_their_headers_and_null_header_values_become_empty(
+    transport: KafkaTransport, topic_name: str
+) -> None:
+    await transport.declare([TopicSpec(name=topic_name, partitions=1)])
+    producer = transport._producer  # a foreign producer may write null header values
+    await producer.send_and_wait(topic_name, b"a", headers=[("x", b"1"), ("y", b"2")])
+    await producer.send_and_wait(topic_name, b"b", headers=[("x", None), ("y", b"2")])
+    reader = transport.consumer([topic_name], group=None, listener=RecordingListener())
+    await reader.start()
+    try:
+        first, second = await fetch_at_least(reader, 2)
+    finally:
+        await reader.stop()
+    assert first.headers == (("x", b"1"), ("y", b"2"))
+    assert second.headers == (("x", b""), ("y", b"2"))
 
 
 async def test_rebalance_listener_sees_our_partitions_on_assign_and_revoke(

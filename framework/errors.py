@@ -6,7 +6,10 @@
     ├── MessageError                       a message that cannot be taken as it is
     │   ├── DecodeError                    bytes/headers are not a valid envelope
     │   ├── UnknownMessageType             no schema registered for an incoming `type`
-    │   └── PayloadValidationError(ValueError)  the data does not match its schema
+    │   ├── PayloadValidationError(ValueError)  the data does not match its schema
+    │   └── TranslationError(ValueError)   a body a codec or field mapping cannot take (HTTP 400)
+    │       ├── UnsupportedMediaType       no codec for the content type (HTTP 415)
+    │       └── UnsafeInputError           an XML bomb, external entity or DTD; too deep/large
     ├── BusError                           the message bus failed
     │   ├── TransportError                 the broker could not be reached or refused a call
     │   │   ├── PublishError               a record was not acknowledged
@@ -45,8 +48,11 @@ __all__ = [
     "RequestTimeout",
     "RetryLater",
     "TopicError",
+    "TranslationError",
     "TransportError",
     "UnknownMessageType",
+    "UnsafeInputError",
+    "UnsupportedMediaType",
 ]
 
 
@@ -80,6 +86,30 @@ class PayloadValidationError(MessageError, ValueError):
     def __init__(self, message: str, *, errors: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
         self.errors = errors or []
+
+
+class TranslationError(MessageError, ValueError):
+    """Input a format codec or a field mapping cannot take; `status` is the HTTP answer.
+
+    `path` points at the offending place when one is known (`"order.lines[2].sku"`).
+    """
+
+    status = 400
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class UnsupportedMediaType(TranslationError):
+    """No codec reads or writes the requested content type."""
+
+    status = 415
+
+
+class UnsafeInputError(TranslationError):
+    """Input refused for safety: XML entities, DTDs, external references, or a document
+    deeper or larger than the codec's limits."""
 
 
 class BusError(MsaError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 __all__ = [
+    "Codec",
     "ConsumeMiddleware",
     "Headers",
     "PublishMiddleware",
@@ -180,3 +181,17 @@ ConsumeMiddleware: TypeAlias = Callable[[Any, ConsumeNext], Awaitable[Any]]
 PublishNext: TypeAlias = Callable[[Any], Awaitable[Any]]
 PublishMiddleware: TypeAlias = Callable[[Any, PublishNext], Awaitable[Any]]
 """`async def mw(envelope, call_next)`: wraps publishing of one outgoing `Envelope`."""
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Turns bodies of one media type into JSON-like values (dicts, lists, str, int, float,
+    bool, None) and back. `decode` raises `TranslationError` (or a subclass) on bad input."""
+
+    media_type: str
+    """The content type it reads and writes, e.g. `application/xml`."""
+
+    def decode(self, body: bytes) -> Any: ...
+
+    def encode(self, value: Any) -> bytes: ...
+

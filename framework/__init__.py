@@ -41,8 +41,11 @@ from framework.errors import (
     RequestTimeout,
     RetryLater,
     TopicError,
+    TranslationError,
     TransportError,
     UnknownMessageType,
+    UnsafeInputError,
+    UnsupportedMediaType,
 )
 from framework.messages import Envelope, message_type, type_name
 from framework.service import Resource, Service, ServiceSettings, handles, route
@@ -108,9 +111,12 @@ __all__ = [
     "TopicError",
     "TopicPartition",
     "TopicSpec",
+    "TranslationError",
     "Transport",
     "TransportError",
     "UnknownMessageType",
+    "UnsafeInputError",
+    "UnsupportedMediaType",
     "__version__",
     "handles",
     "message_type",

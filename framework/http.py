@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from framework.docs import asyncapi, openapi
-from framework.errors import DecodeError, MessageError, PayloadValidationError
+from framework.errors import DecodeError, MessageError, PayloadValidationError, TranslationError
 from framework.messages import decode_payload
 from framework.observability.metrics import CONTENT_TYPE
 from framework.observability.tracing import current_trace, trace_middleware, use_correlation_id
@@ -31,7 +31,7 @@ from framework.observability.tracing import current_trace, trace_middleware, use
 if TYPE_CHECKING:
     from framework.service import Service
 
-__all__ = ["ServiceHttp", "json_response", "problem", "read_json"]
+__all__ = ["ServiceHttp", "json_response", "problem", "read_json", "translation_problem"]
 
 T = TypeVar("T")
 log = logging.getLogger("framework.http")
@@ -66,6 +66,13 @@ async def read_json(request: web.Request, cls: type[T]) -> T:
     return decode_payload(raw, cls)
 
 
+def translation_problem(exc: TranslationError) -> web.Response:
+    """The problem response for a body a codec or mapping refused (400, 415 or 406)."""
+    extra: dict[str, Any] = {"path": exc.path} if exc.path else {}
+    title = {415: "Unsupported Media Type", 406: "Not Acceptable"}.get(exc.status, "Bad Request")
+    return problem(exc.status, title, str(exc), **extra)
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     correlation = request.headers.get("X-Correlation-ID")
@@ -82,6 +89,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             return problem(exc.status, exc.reason, detail or "")
         except PayloadValidationError as exc:
             return problem(422, "Unprocessable Content", str(exc), errors=exc.errors)
+        except TranslationError as exc:
+            return translation_problem(exc)
         except (DecodeError, MessageError) as exc:
             return problem(400, "Bad Request", str(exc))
         except Exception:

@@ -52,6 +52,7 @@ __all__ = [
     "to_binary",
     "to_structured",
     "type_name",
+    "validate_payload",
 ]
 
 T = TypeVar("T")
@@ -164,14 +165,26 @@ def decode_payload(raw: bytes, cls: type[T]) -> T:
     try:
         return cast(T, _adapter(cast(Any, cls)).validate_json(raw))
     except ValidationError as exc:
-        errors: list[dict[str, Any]] = [
-            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
-        ]
-        raise PayloadValidationError(
-            f"payload is not a valid {type_name(cls)}: {exc.error_count()} error(s): "
-            + "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in errors),
-            errors=errors,
-        ) from None
+        raise _validation_error(exc, cls) from None
+
+
+def validate_payload(value: Any, cls: type[T]) -> T:
+    """Validate an already-parsed value (e.g. a decoded XML or form body) as `cls`."""
+    try:
+        return cast(T, _adapter(cast(Any, cls)).validate_python(value))
+    except ValidationError as exc:
+        raise _validation_error(exc, cls) from None
+
+
+def _validation_error(exc: ValidationError, cls: Any) -> PayloadValidationError:
+    errors: list[dict[str, Any]] = [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+    ]
+    return PayloadValidationError(
+        f"payload is not a valid {type_name(cls)}: {exc.error_count()} error(s): "
+        + "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in errors),
+        errors=errors,
+    )
 
 
 class MessageRegistry:

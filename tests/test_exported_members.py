@@ -9,7 +9,8 @@ EXPECTED = {
     "PayloadValidationError", "PersistenceError", "PublishError", "Record", "RecordMetadata",
     "Reject", "RemoteError", "RequestTimeout", "Resource", "RetryLater", "RetryPolicy", "Service",
     "ServiceSettings", "Subscription", "TopicError", "TopicPartition", "TopicSpec", "Transport",
-    "TransportError", "UnknownMessageType", "__version__", "handles", "message_type", "route",
+    "TranslationError", "TransportError", "UnknownMessageType", "UnsafeInputError",
+    "UnsupportedMediaType", "__version__", "handles", "message_type", "route",
     "type_name",
 }  # fmt: skip
 
@@ -32,3 +33,12 @@ def test_exceptions_share_one_root_and_misuse_is_a_value_error() -> None:
     assert issubclass(framework.PayloadValidationError, ValueError)
     assert issubclass(framework.RequestTimeout, TimeoutError)
     assert not issubclass(framework.RetryLater, framework.MsaError), "signals are not errors"
+
+
+def test_the_translate_package_exports_its_pieces() -> None:
+    import framework.translate as translate
+
+    for name in translate.__all__:
+        assert getattr(translate, name) is not None, name
+    assert {"AcceptedPublish", "RequestReply", "QueueAndDrain", "SseBridge", "WebSocketBridge",
+            "FieldMapping", "XmlCodec", "EventFeed"} <= set(translate.__all__)  # fmt: skip

@@ -144,11 +144,13 @@ class QueueAndDrain:
 
     # -- accepting -------------------------------------------------------------------------------
 
-    async def accept(self, request: web.Request) -> web.Response:
-        """The HTTP handler: queue the request, answer 202 with its id."""
-        if request.content_length is not None and request.content_length > self.max_body:
-            return problem(413, "Content Too Large", f"the body exceeds {self.max_body} bytes")
-        body = await request.read()
+    async def accept(self, request: web.Request, body: bytes | None = None) -> web.Response:
+        """The HTTP handler: queue the request, answer 202 with its id (`body`: the request
+        body, if the caller has read it)."""
+        if body is None:
+            if request.content_length is not None and request.content_length > self.max_body:
+                return problem(413, "Content Too Large", f"the body exceeds {self.max_body} bytes")
+            body = await request.read()
         if len(body) > self.max_body:
             return problem(413, "Content Too Large", f"the body exceeds {self.max_body} bytes")
         headers = {

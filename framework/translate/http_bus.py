@@ -91,12 +91,13 @@ class _Decoding:
     codecs: CodecRegistry = field(default_factory=default_registry)
     max_body: int = 1 << 20
 
-    async def read(self, request: web.Request) -> tuple[Any, Any]:
-        """(mapped document, validated payload); raises TranslationError or
-        PayloadValidationError."""
-        if request.content_length is not None and request.content_length > self.max_body:
-            raise TranslationError(f"the body is larger than {self.max_body} bytes")
-        body = await request.read()
+    async def read(self, request: web.Request, body: bytes | None = None) -> tuple[Any, Any]:
+        """(mapped document, validated payload) of the request's body (or `body`, when the
+        caller read it already); raises TranslationError or PayloadValidationError."""
+        if body is None:
+            if request.content_length is not None and request.content_length > self.max_body:
+                raise TranslationError(f"the body is larger than {self.max_body} bytes")
+            body = await request.read()
         if len(body) > self.max_body:
             raise TranslationError(f"the body is larger than {self.max_body} bytes")
         if not body:
@@ -152,9 +153,10 @@ class AcceptedPublish:
             max_body=max_body,
         )
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request, body: bytes | None = None) -> web.Response:
+        """The aiohttp handler (`body`: the request body, if the caller has read it)."""
         try:
-            document, payload = await self._decoding.read(request)
+            document, payload = await self._decoding.read(request, body)
             key = _resolve_key(self.key_from, request, document)
         except (TranslationError, PayloadValidationError) as exc:
             return _input_problem(exc)
@@ -170,13 +172,13 @@ class AcceptedPublish:
                 self.tracker.forget(envelope.id)
             log.warning("could not publish to %s: %s", self.topic, exc)
             return problem(503, "Service Unavailable", "the message bus did not take the request")
-        body: dict[str, Any] = {"id": envelope.id, "state": "accepted"}
+        answer: dict[str, Any] = {"id": envelope.id, "state": "accepted"}
         headers: dict[str, str] = {}
         if self.status_url is not None:
             url = self.status_url.format(id=envelope.id)
-            body["status"] = url
+            answer["status"] = url
             headers["Location"] = url
-        return json_response(body, status=202, headers=headers)
+        return json_response(answer, status=202, headers=headers)
 
 
 @dataclass
@@ -322,10 +324,11 @@ class RequestReply:
             payload_type=payload_type, mapping=mapping, codecs=self.codecs, max_body=max_body
         )
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request, body: bytes | None = None) -> web.Response:
+        """The aiohttp handler (`body`: the request body, if the caller has read it)."""
         try:
             answer_codec = self.codecs.for_accept(request.headers.get("Accept"))
-            document, payload = await self._decoding.read(request)
+            document, payload = await self._decoding.read(request, body)
             key = _resolve_key(self.key_from, request, document)
         except (TranslationError, PayloadValidationError) as exc:
             return _input_problem(exc)

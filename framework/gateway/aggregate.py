@@ -1,0 +1,81 @@
+"""Aggregation: one route fans out to several upstreams at once and merges their answers.
+
+    aggregate:
+      branches:
+        - {name: product, upstream: catalog, path: "/products/{id}", timeout: 1, required: true}
+        - {name: stock, upstream: inventory, path: "/stock/{id}", timeout: 0.5}
+
+answers `{"product": {...}, "stock": {...}}`. Branches run concurrently, each within its own
+timeout. A failed optional branch (error status, timeout, open breaker, not JSON) leaves its key
+as null, lists it under `"_partial"` and in the `x-gateway-partial` header, and the status stays
+200; a failed required branch makes the whole answer 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from framework.gateway.config import AggregateBranch, AggregateTarget
+from framework.gateway.router import fill_template
+from framework.gateway.types import Exchange, GatewayError
+from framework.gateway.upstreams import UpstreamPool
+
+__all__ = ["PARTIAL_HEADER", "Aggregator"]
+
+PARTIAL_HEADER = "x-gateway-partial"
+
+
+class Aggregator:
+    """The target handler of an `aggregate` route."""
+
+    def __init__(self, target: AggregateTarget, pools: Mapping[str, UpstreamPool]) -> None:
+        self.branches = target.branches
+        self.pools = pools
+
+    async def __call__(self, exchange: Exchange, headers: Mapping[str, str]) -> web.Response:
+        results = await asyncio.gather(
+            *(self._branch(branch, exchange, headers) for branch in self.branches)
+        )
+        merged: dict[str, Any] = {}
+        partial: list[str] = []
+        for branch, (value, problem) in zip(self.branches, results, strict=True):
+            if problem is not None:
+                if branch.required:
+                    raise GatewayError(
+                        502, "Bad Gateway", f"required part {branch.name!r} failed: {problem}"
+                    )
+                partial.append(branch.name)
+            merged[branch.name] = value
+        response_headers: dict[str, str] = {}
+        if partial:
+            merged["_partial"] = partial
+            response_headers[PARTIAL_HEADER] = ",".join(partial)
+            exchange.notes["partial"] = partial
+        return web.Response(
+            body=orjson.dumps(merged), content_type="application/json", headers=response_headers
+        )
+
+    async def _branch(
+        self, branch: AggregateBranch, exchange: Exchange, headers: Mapping[str, str]
+    ) -> tuple[Any, str | None]:
+        path = fill_template(branch.path, exchange.params)
+        try:
+            async with asyncio.timeout(branch.timeout):
+                answer = await self.pools[branch.upstream].send(
+                    "GET", path, headers=headers, body=None, timeout=branch.timeout
+                )
+        except TimeoutError:
+            return None, f"no answer within {branch.timeout}s"
+        except GatewayError as exc:
+            return None, f"{exc.status} {exc.title}"
+        if not 200 <= answer.status < 300:
+            return None, f"answered {answer.status}"
+        try:
+            return orjson.loads(answer.body), None
+        except orjson.JSONDecodeError:
+            return None, "answered something that is not JSON"

@@ -1,0 +1,755 @@
+"""The gateway program: routes, a middleware pipeline per route, an admin API, hot reload.
+
+    gateway = Gateway.from_file("gateway.yaml")      # or Gateway(config, bus=shared_bus)
+    await gateway.start()                             # listens on gateway.listen, admin port
+    ...
+    await gateway.stop()                              # finishes in-flight requests first
+
+`msa gateway --config gateway.yaml` runs it until SIGTERM. Several gateways (web, mobile,
+internal: backends for frontends) are the same program with different files.
+
+Each request passes, outermost first: ids (`x-gtxid` kept or made, a new `x-request-id` per
+hop) and problem responses -> access log and metering -> load shedding (concurrency limit) ->
+CORS -> authentication and authorization (verified claims forwarded as headers, client copies
+of those headers dropped) -> rate limits and quotas per client tier -> body limit -> response
+cache -> gzip -> transformation (field mapping, JSON <-> XML) -> the route's target: an upstream
+pool (load balanced, health-checked, retried, circuit-broken), an aggregation of several, the
+bus (publish + 202 + status, request/reply), a queue drained to an upstream, an SSE or
+WebSocket stream from topics, or a signed URL for a file transfer.
+
+Reload (`POST /admin/reload`, or a change of the file, polled every `watch_interval` s): the new
+config is validated and built beside the running one; if anything is wrong the old one keeps
+serving and the reload answers 400 with every problem. Otherwise new requests go to the new
+config at once, and the old one is stopped once the requests it was serving have finished
+(at most `drain_timeout` s), so no request is dropped. The `bus` section is read at the first
+start only: changing it needs a restart (a reload that changes it is refused).
+
+Admin API (its own port, bearer tokens checked against `gateway.admin.token_hashes`):
+`GET /admin/routes`, `GET /admin/upstreams` (instances, health, breaker states),
+`GET /admin/metering` (per-client calls and bytes), `GET /admin/config`, `POST /admin/reload`,
+`GET /metrics` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from framework.bus import Bus, MemoryTransport, Subscription
+from framework.errors import TranslationError
+from framework.gateway.aggregate import Aggregator
+from framework.gateway.auth import Authenticator, authorize, forwarded_headers, strip_forwarded
+from framework.gateway.cache import (
+    ResponseCache,
+    cache_middleware,
+    cors_middleware,
+    gzip_middleware,
+)
+from framework.gateway.config import (
+    BusConfig,
+    GatewayConfig,
+    GatewayConfigError,
+    RouteConfig,
+    load_config,
+)
+from framework.gateway.metering import Meter, access_log_middleware
+from framework.gateway.qos import (
+    ConcurrencyLimiter,
+    RateLimiter,
+    body_limit_middleware,
+    rate_limit_middleware,
+)
+from framework.gateway.router import RouteTable
+from framework.gateway.signing import sign_url
+from framework.gateway.types import (
+    ClientIdentity,
+    Exchange,
+    GatewayError,
+    GatewayHandler,
+    GatewayMiddleware,
+)
+from framework.gateway.upstreams import HOP_BY_HOP, UpstreamPool
+from framework.http import problem
+from framework.messages import new_id
+from framework.observability.metrics import CONTENT_TYPE, MetricsRegistry
+from framework.observability.tracing import TraceContext
+from framework.translate.codecs import CodecRegistry, default_registry
+from framework.translate.drain import QueueAndDrain
+from framework.translate.feed import EventFeed
+from framework.translate.http_bus import AcceptedPublish, RequestReply, StatusTracker
+from framework.translate.mapping import FieldMapping
+from framework.translate.push import RequestFilter, SseBridge, WebSocketBridge
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("framework.gateway")
+_GTXID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ANSWER_HOP = HOP_BY_HOP | {"content-length", "content-encoding"}
+
+
+def _problem_response(error: GatewayError, exchange: Exchange | None) -> web.Response:
+    response = problem(error.status, error.title, error.detail, **error.extra)
+    response.headers.update(error.headers)
+    if exchange is not None:
+        response.headers["x-gtxid"] = exchange.gtxid
+        response.headers["x-request-id"] = exchange.request_id
+    return response
+
+
+class _Runtime:
+    """Everything one config version needs: built, started, swapped in, drained, stopped."""
+
+    def __init__(self, config: GatewayConfig, *, bus: Bus | None, meter: Meter) -> None:
+        self.config = config
+        self.bus = bus
+        self.meter = meter
+        settings = config.gateway
+        self.table = RouteTable(config.routes)
+        self.pools = {
+            name: UpstreamPool(name, upstream, default_timeout=settings.timeout)
+            for name, upstream in config.upstreams.items()
+        }
+        self.auth = Authenticator(config.auth)
+        self.limiter = RateLimiter(
+            config.tiers, default_tier=config.default_tier, anonymous_tier=config.anonymous_tier
+        )
+        self.shedder = ConcurrencyLimiter(settings.max_concurrency)
+        self.cache = ResponseCache(max_entries=10_000)
+        self.codecs: CodecRegistry = default_registry()
+        self.feeds: dict[tuple[str, ...], EventFeed] = {}
+        self.drains: list[QueueAndDrain] = []
+        self.subscriptions: list[Subscription] = []
+        self.chains: dict[str, GatewayHandler] = {}
+        self.trackers: dict[str, StatusTracker] = {}
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._targets: dict[str, GatewayHandler] = {}
+        for route in config.routes:
+            self._targets[route.name] = self._target(route)
+            self.chains[route.name] = self._chain(route, self._targets[route.name])
+
+    # -- building --------------------------------------------------------------------------------
+
+    def _needs_bus(self, route: RouteConfig) -> Bus:
+        if self.bus is None:
+            raise GatewayConfigError("<config>", [f"route {route.name!r} needs the bus"])
+        return self.bus
+
+    def _feed(self, topics: tuple[str, ...]) -> EventFeed:
+        feed = self.feeds.get(topics)
+        if feed is None:
+            bus = self.bus
+            assert bus is not None
+            feed = self.feeds[topics] = EventFeed(bus.transport, topics, replay=1000)
+        return feed
+
+    def _target(self, route: RouteConfig) -> GatewayHandler:
+        if route.upstream is not None:
+            return self._proxy_target(route)
+        if route.aggregate is not None:
+            aggregator = Aggregator(route.aggregate, self.pools)
+
+            async def aggregate(exchange: Exchange) -> web.StreamResponse:
+                return await aggregator(exchange, self._upstream_headers(exchange))
+
+            return aggregate
+        if route.publish is not None:
+            target = route.publish
+            bus = self._needs_bus(route)
+            tracker = None
+            if target.status_topics:
+                tracker = StatusTracker(self._feed(target.status_topics), states=target.states)
+            status_url = None
+            if tracker is not None:
+                status_url = f"/_status/{route.name}/{{id}}"
+            publisher = AcceptedPublish(
+                bus,
+                target.topic,
+                event_type=target.event_type,
+                key_from=target.key,
+                tracker=tracker,
+                status_url=status_url,
+                codecs=self.codecs,
+                max_body=route.max_body or self.config.gateway.max_body,
+            )
+            if tracker is not None:
+                self.trackers[route.name] = tracker
+
+            async def publish(exchange: Exchange) -> web.StreamResponse:
+                return await publisher.handle(exchange.request, exchange.body or b"")
+
+            return publish
+        if route.request is not None:
+            target_request = route.request
+            requester = RequestReply(
+                self._needs_bus(route),
+                target_request.topic,
+                event_type=target_request.event_type,
+                key_from=target_request.key,
+                timeout=target_request.timeout,
+                errors=target_request.errors,
+                codecs=self.codecs,
+            )
+
+            async def request_reply(exchange: Exchange) -> web.StreamResponse:
+                return await requester.handle(exchange.request, exchange.body or b"")
+
+            return request_reply
+        if route.drain is not None:
+            target_drain = route.drain
+            upstream = self.config.upstreams[target_drain.upstream]
+            backend = (
+                upstream.targets[0] if upstream.targets else f"{upstream.scheme}://{upstream.dns}"
+            )
+            drain = QueueAndDrain(
+                self._needs_bus(route),
+                target_drain.topic,
+                backend,
+                rate=target_drain.rate,
+                burst=target_drain.burst,
+                group=f"{self.config.gateway.name}.{route.name}.drain",
+            )
+            self.drains.append(drain)
+
+            async def drain_accept(exchange: Exchange) -> web.StreamResponse:
+                return await drain.accept(exchange.request, exchange.body or b"")
+
+            return drain_accept
+        if route.stream is not None:
+            stream = route.stream
+            feed = self._feed(tuple(stream.topics))
+            filters = RequestFilter(
+                types=frozenset(stream.types) if stream.types else None,
+                key=stream.key,
+                query=stream.query_filters,
+            )
+            bridge: SseBridge | WebSocketBridge = (
+                SseBridge(feed, filters)
+                if stream.protocol == "sse"
+                else WebSocketBridge(feed, filters)
+            )
+
+            async def push(exchange: Exchange) -> web.StreamResponse:
+                return await bridge.handle(exchange.request)
+
+            return push
+        assert route.files is not None
+        files = route.files
+        key = self.config.gateway.signing_key or ""
+
+        async def signed_url(exchange: Exchange) -> web.StreamResponse:
+            path = exchange.params.get("tail") or exchange.params.get("name") or ""
+            if not path:
+                raise GatewayError(400, "Bad Request", "no file named in the path")
+            method = "PUT" if exchange.request.method in ("PUT", "POST") else "GET"
+            url = sign_url(files.base_url, path, key, ttl=files.ttl, method=method)
+            return web.json_response({"url": url, "method": method, "expires_in": files.ttl})
+
+        return signed_url
+
+    def _proxy_target(self, route: RouteConfig) -> GatewayHandler:
+        assert route.upstream is not None
+        pool = self.pools[route.upstream]
+        timeout = route.timeout or self.config.gateway.timeout
+        table = self.table
+
+        async def proxy(exchange: Exchange) -> web.StreamResponse:
+            request = exchange.request
+            path = table.upstream_path(exchange.route, exchange.params, request)
+            answer = await pool.send(
+                request.method,
+                path,
+                headers=self._upstream_headers(exchange),
+                body=exchange.body,
+                timeout=timeout,
+            )
+            exchange.upstream = answer.instance
+            headers = {k: v for k, v in answer.headers.items() if k.lower() not in _ANSWER_HOP}
+            return web.Response(status=answer.status, body=answer.body, headers=headers)
+
+        return proxy
+
+    def _upstream_headers(self, exchange: Exchange) -> dict[str, str]:
+        request = exchange.request
+        forward_claims = self.config.auth.forward_claims
+        headers = strip_forwarded(
+            {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP},
+            forward_claims,
+        )
+        headers.pop("Host", None)
+        headers.pop("host", None)
+        peer = request.remote or ""
+        previous = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
+        headers["X-Forwarded-Proto"] = request.scheme
+        headers["X-Forwarded-Host"] = request.host
+        headers["x-gtxid"] = exchange.gtxid
+        headers["x-request-id"] = exchange.request_id
+        trace = TraceContext.continue_from(request.headers.get("traceparent"))
+        headers["traceparent"] = trace.to_header()
+        headers.update(exchange.upstream_headers)
+        return headers
+
+    def _chain(self, route: RouteConfig, target: GatewayHandler) -> GatewayHandler:
+        settings = self.config.gateway
+        layers: list[GatewayMiddleware] = [
+            access_log_middleware(self.meter, logging.getLogger("framework.gateway.access"))
+        ]
+        layers.append(self.shedder.middleware)
+        if settings.cors is not None:
+            layers.append(cors_middleware(settings.cors))
+        layers.append(self._authenticate)
+        if self.config.tiers:
+            layers.append(rate_limit_middleware(self.limiter))
+        layers.append(body_limit_middleware(settings.max_body))
+        if settings.gzip_min_size is not None and route.stream is None:
+            layers.append(gzip_middleware(settings.gzip_min_size))  # outside the cache: one copy
+        if route.cache is not None:
+            layers.append(cache_middleware(self.cache))
+        if route.transform is not None:
+            layers.append(self._transformer(route))
+        handler = target
+        for layer in reversed(layers):
+            handler = _wrap(layer, handler)
+        return handler
+
+    async def _authenticate(
+        self, exchange: Exchange, call_next: GatewayHandler
+    ) -> web.StreamResponse:
+        route = exchange.route
+        identity: ClientIdentity = await self.auth.authenticate(
+            exchange.request, route.auth, anonymous_tier=self.config.anonymous_tier
+        )
+        authorize(identity, route.roles, route.scopes)
+        exchange.client = identity
+        if identity.method != "anonymous":
+            exchange.upstream_headers.update(
+                forwarded_headers(identity, self.config.auth.forward_claims)
+            )
+        return await call_next(exchange)
+
+    def _transformer(self, route: RouteConfig) -> GatewayMiddleware:
+        transform = route.transform
+        assert transform is not None
+        request_mapping = (
+            FieldMapping.from_config(list(transform.request)) if transform.request else None
+        )
+        response_mapping = (
+            FieldMapping.from_config(list(transform.response)) if transform.response else None
+        )
+        codecs = self.codecs
+
+        async def transformer(exchange: Exchange, call_next: GatewayHandler) -> web.StreamResponse:
+            request = exchange.request
+            try:
+                if exchange.body and (request_mapping is not None or transform.request_format):
+                    codec = codecs.for_content_type(request.headers.get("Content-Type"))
+                    document = codec.decode(exchange.body)
+                    if request_mapping is not None:
+                        document = request_mapping.apply(document)
+                    out = codecs.for_content_type(transform.request_format or codec.media_type)
+                    exchange.body = out.encode(document)
+                    exchange.upstream_headers["Content-Type"] = out.media_type
+                answer_codec = None
+                if transform.response_format == "negotiate":
+                    answer_codec = codecs.for_accept(request.headers.get("Accept"))
+                elif transform.response_format:
+                    answer_codec = codecs.for_content_type(transform.response_format)
+            except TranslationError as exc:
+                raise GatewayError(
+                    exc.status, _TITLES.get(exc.status, "Bad Request"), str(exc)
+                ) from exc
+            response = await call_next(exchange)
+            if not isinstance(response, web.Response) or response.body is None:
+                return response
+            if response_mapping is None and answer_codec is None:
+                return response
+            if not 200 <= response.status < 300 or not response.body:
+                return response
+            try:
+                source = codecs.for_content_type(response.content_type)
+                document = source.decode(bytes(response.body))  # type: ignore[arg-type]
+                if response_mapping is not None:
+                    document = response_mapping.apply(document)
+                target = answer_codec or source
+                body = target.encode(document)
+            except TranslationError as exc:
+                raise GatewayError(
+                    502, "Bad Gateway", f"the upstream answer cannot be translated: {exc}"
+                ) from exc
+            translated = web.Response(
+                status=response.status, body=body, content_type=target.media_type
+            )
+            for name, value in response.headers.items():
+                if name.lower() not in ("content-type", "content-length", "content-encoding"):
+                    translated.headers[name] = value
+            return translated
+
+        return transformer
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.auth.start()
+        for pool in self.pools.values():
+            await pool.start()
+        for feed in self.feeds.values():
+            await feed.start()
+        for drain in self.drains:
+            await drain.start()
+            self.subscriptions.append(await drain.attach_running())
+
+    async def stop(self, drain_timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_timeout):
+                await self.idle.wait()
+        for subscription in self.subscriptions:
+            await subscription.stop(grace=drain_timeout)
+        for drain in self.drains:
+            await drain.stop()
+        for feed in self.feeds.values():
+            await feed.stop()
+        for pool in self.pools.values():
+            await pool.stop()
+        await self.auth.stop()
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+
+_TITLES = {415: "Unsupported Media Type", 406: "Not Acceptable", 413: "Content Too Large"}
+
+
+def _wrap(layer: GatewayMiddleware, inner: GatewayHandler) -> GatewayHandler:
+    async def call(exchange: Exchange) -> web.StreamResponse:
+        return await layer(exchange, inner)
+
+    return call
+
+
+class Gateway:
+    """An API gateway serving one config at a time, reloadable without dropping requests."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        config_path: str | Path | None = None,
+        bus: Bus | None = None,
+        metrics: MetricsRegistry | None = None,
+        watch_interval: float = 1.0,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.metrics = metrics or MetricsRegistry()
+        self.meter = Meter(self.metrics)
+        self.watch_interval = watch_interval
+        self.drain_timeout = drain_timeout
+        self._config = config
+        self._given_bus = bus
+        self._bus: Bus | None = bus
+        self._owns_bus = False
+        self._runtime: _Runtime | None = None
+        self._retired: set[asyncio.Task[None]] = set()
+        self._runners: list[web.AppRunner] = []
+        self._watch_task: asyncio.Task[None] | None = None
+        self._mtime: float | None = None
+        self._reload_lock = asyncio.Lock()
+        self.reloads = 0
+        self.port: int | None = None
+        self.admin_port: int | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path, **options: Any) -> Gateway:
+        return cls(load_config(path), config_path=path, **options)
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self._config
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._bus = self._given_bus or await self._start_bus(self._config.bus)
+        runtime = self._build(self._config)
+        await runtime.start()
+        self._runtime = runtime
+        if self.config_path is not None:
+            self._mtime = _mtime(self.config_path)
+        settings = self._config.gateway
+        main = web.Application(client_max_size=max(settings.max_body, 1024) + 1024)
+        main.router.add_route("*", "/{path:.*}", self._handle)
+        main.on_shutdown.append(self._on_shutdown)
+        admin = web.Application()
+        self._admin_routes(admin)
+        for app, listen, attribute in (
+            (main, (settings.listen.host, settings.listen.port), "port"),
+            (admin, (settings.admin.host, settings.admin.port), "admin_port"),
+        ):
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.drain_timeout)
+            await runner.setup()
+            site = web.TCPSite(runner, listen[0], listen[1], reuse_address=True)
+            await site.start()
+            self._runners.append(runner)
+            server = site._server
+            sockets = getattr(server, "sockets", None) or []
+            setattr(self, attribute, sockets[0].getsockname()[1] if sockets else listen[1])
+        if self.config_path is not None and self.watch_interval > 0:
+            self._watch_task = asyncio.create_task(self._watch(), name="gateway:watch")
+        log.info(
+            "gateway %s listening on %s:%s (admin on %s:%s), %d routes",
+            settings.name,
+            settings.listen.host,
+            self.port,
+            settings.admin.host,
+            self.admin_port,
+            len(self._config.routes),
+        )
+
+    async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
+        for runner in reversed(self._runners):
+            await runner.cleanup()  # stops accepting, lets in-flight requests finish
+        self._runners.clear()
+        if self._runtime is not None:
+            await self._runtime.stop(self.drain_timeout)
+            self._runtime = None
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
+        if self._owns_bus and self._bus is not None:
+            await self._bus.stop()
+        self._bus = None
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        """Before aiohttp waits for open requests: end the endless ones (streams)."""
+        runtime = self._runtime
+        if runtime is not None:
+            for feed in runtime.feeds.values():
+                await feed.stop()
+
+    async def _start_bus(self, config: BusConfig) -> Bus | None:
+        if not any(r.publish or r.request or r.drain or r.stream for r in self._config.routes):
+            return None
+        if config.transport == "kafka":
+            from framework.bus.kafka import KafkaSettings, KafkaTransport
+
+            bootstrap = config.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP")
+            if not bootstrap:
+                raise GatewayConfigError(
+                    "<config>", ["bus.bootstrap_servers (or KAFKA_BOOTSTRAP) is needed"]
+                )
+            bus = Bus(
+                KafkaTransport(KafkaSettings(bootstrap_servers=bootstrap)), source=config.source
+            )
+        else:
+            bus = Bus(MemoryTransport(), source=config.source)
+        await bus.start()
+        self._owns_bus = True
+        return bus
+
+    def _build(self, config: GatewayConfig) -> _Runtime:
+        try:
+            runtime = _Runtime(config, bus=self._bus, meter=self.meter)
+        except GatewayConfigError:
+            raise
+        except (ValueError, TypeError) as exc:  # a mapping in a transform that does not parse
+            raise GatewayConfigError("<config>", [str(exc)]) from exc
+        return runtime
+
+    # -- reload ----------------------------------------------------------------------------------
+
+    async def reload(self, config: GatewayConfig | None = None) -> GatewayConfig:
+        """Swap in `config` (or the file, re-read); the old config keeps serving on any error
+        (`GatewayConfigError`), and stops once its requests are done."""
+        async with self._reload_lock:
+            if config is None:
+                if self.config_path is None:
+                    raise GatewayConfigError(
+                        "<config>", ["this gateway was not started from a file"]
+                    )
+                self._mtime = _mtime(self.config_path)
+                config = load_config(self.config_path)
+            if config.bus != self._config.bus:
+                raise GatewayConfigError(
+                    str(self.config_path or "<config>"),
+                    ["bus: changing the bus section needs a restart"],
+                )
+            runtime = self._build(config)
+            try:
+                await runtime.start()
+            except Exception as exc:
+                await runtime.stop(0)
+                raise GatewayConfigError(
+                    str(self.config_path or "<config>"), [f"cannot start: {exc}"]
+                ) from exc
+            old, self._runtime, self._config = self._runtime, runtime, config
+            self.reloads += 1
+            if old is not None:
+                task = asyncio.create_task(old.stop(self.drain_timeout))
+                self._retired.add(task)
+                task.add_done_callback(self._retired.discard)
+            log.info(
+                "gateway %s: config reloaded (%d routes)", config.gateway.name, len(config.routes)
+            )
+            return config
+
+    async def _watch(self) -> None:
+        assert self.config_path is not None
+        while True:
+            await asyncio.sleep(self.watch_interval)
+            mtime = _mtime(self.config_path)
+            if mtime is None or mtime == self._mtime:
+                continue
+            self._mtime = mtime
+            try:
+                await self.reload()
+            except GatewayConfigError as exc:
+                log.error("config change refused, the previous config keeps serving: %s", exc)
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        runtime = self._runtime
+        if runtime is None:
+            return problem(503, "Service Unavailable", "the gateway is not started")
+        gtxid = request.headers.get("x-gtxid", "")
+        if not _GTXID.fullmatch(gtxid):
+            gtxid = new_id()
+        exchange: Exchange | None = None
+        runtime.enter()
+        try:
+            if request.path.startswith("/_status/"):
+                return await self._status(runtime, request)
+            found = runtime.table.match(request)
+            if found is None:
+                raise GatewayError(
+                    404, "Not Found", f"no route for {request.method} {request.path}"
+                )
+            route, params = found
+            exchange = Exchange(
+                request=request, route=route, params=params, gtxid=gtxid, request_id=new_id()
+            )
+            response = await runtime.chains[route.name](exchange)
+            if not response.prepared:
+                response.headers["x-gtxid"] = exchange.gtxid
+                response.headers["x-request-id"] = exchange.request_id
+            return response
+        except GatewayError as error:
+            return _problem_response(error, exchange)
+        finally:
+            runtime.leave()
+
+    async def _status(self, runtime: _Runtime, request: web.Request) -> web.StreamResponse:
+        parts = request.path.split("/")
+        if len(parts) != 4 or parts[2] not in runtime.trackers:
+            raise GatewayError(404, "Not Found", "no such status")
+        tracker = runtime.trackers[parts[2]]
+        document = tracker.status(parts[3])
+        if document is None:
+            raise GatewayError(404, "Not Found", f"no accepted request {parts[3]!r} is known")
+        return web.json_response(document, dumps=lambda v: orjson.dumps(v).decode())
+
+    # -- admin -----------------------------------------------------------------------------------
+
+    def _admin_routes(self, app: web.Application) -> None:
+        guard = self._admin_guard
+        app.router.add_get("/admin/routes", guard(self._admin_list_routes))
+        app.router.add_get("/admin/upstreams", guard(self._admin_upstreams))
+        app.router.add_get("/admin/metering", guard(self._admin_metering))
+        app.router.add_get("/admin/config", guard(self._admin_config))
+        app.router.add_post("/admin/reload", guard(self._admin_reload))
+        app.router.add_get("/metrics", self._admin_metrics)
+
+    def _admin_guard(self, handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            header = request.headers.get("Authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            digest = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+            allowed = self._config.gateway.admin.token_hashes
+            if not token or not any(hmac.compare_digest(digest, h) for h in allowed):
+                response = problem(401, "Unauthorized", "the admin API needs a valid bearer token")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="gateway-admin"'
+                return response
+            result: web.StreamResponse = await handler(request)
+            return result
+
+        return guarded
+
+    async def _admin_list_routes(self, request: web.Request) -> web.Response:
+        routes = [
+            {
+                "name": r.name,
+                "match": r.match.model_dump(),
+                "target": r.target,
+                "auth": list(r.auth),
+                "roles": list(r.roles),
+                "scopes": list(r.scopes),
+            }
+            for r in self._config.routes
+        ]
+        return _json({"routes": routes, "reloads": self.reloads})
+
+    async def _admin_upstreams(self, request: web.Request) -> web.Response:
+        runtime = self._runtime
+        pools = runtime.pools if runtime is not None else {}
+        return _json({name: pool.snapshot() for name, pool in pools.items()})
+
+    async def _admin_metering(self, request: web.Request) -> web.Response:
+        return _json(self.meter.snapshot())
+
+    async def _admin_config(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "name": self._config.gateway.name,
+                "reloads": self.reloads,
+                "routes": len(self._config.routes),
+            }
+        )
+
+    async def _admin_reload(self, request: web.Request) -> web.Response:
+        try:
+            config = await self.reload()
+        except GatewayConfigError as exc:
+            return problem(
+                400,
+                "Bad Request",
+                "the new config was refused; the old one keeps serving",
+                problems=exc.problems,
+            )
+        return _json({"reloaded": True, "routes": len(config.routes), "reloads": self.reloads})
+
+    async def _admin_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _json(value: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(value), content_type="application/json")
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None

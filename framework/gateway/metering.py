@@ -1,0 +1,294 @@
+"""Who used what: per-client metering (Prometheus and an admin snapshot) and the access log.
+
+    meter = Meter(metrics)                      # the gateway's MetricsRegistry, or None
+    stack = [access_log_middleware(meter), ...] # outermost: it must see every final status
+
+`Meter` counts each request's call, bytes in and bytes out per client, route and status class,
+and exposes them two ways:
+
+- Prometheus: `gateway_requests_total{route,client,status}` (status is the class: `2xx`...),
+  `gateway_request_bytes_total{client,direction}` (`in`/`out`) and the histogram
+  `gateway_request_seconds{route}`.
+- `Meter.snapshot()`: exact numbers per client and route for the admin API and for charging;
+  `snapshot(reset=True)` hands over the usage since the previous reset, so a billing job can
+  drain it periodically.
+
+Bounded cardinality, the choice made here: the first `label_clients` distinct clients get their
+own `client` label and every later one is counted as `client="other"`. Not "top N by calls":
+a series, once exposed, has to keep counting (dropping it reads as a counter reset and moves
+usage between clients), and a gateway's real clients (API keys, partners) show up early. The
+snapshot keeps exact numbers for up to `max_clients` clients; usage of clients beyond that is
+added up under `other`, so totals stay right. Anonymous callers (no identity, or the `anonymous`
+method) are one client, `anonymous`, in both: their addresses would otherwise fill both bounds.
+
+`access_log_middleware` writes ONE JSON line per request on the logger
+`framework.gateway.access` (through `framework.observability.logging`), also when an inner layer
+raised: `GatewayError` with its status, any other exception as 500, a cancelled request (the
+client went away) as 499; the exception is then re-raised for the outer layer to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+from aiohttp import web
+
+from framework.errors import ConfigurationError
+from framework.gateway.types import Exchange, GatewayError, GatewayHandler, GatewayMiddleware
+from framework.observability.metrics import MetricsRegistry
+
+__all__ = [
+    "ACCESS_LOGGER",
+    "ClientUsage",
+    "Meter",
+    "RouteUsage",
+    "access_log_middleware",
+]
+
+ACCESS_LOGGER = "framework.gateway.access"
+ANONYMOUS = "anonymous"
+OTHER = "other"
+
+
+class RouteUsage(TypedDict):
+    calls: int
+    bytes_in: int
+    bytes_out: int
+    status: dict[str, int]
+    """Calls by status class (`2xx`, `4xx`...)."""
+
+
+class ClientUsage(TypedDict):
+    calls: int
+    bytes_in: int
+    bytes_out: int
+    routes: dict[str, RouteUsage]
+
+
+@dataclass(slots=True)
+class _Usage:
+    calls: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    status: dict[str, int] = field(default_factory=dict)
+
+    def add(self, status: str, bytes_in: int, bytes_out: int) -> None:
+        self.calls += 1
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        self.status[status] = self.status.get(status, 0) + 1
+
+
+@dataclass(slots=True)
+class _ClientTotals:
+    total: _Usage = field(default_factory=_Usage)
+    routes: dict[str, _Usage] = field(default_factory=dict)
+
+
+def _status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class Meter:
+    """Per-client usage counters; see the module docstring for the metrics and the bounds."""
+
+    def __init__(
+        self,
+        metrics: MetricsRegistry | None = None,
+        *,
+        label_clients: int = 100,
+        max_clients: int = 10_000,
+    ) -> None:
+        if label_clients < 0 or max_clients < 1:
+            raise ConfigurationError("label_clients must be >= 0 and max_clients >= 1")
+        self.label_clients = label_clients
+        self.max_clients = max_clients
+        self._labelled: set[str] = set()
+        self._usage: dict[str, _ClientTotals] = {}
+        if metrics is None:
+            self._requests = self._bytes = self._seconds = None
+        else:
+            self._requests = metrics.counter(
+                "gateway_requests_total",
+                "Requests through the gateway, by route, client and status class.",
+                ("route", "client", "status"),
+            )
+            self._bytes = metrics.counter(
+                "gateway_request_bytes_total",
+                "Body bytes received from (in) and sent to (out) clients, by client.",
+                ("client", "direction"),
+            )
+            self._seconds = metrics.histogram(
+                "gateway_request_seconds", "Time to answer a request, by route.", ("route",)
+            )
+
+    def _label(self, client: str) -> str:
+        if client == ANONYMOUS or client in self._labelled:
+            return client
+        if len(self._labelled) < self.label_clients:
+            self._labelled.add(client)
+            return client
+        return OTHER
+
+    def record(
+        self,
+        *,
+        route: str,
+        client: str | None,
+        status: int,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        seconds: float = 0.0,
+    ) -> None:
+        """Count one request of `client` (None: anonymous) on `route`."""
+        client = client or ANONYMOUS
+        klass = _status_class(status)
+        if self._requests is not None and self._bytes is not None and self._seconds is not None:
+            label = self._label(client)
+            self._requests.labels(route=route, client=label, status=klass).inc()
+            if bytes_in:
+                self._bytes.labels(client=label, direction="in").inc(bytes_in)
+            if bytes_out:
+                self._bytes.labels(client=label, direction="out").inc(bytes_out)
+            self._seconds.labels(route=route).observe(seconds)
+        totals = self._usage.get(client)
+        if totals is None:
+            if len(self._usage) >= self.max_clients and client != OTHER:
+                client = OTHER
+                totals = self._usage.get(OTHER)
+            if totals is None:
+                totals = self._usage[client] = _ClientTotals()
+        totals.total.add(klass, bytes_in, bytes_out)
+        per_route = totals.routes.get(route)
+        if per_route is None:
+            per_route = totals.routes[route] = _Usage()
+        per_route.add(klass, bytes_in, bytes_out)
+
+    def snapshot(self, *, reset: bool = False) -> dict[str, ClientUsage]:
+        """Usage per client (since start, or the last reset), ready to serve as JSON.
+
+        `{"alice": {"calls": 3, "bytes_in": 10, "bytes_out": 512, "routes": {"products":
+        {"calls": 3, "bytes_in": 10, "bytes_out": 512, "status": {"2xx": 2, "4xx": 1}}}}}`.
+        The Prometheus counters are never reset.
+        """
+        out: dict[str, ClientUsage] = {
+            client: {
+                "calls": totals.total.calls,
+                "bytes_in": totals.total.bytes_in,
+                "bytes_out": totals.total.bytes_out,
+                "routes": {
+                    route: {
+                        "calls": usage.calls,
+                        "bytes_in": usage.bytes_in,
+                        "bytes_out": usage.bytes_out,
+                        "status": dict(usage.status),
+                    }
+                    for route, usage in totals.routes.items()
+                },
+            }
+            for client, totals in self._usage.items()
+        }
+        if reset:
+            self._usage = {}
+        return out
+
+
+def _metered_client(exchange: Exchange) -> str | None:
+    client = exchange.client
+    if client is None or client.method == "anonymous":
+        return None
+    return client.id
+
+
+def _bytes_out(exchange: Exchange, response: web.StreamResponse | None) -> int:
+    if response is None:
+        return exchange.bytes_out
+    if response.prepared:
+        # Streamed by the handler: what it counted itself, else aiohttp's count of the bytes
+        # written, which includes the status line, headers and chunk framing.
+        return exchange.bytes_out or response.body_length
+    try:
+        length = response.content_length  # a web.Response's body, or a declared length
+    except ValueError:  # a Content-Length header that is not a number
+        length = None
+    return exchange.bytes_out if length is None else length
+
+
+def access_log_middleware(
+    meter: Meter | None, logger: logging.Logger | None = None
+) -> GatewayMiddleware:
+    """Log one JSON line per request (and count it on `meter`); place it outermost.
+
+    The line's fields: `route`, `method`, `path` (without the query, which may carry secrets),
+    `client` (the identity's id, None without one), `remote`, `status`, `latency_ms`,
+    `bytes_in`, `bytes_out` (the final response's body length; for a streamed response
+    `exchange.bytes_out` if the handler counted, else all bytes written, headers included),
+    `upstream`, `gtxid`, `request_id`, `notes` (`exchange.notes` as one object, so a note can
+    never replace a field) and, when an inner layer raised, `error`. Level INFO, WARNING for
+    5xx.
+    """
+    log = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
+
+    async def access_log(exchange: Exchange, call_next: GatewayHandler) -> web.StreamResponse:
+        response: web.StreamResponse | None = None
+        error: str | None = None
+        status = 500
+        try:
+            response = await call_next(exchange)
+            status = response.status
+            return response
+        except GatewayError as exc:
+            status, error = exc.status, exc.title
+            raise
+        except web.HTTPException as exc:
+            status, error = exc.status, exc.reason
+            raise
+        except asyncio.CancelledError:
+            status, error = 499, "client closed the request"
+            raise
+        except Exception as exc:
+            status, error = 500, type(exc).__name__
+            raise
+        finally:
+            request = exchange.request
+            latency = exchange.elapsed_ms()
+            exchange.bytes_out = _bytes_out(exchange, response)
+            if meter is not None:
+                meter.record(
+                    route=exchange.route.name,
+                    client=_metered_client(exchange),
+                    status=status,
+                    bytes_in=exchange.bytes_in,
+                    bytes_out=exchange.bytes_out,
+                    seconds=latency / 1000,
+                )
+            fields: dict[str, Any] = {
+                "route": exchange.route.name,
+                "method": request.method,
+                "path": request.path,
+                "client": exchange.client.id if exchange.client is not None else None,
+                "remote": request.remote,
+                "status": status,
+                "latency_ms": round(latency, 3),
+                "bytes_in": exchange.bytes_in,
+                "bytes_out": exchange.bytes_out,
+                "upstream": exchange.upstream,
+                "gtxid": exchange.gtxid,
+                "request_id": exchange.request_id,
+                "notes": dict(exchange.notes),
+            }
+            if error is not None:
+                fields["error"] = error
+            log.log(
+                logging.WARNING if status >= 500 else logging.INFO,
+                "%s %s %d",
+                request.method,
+                request.path,
+                status,
+                extra=fields,
+            )
+
+    return access_log

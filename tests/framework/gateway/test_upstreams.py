@@ -1,0 +1,666 @@
+"""Upstream pools and the resilient client, against real aiohttp servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from framework.client import ResilientClient
+from framework.errors import ConfigurationError, NotStartedError
+from framework.gateway.config import (
+    BreakerConfig,
+    EjectionConfig,
+    HealthCheckConfig,
+    RetryConfig,
+    UpstreamConfig,
+)
+from framework.gateway.types import GatewayError
+from framework.gateway.upstreams import HOP_BY_HOP, UpstreamPool, UpstreamResponse, clean_headers
+from framework.observability.tracing import TraceContext, use_correlation_id, use_trace
+from framework.service import Resource
+
+NO_RETRY = RetryConfig(attempts=1)
+PATIENT_BREAKER = BreakerConfig(failures=1000)
+
+
+class Instance:
+    """A real upstream server whose behaviour a test changes while it runs."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.status = 200
+        self.ready = 200
+        self.delay = 0.0
+        self.hits = 0
+        self.url = ""
+        self.received: list[dict[str, str]] = []
+        app = web.Application()
+        app.router.add_get("/ready", self._ready)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.ready)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        self.received.append(dict(request.headers))
+        delay = float(request.query.get("delay", self.delay))
+        if delay:
+            await asyncio.sleep(delay)
+        headers = {
+            "X-Served-By": self.name,
+            "Keep-Alive": "timeout=5",
+            "Proxy-Authenticate": "Basic",
+            "Connection": "x-secret",
+            "X-Secret": "hop",
+            "Set-Cookie": "a=1",
+        }
+        response = web.json_response(
+            {"instance": self.name, "headers": dict(request.headers)},
+            status=self.status,
+            headers=headers,
+        )
+        response.headers.add("Set-Cookie", "b=2")
+        return response
+
+
+def closed_port_url() -> str:
+    """The URL of a port nothing listens on (connections are refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+ServerFactory = Callable[[int], Awaitable[list[Instance]]]
+PoolFactory = Callable[..., Awaitable[UpstreamPool]]
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[ServerFactory]:
+    started: list[Instance] = []
+
+    async def make(count: int) -> list[Instance]:
+        made = [Instance(f"i{len(started) + n}") for n in range(count)]
+        for instance in made:
+            await instance.start()
+        started.extend(made)
+        return made
+
+    yield make
+    for instance in started:
+        await instance.stop()
+
+
+@pytest.fixture
+async def pools(servers: ServerFactory) -> AsyncIterator[PoolFactory]:
+    """Started pools, stopped before the servers go (this fixture depends on `servers`)."""
+    started: list[UpstreamPool] = []
+
+    async def make(name: str = "svc", **config: Any) -> UpstreamPool:
+        default_timeout = config.pop("default_timeout", 5.0)
+        pool = UpstreamPool(name, UpstreamConfig(**config), default_timeout=default_timeout)
+        await pool.start()
+        started.append(pool)
+        return pool
+
+    yield make
+    for pool in started:
+        await pool.stop()
+
+
+async def get(pool: UpstreamPool, path: str = "/", **options: Any) -> UpstreamResponse:
+    return await pool.send("GET", path, headers={}, body=None, **options)
+
+
+async def served_by(pool: UpstreamPool, requests: int, path: str = "/") -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for _ in range(requests):
+        counts[(await get(pool, path)).headers["X-Served-By"]] += 1
+    return counts
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def instance_view(pool: UpstreamPool, url: str) -> dict[str, Any]:
+    return next(i for i in pool.snapshot()["instances"] if i["url"] == url)
+
+
+# -- balancing ------------------------------------------------------------------------------------
+
+
+async def test_round_robin_spreads_evenly(servers: ServerFactory, pools: PoolFactory) -> None:
+    a, b, c = await servers(3)
+    pool = await pools(targets=(a.url, b.url, c.url + "/"))
+
+    assert await served_by(pool, 30) == {"i0": 10, "i1": 10, "i2": 10}
+
+
+async def test_least_outstanding_prefers_the_idle_instances(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    instances = await servers(3)
+    pool = await pools(targets=tuple(i.url for i in instances), balance="least_outstanding")
+
+    slow = asyncio.create_task(get(pool, "/?delay=0.6"))
+    await eventually(lambda: sum(i.hits for i in instances) == 1)
+    busy = next(i.name for i in instances if i.hits)
+    counts = await served_by(pool, 12)
+    assert (await slow).headers["X-Served-By"] == busy
+
+    assert busy not in counts
+    assert sum(counts.values()) == 12
+
+
+# -- retries --------------------------------------------------------------------------------------
+
+
+async def test_get_on_a_down_instance_is_retried_on_another(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (up,) = await servers(1)
+    down = closed_port_url()
+    pool = await pools(targets=(down, up.url), retry=RetryConfig(attempts=2, backoff=0))
+
+    response = await get(pool)  # round robin starts with the first target: the down one
+
+    assert response.status == 200
+    assert response.instance == up.url
+    assert response.attempts == 2
+    assert pool.retries == 1
+
+
+async def test_post_is_never_retried(servers: ServerFactory, pools: PoolFactory) -> None:
+    (up,) = await servers(1)
+    pool = await pools(targets=(closed_port_url(), up.url), retry=RetryConfig(attempts=3))
+
+    with pytest.raises(GatewayError) as caught:
+        await pool.send("POST", "/orders", headers={}, body=b"{}")
+
+    assert caught.value.status == 502
+    assert caught.value.title == "Bad Gateway"
+    assert up.hits == 0
+    assert pool.retries == 0
+
+
+async def test_retry_on_status_then_returns_the_last_answer(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    a, b = await servers(2)
+    a.status = b.status = 503
+    pool = await pools(targets=(a.url, b.url), retry=RetryConfig(attempts=2, backoff=0))
+
+    response = await get(pool)
+
+    assert response.status == 503
+    assert response.attempts == 2
+    assert (a.hits, b.hits) == (1, 1), "each try goes to another instance"
+
+
+async def test_the_retry_budget_limits_retries_under_a_failing_upstream(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    a, b = await servers(2)
+    a.status = b.status = 503
+    pool = await pools(
+        targets=(a.url, b.url),
+        retry=RetryConfig(attempts=3, budget=0.2, backoff=0),
+        breaker=PATIENT_BREAKER,
+        eject=EjectionConfig(consecutive_failures=1000),
+    )
+
+    for _ in range(20):
+        assert (await get(pool)).status == 503
+
+    # Without a budget: 20 requests x 2 retries = 40. With it: at most 20% of the 20 requests.
+    assert 1 <= pool.retries <= 4
+    assert a.hits + b.hits == 20 + pool.retries
+    assert pool.budget_exhausted >= 20 - pool.retries
+    counters = pool.snapshot()["counters"]
+    assert counters["retries"] == pool.retries
+    assert counters["budget_exhausted"] == pool.budget_exhausted
+    assert counters["requests"] == 20
+
+
+async def test_a_cold_pool_may_still_retry_once(servers: ServerFactory, pools: PoolFactory) -> None:
+    (up,) = await servers(1)
+    pool = await pools(targets=(closed_port_url(), up.url), retry=RetryConfig(budget=0))
+
+    assert (await get(pool)).status == 200
+    assert pool.retries == 1
+
+
+# -- health and ejection --------------------------------------------------------------------------
+
+
+async def test_active_health_checks_take_an_instance_out_and_back(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    a, b = await servers(2)
+    pool = await pools(
+        targets=(a.url, b.url),
+        health=HealthCheckConfig(interval=0.05, timeout=0.5, healthy_after=2, unhealthy_after=2),
+    )
+    assert await served_by(pool, 4) == {"i0": 2, "i1": 2}
+
+    a.ready = 503
+    await eventually(lambda: not instance_view(pool, a.url)["healthy"])
+    assert await served_by(pool, 4) == {"i1": 4}
+
+    a.ready = 200
+    await eventually(lambda: instance_view(pool, a.url)["healthy"])
+    assert set(await served_by(pool, 4)) == {"i0", "i1"}
+
+
+async def test_all_instances_unhealthy_is_503(servers: ServerFactory, pools: PoolFactory) -> None:
+    (a,) = await servers(1)
+    a.ready = 500
+    pool = await pools(targets=(a.url,), health=HealthCheckConfig(interval=0.05, unhealthy_after=1))
+    await eventually(lambda: not instance_view(pool, a.url)["healthy"])
+
+    with pytest.raises(GatewayError) as caught:
+        await get(pool)
+    assert caught.value.status == 503
+    assert a.hits == 0
+
+
+async def test_a_slow_instance_is_ejected_and_traffic_moves(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    slow, fast1, fast2 = await servers(3)
+    slow.delay = 0.15
+    pool = await pools(
+        targets=(slow.url, fast1.url, fast2.url),
+        eject=EjectionConfig(slow_ms=80, eject_for=30, max_ejected_percent=50),
+    )
+
+    await served_by(pool, 9)  # three samples each: enough to judge the average
+    view = instance_view(pool, slow.url)
+    assert view["ejected"]
+    assert view["avg_latency_ms"] > 80
+    assert not instance_view(pool, fast1.url)["ejected"]
+
+    assert await served_by(pool, 6) == {"i1": 3, "i2": 3}
+
+
+async def test_an_ejected_instance_comes_back_after_eject_for(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    a, b = await servers(2)
+    a.status = 500
+    pool = await pools(
+        targets=(a.url, b.url),
+        retry=NO_RETRY,
+        breaker=PATIENT_BREAKER,
+        eject=EjectionConfig(consecutive_failures=2, eject_for=0.3),
+    )
+    await served_by(pool, 4)
+    assert instance_view(pool, a.url)["ejected"]
+    a.status = 200
+
+    await asyncio.sleep(0.35)
+    assert await served_by(pool, 4) == {"i0": 2, "i1": 2}
+
+
+@pytest.mark.parametrize(("percent", "most"), [(34, 1), (100, 2), (0, 0)])
+async def test_max_ejected_percent_is_respected(
+    servers: ServerFactory, pools: PoolFactory, percent: int, most: int
+) -> None:
+    instances = await servers(3)
+    for instance in instances:
+        instance.status = 500
+    pool = await pools(
+        targets=tuple(i.url for i in instances),
+        retry=NO_RETRY,
+        breaker=PATIENT_BREAKER,
+        eject=EjectionConfig(consecutive_failures=1, max_ejected_percent=percent),
+    )
+
+    for _ in range(12):
+        assert (await get(pool)).status == 500
+
+    ejected = [i for i in pool.snapshot()["instances"] if i["ejected"]]
+    assert len(ejected) == most, "and never the last one, even at 100%"
+
+
+async def test_connect_failures_eject_a_dead_instance(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (up,) = await servers(1)
+    down = closed_port_url()
+    pool = await pools(
+        targets=(down, up.url),
+        retry=RetryConfig(attempts=2, backoff=0, budget=1),
+        eject=EjectionConfig(consecutive_failures=2),
+    )
+
+    for _ in range(6):
+        assert (await get(pool)).status == 200
+
+    assert instance_view(pool, down)["ejected"]
+    assert pool.retries == 2, "after two failures in a row the dead instance is out"
+
+
+# -- circuit breaker, timeouts, bulkhead ----------------------------------------------------------
+
+
+async def test_the_breaker_opens_fails_fast_and_closes_after_a_good_trial(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    a.status = 500
+    pool = await pools(
+        targets=(a.url,),
+        retry=NO_RETRY,
+        breaker=BreakerConfig(failures=3, window=5, open_for=0.4, half_open_requests=1),
+    )
+    for _ in range(3):
+        assert (await get(pool)).status == 500
+    assert pool.snapshot()["breaker"]["state"] == "open"
+
+    started = time.perf_counter()
+    with pytest.raises(GatewayError) as caught:
+        await get(pool)
+    assert time.perf_counter() - started < 0.05
+    assert caught.value.status == 503
+    assert caught.value.detail == "circuit open for upstream svc"
+    assert caught.value.headers["Retry-After"] == "1"
+    assert a.hits == 3, "an open breaker does not call the upstream"
+
+    a.status = 200
+    a.delay = 0.2
+    await asyncio.sleep(0.45)
+    trial = asyncio.create_task(get(pool))
+    await eventually(lambda: a.hits == 4)
+    with pytest.raises(GatewayError):  # only one trial at a time while half-open
+        await get(pool)
+    assert (await trial).status == 200
+    assert pool.snapshot()["breaker"]["state"] == "closed"
+    a.delay = 0
+    assert (await get(pool)).status == 200
+
+
+async def test_a_failed_trial_opens_the_breaker_again(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    a.status = 502
+    pool = await pools(
+        targets=(a.url,),
+        retry=NO_RETRY,
+        breaker=BreakerConfig(failures=2, window=5, open_for=0.2),
+    )
+    for _ in range(2):
+        await get(pool)
+    await asyncio.sleep(0.25)
+
+    assert (await get(pool)).status == 502  # the trial
+    assert pool.snapshot()["breaker"]["state"] == "open"
+    with pytest.raises(GatewayError) as caught:
+        await get(pool)
+    assert caught.value.status == 503
+
+
+async def test_a_slow_upstream_is_a_504(servers: ServerFactory, pools: PoolFactory) -> None:
+    (a,) = await servers(1)
+    pool = await pools(targets=(a.url,), timeout=0.2)
+
+    started = time.perf_counter()
+    with pytest.raises(GatewayError) as caught:
+        await get(pool, "/?delay=0.5")
+    assert caught.value.status == 504
+    assert caught.value.title == "Gateway Timeout"
+    assert isinstance(caught.value.__cause__, TimeoutError)
+    assert time.perf_counter() - started < 0.4, "the timeout bounds the call, retries included"
+
+    with pytest.raises(GatewayError) as caught:  # a per-call timeout wins over the config
+        await get(pool, "/?delay=0.3", timeout=0.1)
+    assert caught.value.status == 504
+
+
+async def test_the_bulkhead_makes_calls_wait_at_most_their_timeout(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(targets=(a.url,), max_connections=1)
+
+    busy = asyncio.create_task(get(pool, "/?delay=0.4"))
+    await eventually(lambda: a.hits == 1)
+    with pytest.raises(GatewayError) as caught:
+        await get(pool, timeout=0.1)
+    assert caught.value.status == 503
+    assert "capacity" in caught.value.detail
+    assert (await busy).status == 200
+    assert (await get(pool, timeout=0.5)).status == 200
+    assert instance_view(pool, a.url)["failures"] == 0, "waiting is not the instance's fault"
+
+
+async def test_sending_needs_a_started_pool() -> None:
+    pool = UpstreamPool("svc", UpstreamConfig(targets=("http://127.0.0.1:1",)))
+    with pytest.raises(NotStartedError):
+        await get(pool)
+
+
+# -- DNS discovery --------------------------------------------------------------------------------
+
+
+async def test_dns_discovery_resolves_every_address(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(dns=f"localhost:{a.port}", retry=RetryConfig(attempts=2, backoff=0))
+
+    urls = {i["url"] for i in pool.snapshot()["instances"]}
+    assert f"http://127.0.0.1:{a.port}" in urls
+    assert urls <= {f"http://127.0.0.1:{a.port}", f"http://[::1]:{a.port}"}
+    for _ in range(4):  # ::1 (if localhost has it) refuses: GETs are retried on 127.0.0.1
+        assert (await get(pool)).json()["headers"]["Host"] == f"localhost:{a.port}"
+
+
+async def test_dns_keeps_the_last_good_set_when_resolution_fails(
+    servers: ServerFactory, pools: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(dns=f"localhost:{a.port}", dns_refresh=0.05)
+    before = pool.snapshot()["instances"]
+    resolved = 0
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal resolved
+        resolved += 1
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", failing)
+    await eventually(lambda: resolved >= 2)
+
+    assert [i["url"] for i in pool.snapshot()["instances"]] == [i["url"] for i in before]
+
+
+async def test_an_unresolvable_name_leaves_the_pool_empty(pools: PoolFactory) -> None:
+    pool = await pools(dns="no-such-host.invalid:80")
+
+    with pytest.raises(GatewayError) as caught:
+        await get(pool)
+    assert caught.value.status == 503
+    assert pool.snapshot()["counters"]["rejected"] == 1
+
+
+def test_a_malformed_dns_name_is_refused() -> None:
+    with pytest.raises(ConfigurationError):
+        UpstreamPool("svc", UpstreamConfig(dns="no-port"))
+
+
+# -- headers --------------------------------------------------------------------------------------
+
+
+def test_clean_headers_drops_hop_by_hop_and_what_connection_names() -> None:
+    headers = {
+        "Connection": "keep-alive, X-Private",
+        "X-Private": "1",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Trailer": "X-Sum",
+        "Transfer-Encoding": "chunked",
+        "Upgrade": "websocket",
+        "Proxy-Authorization": "Basic eA==",
+        "Proxy-Whatever": "1",
+        "Accept": "*/*",
+    }
+    assert dict(clean_headers(headers)) == {"Accept": "*/*"}
+    assert {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"} <= (
+        HOP_BY_HOP
+    )
+
+
+async def test_hop_by_hop_headers_are_not_forwarded_either_way(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(targets=(a.url,))
+
+    response = await pool.send(
+        "GET",
+        "/",
+        headers={
+            "Connection": "X-Drop",
+            "X-Drop": "1",
+            "Keep-Alive": "timeout=1",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic eA==",
+            "Upgrade": "h2c",
+            "Host": "client.example",
+            "X-Keep": "yes",
+        },
+        body=None,
+    )
+
+    received = {k.lower(): v for k, v in a.received[0].items()}
+    assert received["x-keep"] == "yes"
+    for name in ("x-drop", "keep-alive", "te", "proxy-authorization", "upgrade"):
+        assert name not in received, name
+    assert received["host"] == a.url.removeprefix("http://")
+    assert received.get("connection", "keep-alive").lower() == "keep-alive"  # aiohttp's own
+
+    assert response.headers["X-Served-By"] == "i0"
+    for name in ("Keep-Alive", "Proxy-Authenticate", "Connection", "X-Secret", "Content-Length"):
+        assert name not in response.headers, name
+    assert response.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+
+
+# -- the admin view -------------------------------------------------------------------------------
+
+
+async def test_snapshot_reports_instances_breaker_and_counters(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    down = closed_port_url()
+    pool = await pools(
+        "catalog",
+        targets=(a.url, down),
+        retry=RetryConfig(attempts=2, backoff=0, budget=1),
+        eject=EjectionConfig(consecutive_failures=5),
+    )
+    for _ in range(4):
+        await get(pool)
+
+    snapshot = pool.snapshot()
+    assert snapshot["name"] == "catalog"
+    assert snapshot["balance"] == "round_robin"
+    assert snapshot["breaker"] == {"state": "closed", "recent_failures": 0, "retry_after": None}
+    assert snapshot["counters"] == {
+        "requests": 4,
+        "failures": 0,
+        "retries": 2,
+        "budget_exhausted": 0,
+        "rejected": 0,
+    }
+    up, dead = snapshot["instances"]
+    assert up["url"] == a.url
+    assert up["healthy"]
+    assert not up["ejected"]
+    assert up["in_flight"] == 0
+    assert up["requests"] == 4
+    assert up["avg_latency_ms"] > 0
+    assert (dead["failures"], dead["consecutive_failures"], dead["avg_latency_ms"]) == (2, 2, None)
+
+
+# -- the resilient client -------------------------------------------------------------------------
+
+
+async def test_the_client_propagates_the_trace_and_correlation_id(
+    servers: ServerFactory,
+) -> None:
+    a, b = await servers(2)
+    client = ResilientClient({"catalog": [a.url, b.url]})
+    assert isinstance(client, Resource)
+    root = TraceContext.new_root()
+
+    async with client:
+        with use_trace(root), use_correlation_id("corr-1"):
+            response = await client.get("catalog", "/products/1")
+        outside = await client.get("catalog", "products/2")
+
+    sent = {k.lower(): v for k, v in response.json()["headers"].items()}
+    child = TraceContext.parse(sent["traceparent"])
+    assert child is not None
+    assert child.trace_id == root.trace_id
+    assert child.span_id != root.span_id
+    assert sent["x-correlation-id"] == "corr-1"
+
+    sent_outside = {k.lower(): v for k, v in outside.json()["headers"].items()}
+    new_root = TraceContext.parse(sent_outside["traceparent"])
+    assert new_root is not None
+    assert new_root.trace_id != root.trace_id
+    assert "x-correlation-id" not in sent_outside
+
+
+async def test_the_client_posts_json_and_reuses_the_pool_behaviour(
+    servers: ServerFactory,
+) -> None:
+    (a,) = await servers(1)
+    client = ResilientClient(
+        {
+            "orders": UpstreamConfig(targets=(closed_port_url(), a.url)),
+            "pricing": a.url,
+        }
+    )
+    async with client:
+        posted = await client.post("pricing", "/quotes", json={"sku": "x"})
+        assert posted.ok
+        assert posted.json()["headers"]["Content-Type"] == "application/json"
+        assert posted.json()["headers"]["Content-Length"] == "11"
+        with pytest.raises(GatewayError) as caught:
+            await client.post("orders", "/", json={})  # to the dead one first, not retried
+        assert caught.value.status == 502
+        for _ in range(2):  # one of them goes to the dead one first, and is retried
+            assert (await client.get("orders", "/")).status == 200
+        with pytest.raises(ConfigurationError):
+            await client.get("nope", "/")
+        assert client.snapshot()["orders"]["counters"]["retries"] == 1

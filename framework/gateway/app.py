@@ -242,7 +242,7 @@ class _Runtime:
             )
 
             async def push(exchange: Exchange) -> web.StreamResponse:
-                return await bridge.handle(exchange.request)
+                return await bridge.handle(exchange.request, exchange.params)
 
             return push
         assert route.files is not None
@@ -658,6 +658,13 @@ class Gateway:
             return response
         except GatewayError as error:
             return _problem_response(error, exchange)
+        except web.HTTPException:
+            raise
+        except Exception:  # a bug, not the client's fault: a 500 that leaks nothing
+            log.exception("gateway: unhandled error on %s %s", request.method, request.path)
+            return _problem_response(
+                GatewayError(500, "Internal Server Error", "the gateway failed"), exchange
+            )
         finally:
             runtime.leave()
 

@@ -43,15 +43,16 @@ __all__ = ["FilterFrom", "RequestFilter", "SseBridge", "WebSocketBridge"]
 
 log = logging.getLogger("framework.translate.push")
 
-FilterFrom = Callable[[web.Request], EventFilter]
-"""What a request subscribes to; raise `web.HTTPBadRequest` for a bad filter."""
+FilterFrom = Callable[[web.Request, Mapping[str, str]], EventFilter]
+"""What a request subscribes to, given the request and its path parameters; raise
+`web.HTTPBadRequest` for a bad filter."""
 
 
-def _fill(template: str | None, request: web.Request) -> str | None:
+def _fill(template: str | None, params: Mapping[str, str]) -> str | None:
     if template is None:
         return None
     try:
-        return template.format_map(request.match_info)
+        return template.format_map(params)
     except KeyError as exc:
         raise web.HTTPInternalServerError(text=f"the route has no path parameter {exc}") from None
 
@@ -72,14 +73,14 @@ class RequestFilter:
     data: Mapping[str, str] = field(default_factory=dict)
     query: Sequence[str] = ()
 
-    def __call__(self, request: web.Request) -> EventFilter:
+    def __call__(self, request: web.Request, params: Mapping[str, str]) -> EventFilter:
         types = frozenset(self.types) if self.types is not None else None
         key, subject, source = (
-            _fill(self.key, request),
-            _fill(self.subject, request),
-            _fill(self.source, request),
+            _fill(self.key, params),
+            _fill(self.subject, params),
+            _fill(self.source, params),
         )
-        data = {path: _fill(value, request) or "" for path, value in self.data.items()}
+        data = {path: _fill(value, params) or "" for path, value in self.data.items()}
         allowed = set(self.query)
         for name, value in request.query.items():
             if name == "lastEventId":
@@ -128,8 +129,12 @@ class SseBridge:
         self.retry_ms = retry_ms
         self.dropped = 0
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        match = self.filter_from(request)
+    async def handle(
+        self, request: web.Request, params: Mapping[str, str] | None = None
+    ) -> web.StreamResponse:
+        """The aiohttp handler; `params`: the path parameters, when not `request.match_info`
+        (the gateway matches routes itself)."""
+        match = self.filter_from(request, request.match_info if params is None else params)
         after = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
         listener = self.feed.listen(match, after=after, capacity=self.capacity)
         response = web.StreamResponse(
@@ -201,8 +206,11 @@ class WebSocketBridge:
         self.write_timeout = write_timeout
         self.dropped = 0
 
-    async def handle(self, request: web.Request) -> web.WebSocketResponse:
-        match = self.filter_from(request)
+    async def handle(
+        self, request: web.Request, params: Mapping[str, str] | None = None
+    ) -> web.WebSocketResponse:
+        """The aiohttp handler; `params` as for `SseBridge.handle`."""
+        match = self.filter_from(request, request.match_info if params is None else params)
         socket = web.WebSocketResponse(heartbeat=self.heartbeat, max_msg_size=64 * 1024)
         await socket.prepare(request)
         after = request.query.get("lastEventId")

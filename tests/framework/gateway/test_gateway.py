@@ -430,3 +430,23 @@ routes:
         parse_config("gateway: {signing_key: '${MISSING_SECRET}'}", env={})
     config = parse_config("gateway: {signing_key: '${SECRET:-dev}'}", env={})
     assert config.gateway.signing_key == "dev"
+
+
+@pytest.mark.parametrize("profile", ["web", "mobile", "internal"])
+def test_the_shop_gateway_profiles_validate(profile: str) -> None:
+    """Backends for frontends: one program, three configs."""
+    from framework.cli import main
+
+    path = Path(__file__).resolve().parents[3] / "example_shop" / "gateway" / f"{profile}.yaml"
+    assert main(["gateway", "--check", str(path)]) == 0
+
+
+def test_msa_gateway_check_reports_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from framework.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routes: [{name: x, match: {path: /x}, upstream: missing}]\n")
+    assert main(["gateway", "--check", str(bad)]) == 1
+    assert "no upstream named 'missing'" in capsys.readouterr().err

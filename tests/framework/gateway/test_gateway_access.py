@@ -101,7 +101,7 @@ async def test_jwt_routes_forward_verified_claims_and_refuse_everything_else(
         assert problem["status"] == 401, case
         assert "WWW-Authenticate" in response_headers, case
 
-    status, problem, _ = await call(http, gateway, "/admin/x", Authorization=f"Bearer {good}")
+    status, _, _ = await call(http, gateway, "/admin/x", Authorization=f"Bearer {good}")
     assert status == 403
     admin_token = token(keys.rsa_key, roles=["admin"])
     assert (await call(http, gateway, "/admin/x", Authorization=f"Bearer {admin_token}"))[0] == 200
@@ -123,7 +123,7 @@ async def test_api_keys_tiers_rate_limits_and_load_shedding(
     statuses = [(await call(http, gateway, "/public/x"))[0] for _ in range(5)]
     assert statuses[:3] == [200, 200, 200]
     assert 429 in statuses[3:]
-    status, problem, headers = await call(http, gateway, "/public/x")
+    status, _, headers = await call(http, gateway, "/public/x")
     assert status == 429
     assert int(headers["Retry-After"]) >= 1
     # The premium key is not held back by the free clients' limit.

@@ -152,7 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "gateway":
             if args.check:
                 return _check_gateway(args.check)
-            return asyncio.run(_gateway(args.config))
+            from framework.runner import _install_uvloop
+
+            with asyncio.Runner(loop_factory=_install_uvloop()) as runner:
+                return runner.run(_gateway(args.config))
         if args.command == "dlq":
             return asyncio.run(_replay(args.topic, args.limit, args.dry_run))
     except MsaError as exc:

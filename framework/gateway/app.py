@@ -330,7 +330,10 @@ class _Runtime:
     ) -> web.StreamResponse:
         route = exchange.route
         identity: ClientIdentity = await self.auth.authenticate(
-            exchange.request, route.auth, anonymous_tier=self.config.anonymous_tier
+            exchange.request,
+            route.auth,
+            anonymous_tier=self.config.anonymous_tier,
+            peer=self._client_address(exchange.request),
         )
         authorize(identity, route.roles, route.scopes)
         exchange.client = identity
@@ -339,6 +342,19 @@ class _Runtime:
                 forwarded_headers(identity, self.config.auth.forward_claims)
             )
         return await call_next(exchange)
+
+    def _client_address(self, request: web.Request) -> str:
+        """The client's address: the peer, or - when the peer is a trusted proxy - the last
+        address in X-Forwarded-For that is not a trusted proxy itself."""
+        peer = request.remote or ""
+        trusted = self.config.gateway.trusted_proxies
+        if peer not in trusted:
+            return peer
+        hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+        for hop in reversed(hops):
+            if hop and hop not in trusted:
+                return hop
+        return peer
 
     def _transformer(self, route: RouteConfig) -> GatewayMiddleware:
         transform = route.transform

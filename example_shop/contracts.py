@@ -1,0 +1,206 @@
+"""The shop's published language: topics, commands, events and replies, shared by its services.
+
+Each service owns its data and talks to the others only through these messages (and through the
+gateway's HTTP routes). Commands go to the owning service's `*.commands` topic and are answered
+on its `*.events` topic (the saga correlates them); domain events go to `*.events` topics.
+Keys: everything about one order is keyed by its order id, so it stays in order.
+
+    orders    --ReserveStock-->        inventory  --StockReserved / StockRejected-->      orders
+    orders    --AuthorizePayment-->    payments   --PaymentAuthorized / PaymentDeclined--> orders
+    orders    --CreateShipment-->      shipping   --ShipmentCreated-->                    orders
+    orders    --ReleaseStock / RefundPayment / CancelShipment-->  (compensations)
+    orders    --OrderPlaced / OrderConfirmed / OrderCancelled--> shop.orders.events (SSE, analytics)
+    catalog   --ProductPriceChanged / ProductCreated--> shop.catalog.events
+    shipping  --ShipmentTracked--> shop.shipping.events
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from framework.messages import message_type
+
+__all__ = [
+    "TOPICS",
+    "AuthorizePayment",
+    "CancelShipment",
+    "CreateShipment",
+    "OrderCancelled",
+    "OrderConfirmed",
+    "OrderLine",
+    "OrderPlaced",
+    "PaymentAuthorized",
+    "PaymentDeclined",
+    "PaymentRefunded",
+    "ProductCreated",
+    "ProductPriceChanged",
+    "RefundPayment",
+    "ReleaseStock",
+    "ReserveStock",
+    "ShipmentCancelled",
+    "ShipmentCreated",
+    "ShipmentTracked",
+    "StockReleased",
+    "StockRejected",
+    "StockReserved",
+]
+
+
+class TOPICS:
+    """Topic names, one place."""
+
+    CATALOG_EVENTS = "shop.catalog.events"
+    INVENTORY_COMMANDS = "shop.inventory.commands"
+    INVENTORY_EVENTS = "shop.inventory.events"
+    PAYMENTS_COMMANDS = "shop.payments.commands"
+    PAYMENTS_EVENTS = "shop.payments.events"
+    SHIPPING_COMMANDS = "shop.shipping.commands"
+    SHIPPING_EVENTS = "shop.shipping.events"
+    ORDERS_EVENTS = "shop.orders.events"
+
+
+class OrderLine(BaseModel):
+    product_id: str
+    quantity: int = Field(gt=0, le=100)
+    unit_price_cents: int = Field(ge=0)
+
+
+# -- catalog --------------------------------------------------------------------------------------
+
+
+@message_type("shop.catalog.product_created")
+class ProductCreated(BaseModel):
+    product_id: str
+    name: str
+    category: str
+    price_cents: int
+
+
+@message_type("shop.catalog.price_changed")
+class ProductPriceChanged(BaseModel):
+    product_id: str
+    old_price_cents: int
+    new_price_cents: int
+
+
+# -- inventory ------------------------------------------------------------------------------------
+
+
+@message_type("shop.inventory.reserve")
+class ReserveStock(BaseModel):
+    order_id: str
+    lines: list[OrderLine]
+
+
+@message_type("shop.inventory.release")
+class ReleaseStock(BaseModel):
+    order_id: str
+
+
+@message_type("shop.inventory.reserved")
+class StockReserved(BaseModel):
+    order_id: str
+
+
+@message_type("shop.inventory.rejected")
+class StockRejected(BaseModel):
+    order_id: str
+    reason: str
+
+
+@message_type("shop.inventory.released")
+class StockReleased(BaseModel):
+    order_id: str
+
+
+# -- payments -------------------------------------------------------------------------------------
+
+
+@message_type("shop.payments.authorize")
+class AuthorizePayment(BaseModel):
+    order_id: str
+    amount_cents: int = Field(gt=0)
+    card_number: str
+
+
+@message_type("shop.payments.refund")
+class RefundPayment(BaseModel):
+    order_id: str
+
+
+@message_type("shop.payments.authorized")
+class PaymentAuthorized(BaseModel):
+    order_id: str
+    payment_id: str
+    amount_cents: int
+
+
+@message_type("shop.payments.declined")
+class PaymentDeclined(BaseModel):
+    order_id: str
+    reason: str
+
+
+@message_type("shop.payments.refunded")
+class PaymentRefunded(BaseModel):
+    order_id: str
+    payment_id: str | None = None
+
+
+# -- shipping -------------------------------------------------------------------------------------
+
+
+@message_type("shop.shipping.create")
+class CreateShipment(BaseModel):
+    order_id: str
+    address: str
+    lines: list[OrderLine]
+
+
+@message_type("shop.shipping.cancel")
+class CancelShipment(BaseModel):
+    order_id: str
+
+
+@message_type("shop.shipping.created")
+class ShipmentCreated(BaseModel):
+    order_id: str
+    shipment_id: str
+
+
+@message_type("shop.shipping.cancelled")
+class ShipmentCancelled(BaseModel):
+    order_id: str
+
+
+@message_type("shop.shipping.tracked")
+class ShipmentTracked(BaseModel):
+    order_id: str
+    shipment_id: str
+    status: str
+
+
+# -- orders ---------------------------------------------------------------------------------------
+
+
+@message_type("shop.orders.placed")
+class OrderPlaced(BaseModel):
+    order_id: str
+    customer_id: str
+    lines: list[OrderLine]
+    total_cents: int
+
+
+@message_type("shop.orders.confirmed")
+class OrderConfirmed(BaseModel):
+    order_id: str
+    customer_id: str
+    lines: list[OrderLine]
+    total_cents: int
+
+
+@message_type("shop.orders.cancelled")
+class OrderCancelled(BaseModel):
+    order_id: str
+    customer_id: str
+    reason: str

@@ -1,12 +1,8 @@
-"""`python -m example_shop`: the whole shop in one process on embedded defaults."""
+"""`python -m example_shop [--real] [--port N]`: the same as `msa shop`."""
 
 import sys
 
-
-def main() -> int:
-    print("not yet: the example shop arrives with issue [6/7]", file=sys.stderr)
-    return 1
-
+from framework.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["shop", *sys.argv[1:]]))

@@ -5,6 +5,11 @@ msa asyncapi module:Service            print its AsyncAPI 3.0 document
 msa openapi module:Service             print its OpenAPI 3.1 document
 msa gateway --config gateway.yaml    run the API gateway until SIGTERM (hot-reloads the file)
 msa gateway --check gateway.yaml     validate a gateway config and exit (1 with its problems)
+msa shop [--real] [--port 8000]     run the example shop on one machine (see example_shop.shop)
+msa shop load [--users N] [--duration 30s]
+                                       drive the running shop with Locust, print a summary
+msa graph [module:Service ...] [--gateway FILE ...] [--format mermaid|svg]
+                                       draw the system from its declarations (default: the shop)
 msa dlq replay TOPIC.dlq [--limit N] [--dry-run]
                                        publish dead letters back to their original topic
                                        (transport from MSA_TRANSPORT / KAFKA_BOOTSTRAP)
@@ -14,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import orjson
 
@@ -49,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     mode = gateway.add_mutually_exclusive_group(required=True)
     mode.add_argument("--config", help="the gateway's YAML config (reloaded when it changes)")
     mode.add_argument("--check", metavar="CONFIG", help="validate a config and exit")
+
+    shop = commands.add_parser("shop", help="run the example shop, or load it")
+    shop.add_argument("action", nargs="?", choices=["run", "load"], default="run")
+    shop.add_argument("--real", action="store_true", help="Kafka/PostgreSQL/MongoDB from env")
+    shop.add_argument("--port", type=int, default=8000, help="the web gateway's port")
+    shop.add_argument("--users", type=int, default=20, help="load: simulated users")
+    shop.add_argument("--spawn-rate", type=float, default=10, help="load: users started per s")
+    shop.add_argument("--duration", default="30s", help="load: how long (Locust syntax)")
+    shop.add_argument("--host", default=None, help="load: the shop's URL")
+
+    graph = commands.add_parser("graph", help="draw services, topics, databases and routes")
+    graph.add_argument("targets", nargs="*", help="module:Service (default: the example shop)")
+    graph.add_argument("--gateway", action="append", default=[], help="a gateway config")
+    graph.add_argument("--format", choices=["mermaid", "svg"], default="mermaid")
 
     dlq = commands.add_parser("dlq", help="dead-letter topics")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
@@ -111,6 +132,28 @@ def _check_gateway(path: str) -> int:
     return 0
 
 
+def _graph(targets: list[str], gateways: list[str], fmt: str) -> int:
+    from framework.gateway.config import load_config
+    from framework.graph import describe, render_mermaid, render_svg
+    from framework.runner import load_service
+    from framework.service import ServiceSettings
+
+    if not targets:
+        from example_shop.shop import GATEWAY_CONFIGS, service_classes
+
+        settings = ServiceSettings(http_port=-1, env={"POSTGRES_URL": "postgresql://x/y"})
+        services = [cls(settings) for cls in service_classes().values()]
+        gateways = gateways or [
+            str(GATEWAY_CONFIGS / f"{n}.yaml") for n in ("web", "mobile", "internal")
+        ]
+    else:
+        services = [load_service(target) for target in targets]
+    configs = {Path(g).stem: load_config(g, env={}) for g in gateways}
+    graph = describe(services, configs)
+    sys.stdout.write(render_svg(graph) if fmt == "svg" else render_mermaid(graph))
+    return 0
+
+
 async def _migrate(target: str) -> int:
     """Start each resource that has migrations without its service, migrate, stop it."""
     from framework.runner import load_service
@@ -156,6 +199,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             with asyncio.Runner(loop_factory=_install_uvloop()) as runner:
                 return runner.run(_gateway(args.config))
+        if args.command == "shop":
+            if args.action == "load":
+                from example_shop.load import run_load
+
+                return run_load(
+                    host=args.host or f"http://localhost:{args.port}",
+                    users=args.users,
+                    spawn_rate=args.spawn_rate,
+                    duration=args.duration,
+                )
+            from example_shop.shop import serve
+            from framework.observability.logging import configure_logging
+            from framework.runner import _install_uvloop
+
+            configure_logging("shop", level=os.environ.get("MSA_LOG_LEVEL", "WARNING"))
+            with asyncio.Runner(loop_factory=_install_uvloop()) as runner:
+                return runner.run(serve(args.real, args.port))
+        if args.command == "graph":
+            return _graph(args.targets, args.gateway, args.format)
         if args.command == "dlq":
             return asyncio.run(_replay(args.topic, args.limit, args.dry_run))
     except MsaError as exc:

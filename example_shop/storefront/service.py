@@ -71,7 +71,10 @@ def _shop_graph() -> str:
     from framework.gateway.config import load_config
     from framework.graph import describe, render_mermaid
 
-    settings = ServiceSettings(http_port=-1, env={"POSTGRES_URL": "postgresql://graph/graph"})
+    settings = ServiceSettings(
+        http_port=-1,
+        env={"POSTGRES_URL": "postgresql://graph/graph", "MONGO_URL": "mongodb://graph:27017"},
+    )
     services = [cls(settings) for name, cls in service_classes().items() if name != "storefront"]
     gateways = {
         n: load_config(GATEWAY_CONFIGS / f"{n}.yaml", env={}) for n in ("web", "mobile", "internal")

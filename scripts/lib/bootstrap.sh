@@ -1,5 +1,5 @@
 # Sourced by scripts/devservices and scripts/test: makes sure the project venv exists and holds
-# `.[all,dev]`. Everything downloaded is cached outside the clone (CI clones afresh every run).
+# `.[all,shop,dev]`. Everything downloaded is cached outside the clone (CI clones afresh every run).
 #
 #   MSA_CACHE_DIR  cache for tools, jars and binaries   (default: ~/.cache/msa-framework)
 #   MSA_VENV       the project's virtualenv              (default: <repo>/.venv)
@@ -30,8 +30,19 @@ msa_ensure_venv() {
     if [ -x "$MSA_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
         return 0
     fi
-    msa_log "installing msa-framework[all,dev] into $MSA_VENV"
+    msa_log "installing msa-framework[all,shop,dev] into $MSA_VENV"
     [ -x "$MSA_VENV/bin/python" ] || msa_uv venv --quiet --python "$MSA_PYTHON" "$MSA_VENV" >&2
-    msa_uv pip install --quiet --python "$MSA_VENV/bin/python" -e "$MSA_REPO[all,dev]" >&2
+    msa_uv pip install --quiet --python "$MSA_VENV/bin/python" -e "$MSA_REPO[all,shop,dev]" >&2
     echo "$want" > "$stamp"
+}
+
+# The storefront's browser test drives Debian's Chromium with Playwright (no browser download).
+msa_ensure_chromium() {
+    command -v chromium >/dev/null 2>&1 && return 0
+    msa_log "installing chromium (Debian package) for the storefront browser test"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q chromium >&2 \
+        || { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q chromium >&2; }
 }

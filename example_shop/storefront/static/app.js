@@ -157,7 +157,7 @@ async function showCart() {
 async function showOrders() {
   if (!state.me) { location.hash = "#/signin"; return; }
   const orders = await api("/orders");
-  const list = orders.items || orders;
+  const list = orders.orders || [];
   view.innerHTML = `
     <h1>Your orders</h1>
     <table data-testid="orders">

@@ -1,0 +1,289 @@
+"""Inventory: how many of each product are on hand, and how many are held for orders.
+
+    stock(product_id, on_hand, reserved)        available = on_hand - reserved, never negative
+    reservations(order_id, product_id, quantity)
+
+Commands arrive on `shop.inventory.commands` and are applied once (the inbox records each
+message id in the transaction of its effect); each is answered on `shop.inventory.events`
+through the outbox, from inside the command's handler, so the reply carries the command's
+correlation id and the orders saga recognises it:
+
+    ReserveStock  -> StockReserved | StockRejected(reason names the product)
+    ReleaseStock  -> StockReleased          (also for an order with nothing reserved)
+    RestockProduct                          (no reply; the partner gateway's POST /partner/restock)
+
+A reservation takes every line of the order or none: the stock rows are locked with
+`SELECT ... FOR UPDATE` in product-id order (so two orders never wait for each other in a
+cycle), checked, and only then updated. The table's check constraints are the last line of
+defence: stock never goes negative even if that check had a bug.
+
+Routes (callers as forwarded by the gateway, see `example_shop.common`):
+
+    GET /stock/{product_id}   public   {"product_id", "available"}
+    GET /stock                admin    every row, with on_hand and reserved
+    PUT /stock/{product_id}   admin    {"on_hand"}; below what is reserved -> 409
+
+Demo stock for the catalog's products p-001..p-024 is seeded by a migration (once per database):
+50 each, except p-013 (sold out) and p-014 (2 left), to show rejections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from aiohttp import web
+from pydantic import BaseModel, Field
+
+from example_shop.common import PORTS, postgres_url, require_admin
+from example_shop.contracts import (
+    TOPICS,
+    ReleaseStock,
+    ReserveStock,
+    StockRejected,
+    StockReleased,
+    StockReserved,
+)
+from framework.bus import Message
+from framework.http import json_response, read_json
+from framework.messages import message_type
+from framework.persistence.outbox import PostgresInbox, PostgresOutbox
+from framework.persistence.postgres import Migration, PostgresResource
+from framework.service import Service, ServiceSettings, handles, route
+from framework.types import Transport
+
+__all__ = ["MIGRATIONS", "Inventory", "RestockProduct", "StockLevel", "StockUpdate"]
+
+DEMO_STOCK = 50
+"""Units seeded for each demo product, except the two below."""
+
+MIGRATIONS = [
+    Migration(
+        1,
+        "stock and reservations",
+        """
+        create table stock (
+            product_id text primary key,
+            on_hand integer not null check (on_hand >= 0),
+            reserved integer not null default 0 check (reserved >= 0),
+            check (reserved <= on_hand)
+        );
+        create table reservations (
+            order_id text not null,
+            product_id text not null references stock (product_id),
+            quantity integer not null check (quantity > 0),
+            primary key (order_id, product_id)
+        )
+        """,
+    ),
+    Migration(
+        2,
+        "demo stock",
+        f"""
+        insert into stock (product_id, on_hand, reserved)
+        select format('p-%s', lpad(n::text, 3, '0')),
+               case n when 13 then 0 when 14 then 2 else {DEMO_STOCK} end,
+               0
+        from generate_series(1, 24) as n
+        on conflict (product_id) do nothing
+        """,
+    ),
+]
+
+
+@message_type("shop.inventory.restock")
+class RestockProduct(BaseModel):
+    """Goods arrived at the warehouse (published by the internal gateway's restock route)."""
+
+    product_id: str = Field(min_length=1, max_length=64)
+    quantity: int = Field(gt=0, le=1_000_000)
+
+
+class StockUpdate(BaseModel):
+    """The body of `PUT /stock/{product_id}`."""
+
+    on_hand: int = Field(ge=0, le=1_000_000)
+
+
+class StockLevel(BaseModel):
+    product_id: str
+    on_hand: int
+    reserved: int
+    available: int
+
+
+class Inventory(Service):
+    """The inventory service. Extra keyword arguments (embedded doubles other services take)
+    are accepted and ignored: its PostgreSQL is always a real one."""
+
+    name = "inventory"
+    publishes: ClassVar[Mapping[str, Sequence[type]]] = {
+        TOPICS.INVENTORY_EVENTS: (StockReserved, StockRejected, StockReleased)
+    }
+
+    def __init__(
+        self,
+        settings: ServiceSettings | None = None,
+        *,
+        transport: Transport | None = None,
+        **_: Any,
+    ) -> None:
+        super().__init__(settings or _default_settings(), transport=transport)
+        self.db = self.use(
+            PostgresResource(postgres_url(self.settings.env, self.name), migrations=MIGRATIONS)
+        )
+        self.outbox = self.use(PostgresOutbox(self.db, self.bus))
+        self.inbox = self.use(PostgresInbox(self.db))
+
+    # -- commands -------------------------------------------------------------------------------
+
+    @handles(TOPICS.INVENTORY_COMMANDS)
+    async def on_reserve(self, command: ReserveStock, message: Message[ReserveStock]) -> None:
+        async with self.db.transaction() as tx:
+            if not await self.inbox.record(tx, message):
+                return  # a redelivery: reserved (or rejected) and answered already
+            reply = await _reserve(tx, command)
+            await self.outbox.add(tx, TOPICS.INVENTORY_EVENTS, reply, key=command.order_id)
+
+    @handles(TOPICS.INVENTORY_COMMANDS)
+    async def on_release(self, command: ReleaseStock, message: Message[ReleaseStock]) -> None:
+        async with self.db.transaction() as tx:
+            if not await self.inbox.record(tx, message):
+                return
+            await _release(tx, command.order_id)
+            reply = StockReleased(order_id=command.order_id)
+            await self.outbox.add(tx, TOPICS.INVENTORY_EVENTS, reply, key=command.order_id)
+
+    @handles(TOPICS.INVENTORY_COMMANDS)
+    async def on_restock(self, command: RestockProduct, message: Message[RestockProduct]) -> None:
+        async with self.db.transaction() as tx:
+            if not await self.inbox.record(tx, message):
+                return
+            await tx.execute(
+                "insert into stock (product_id, on_hand, reserved) values ($1, $2, 0) "
+                "on conflict (product_id) do update set on_hand = stock.on_hand + excluded.on_hand",
+                command.product_id,
+                command.quantity,
+            )
+
+    # -- routes ---------------------------------------------------------------------------------
+
+    @route("GET", "/stock/{product_id}")
+    async def get_available(self, request: web.Request) -> web.Response:
+        """How many units of a product can be ordered now (public)."""
+        product_id = request.match_info["product_id"]
+        async with self.db.connection() as conn:
+            available = await conn.fetchval(
+                "select on_hand - reserved from stock where product_id = $1", product_id
+            )
+        if available is None:
+            raise web.HTTPNotFound(text=f"no stock is kept for {product_id!r}")
+        return json_response({"product_id": product_id, "available": available})
+
+    @route("GET", "/stock", response=list[StockLevel])
+    async def list_stock(self, request: web.Request) -> web.Response:
+        """Every product's stock, with what is reserved (admins)."""
+        require_admin(request)
+        async with self.db.connection() as conn:
+            rows = await conn.fetch(f"{_LEVELS} order by product_id")
+        return json_response([_level(row) for row in rows])
+
+    @route("PUT", "/stock/{product_id}", body=StockUpdate, response=StockLevel)
+    async def set_on_hand(self, request: web.Request) -> web.Response:
+        """Set the units on hand after a count (admins); never below what is reserved."""
+        require_admin(request)
+        product_id = request.match_info["product_id"]
+        update = await read_json(request, StockUpdate)
+        async with self.db.transaction() as tx:
+            reserved = await tx.fetchval(
+                "select reserved from stock where product_id = $1 for update", product_id
+            )
+            if reserved is not None and update.on_hand < reserved:
+                raise web.HTTPConflict(
+                    text=f"{reserved} unit(s) of {product_id} are reserved for orders; "
+                    f"on_hand cannot go below that"
+                )
+            await tx.execute(
+                "insert into stock (product_id, on_hand, reserved) values ($1, $2, 0) "
+                "on conflict (product_id) do update set on_hand = excluded.on_hand",
+                product_id,
+                update.on_hand,
+            )
+            row = await tx.fetchrow(f"{_LEVELS} where product_id = $1", product_id)
+        return json_response(_level(row))
+
+
+_LEVELS = "select product_id, on_hand, reserved, on_hand - reserved as available from stock"
+
+
+def _level(row: Any) -> StockLevel:
+    return StockLevel(**dict(row))
+
+
+async def _reserve(tx: Any, command: ReserveStock) -> StockReserved | StockRejected:
+    """Reserve every line of the order, or none; the reply says which."""
+    order_id = command.order_id
+    if await tx.fetchval("select 1 from reservations where order_id = $1 limit 1", order_id):
+        return StockReserved(order_id=order_id)  # the same order asked twice: it holds already
+    wanted: dict[str, int] = {}
+    for line in command.lines:  # a product on two lines is one reservation
+        wanted[line.product_id] = wanted.get(line.product_id, 0) + line.quantity
+    products = sorted(wanted)
+    if not products:
+        return StockRejected(order_id=order_id, reason="the order has no lines")
+    rows = await tx.fetch(
+        "select product_id, on_hand - reserved as available from stock "
+        "where product_id = any($1::text[]) order by product_id for update",
+        products,
+    )
+    available = {row["product_id"]: row["available"] for row in rows}
+    for product_id in products:
+        if product_id not in available:
+            return StockRejected(order_id=order_id, reason=f"{product_id} is not stocked")
+        if available[product_id] < wanted[product_id]:
+            left = available[product_id]
+            reason = (
+                f"{product_id} is sold out"
+                if left == 0
+                else f"only {left} of {product_id} left, {wanted[product_id]} requested"
+            )
+            return StockRejected(order_id=order_id, reason=reason)
+    quantities = [wanted[p] for p in products]
+    await tx.execute(
+        "update stock set reserved = stock.reserved + w.quantity "
+        "from unnest($1::text[], $2::int[]) as w(product_id, quantity) "
+        "where stock.product_id = w.product_id",
+        products,
+        quantities,
+    )
+    await tx.execute(
+        "insert into reservations (order_id, product_id, quantity) "
+        "select $1, w.product_id, w.quantity "
+        "from unnest($2::text[], $3::int[]) as w(product_id, quantity)",
+        order_id,
+        products,
+        quantities,
+    )
+    return StockReserved(order_id=order_id)
+
+
+async def _release(tx: Any, order_id: str) -> None:
+    """Give the order's reserved units back; nothing to do for an order that holds none."""
+    rows = await tx.fetch(
+        "delete from reservations where order_id = $1 returning product_id, quantity", order_id
+    )
+    released = sorted((row["product_id"], row["quantity"]) for row in rows)
+    for product_id, quantity in released:  # product-id order, as reservations lock them
+        await tx.execute(
+            "update stock set reserved = reserved - $2 where product_id = $1",
+            product_id,
+            quantity,
+        )
+
+
+def _default_settings() -> ServiceSettings:
+    settings = ServiceSettings.from_env()
+    if "MSA_HTTP_PORT" not in settings.env:
+        settings = dataclasses.replace(settings, http_port=PORTS["inventory"])
+    return settings

@@ -1,0 +1,256 @@
+"""The order saga: reserve the stock, authorize the payment, create the shipment, confirm.
+
+    reserve-stock              ReserveStock -> inventory        StockReserved | StockRejected
+    announce-stock-reserved    OrderStatusChanged("stock_reserved")       on shop.orders.events
+    authorize-payment          AuthorizePayment -> payments     PaymentAuthorized | PaymentDeclined
+    announce-payment-authorized  OrderStatusChanged("payment_authorized")
+    create-shipment            CreateShipment -> shipping       ShipmentCreated
+    announce-shipment-created  OrderStatusChanged("shipment_created")
+    (completed)                order confirmed + OrderConfirmed, in the saga's final transaction
+
+A refusal (`StockRejected`, `PaymentDeclined`) or a step that does not answer within
+`STEP_TIMEOUT` undoes what was done, newest first, each undo confirmed before the next:
+CancelShipment (ShipmentCancelled), RefundPayment (PaymentRefunded), ReleaseStock
+(StockReleased). A timed-out step is undone too, since its command may have taken effect; the
+participants accept "nothing to undo". Once everything is undone the order is cancelled with the
+reason (the participant's own words, or which service did not answer) and `OrderCancelled` is
+published; if an undo is never confirmed the order is marked `failed` for a person to look at.
+
+The `announce-*` steps are fire-and-forget steps whose "command" is a progress event on the
+orders topic: they are enqueued in the very transaction that records the reply, so the browser
+(the gateway streams `shop.orders.events` by order id over SSE) sees "stock reserved" exactly
+when the saga moved past it, and in order with `OrderConfirmed` / `OrderCancelled`.
+
+The card number travels in the saga's data only to build `AuthorizePayment` (this shop
+simulates payments); it is blanked as soon as payments answers and never stored with the order,
+which keeps its last four digits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from example_shop.contracts import (
+    TOPICS,
+    AuthorizePayment,
+    CancelShipment,
+    CreateShipment,
+    OrderCancelled,
+    OrderConfirmed,
+    OrderLine,
+    PaymentAuthorized,
+    PaymentDeclined,
+    PaymentRefunded,
+    RefundPayment,
+    ReleaseStock,
+    ReserveStock,
+    ShipmentCancelled,
+    ShipmentCreated,
+    StockRejected,
+    StockReleased,
+    StockReserved,
+)
+from framework.messages import message_type
+from framework.persistence.outbox import PostgresOutbox
+from framework.persistence.saga import SagaDefinition, Step, fail, ok
+
+__all__ = [
+    "STEP_TIMEOUT",
+    "OrderSagaData",
+    "OrderStatusChanged",
+    "PlaceOrderSaga",
+]
+
+STEP_TIMEOUT = 30.0
+"""Seconds each participant has to answer a command (and to confirm an undo)."""
+
+
+@message_type("shop.orders.status_changed")
+class OrderStatusChanged(BaseModel):
+    """Progress of an order between `OrderPlaced` and `OrderConfirmed` / `OrderCancelled`.
+
+    `status` is one of `stock_reserved`, `payment_authorized`, `shipment_created`, or `failed`
+    (an undo was never confirmed; `detail` says which).
+    """
+
+    order_id: str
+    status: str
+    detail: str = ""
+
+
+class OrderSagaData(BaseModel):
+    """What the saga carries from step to step (stored as JSON with the saga)."""
+
+    order_id: str
+    customer_id: str
+    lines: list[OrderLine]
+    total_cents: int
+    address: str
+    card_number: str = ""
+    stock_reserved: bool = False
+    payment_id: str | None = None
+    shipment_id: str | None = None
+    reason: str | None = None
+
+    @property
+    def progress(self) -> list[str]:
+        """The milestones reached, for the order's page."""
+        reached = [
+            ("stock_reserved", self.stock_reserved),
+            ("payment_authorized", self.payment_id is not None),
+            ("shipment_created", self.shipment_id is not None),
+        ]
+        return [name for name, done in reached if done]
+
+    def silent_participant(self) -> str:
+        """Who did not answer, for a step that timed out."""
+        if not self.stock_reserved:
+            return "inventory"
+        if self.payment_id is None:
+            return "payments"
+        return "shipping"
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def reserve_stock(order: OrderSagaData) -> ReserveStock:
+    return ReserveStock(order_id=order.order_id, lines=order.lines)
+
+
+def release_stock(order: OrderSagaData) -> ReleaseStock:
+    return ReleaseStock(order_id=order.order_id)
+
+
+def authorize_payment(order: OrderSagaData) -> AuthorizePayment:
+    return AuthorizePayment(
+        order_id=order.order_id, amount_cents=order.total_cents, card_number=order.card_number
+    )
+
+
+def refund_payment(order: OrderSagaData) -> RefundPayment:
+    return RefundPayment(order_id=order.order_id)
+
+
+def create_shipment(order: OrderSagaData) -> CreateShipment:
+    return CreateShipment(order_id=order.order_id, address=order.address, lines=order.lines)
+
+
+def cancel_shipment(order: OrderSagaData) -> CancelShipment:
+    return CancelShipment(order_id=order.order_id)
+
+
+def announce(status: str) -> Callable[[OrderSagaData], OrderStatusChanged]:
+    def status_changed(order: OrderSagaData) -> OrderStatusChanged:
+        return OrderStatusChanged(order_id=order.order_id, status=status)
+
+    return status_changed
+
+
+# -- replies --------------------------------------------------------------------------------------
+
+
+def record_reservation(order: OrderSagaData, reply: StockReserved) -> OrderSagaData:
+    return order.model_copy(update={"stock_reserved": True})
+
+
+def record_rejection(order: OrderSagaData, reply: StockRejected) -> OrderSagaData:
+    return order.model_copy(update={"reason": reply.reason})
+
+
+def record_payment(order: OrderSagaData, reply: PaymentAuthorized) -> OrderSagaData:
+    return order.model_copy(update={"payment_id": reply.payment_id, "card_number": ""})
+
+
+def record_decline(order: OrderSagaData, reply: PaymentDeclined) -> OrderSagaData:
+    return order.model_copy(update={"reason": reply.reason, "card_number": ""})
+
+
+def record_shipment(order: OrderSagaData, reply: ShipmentCreated) -> OrderSagaData:
+    return order.model_copy(update={"shipment_id": reply.shipment_id})
+
+
+def _steps(timeout: float) -> tuple[Step[OrderSagaData], ...]:
+    return (
+        Step(
+            "reserve-stock",
+            topic=TOPICS.INVENTORY_COMMANDS,
+            send=reserve_stock,
+            on_reply={StockReserved: ok(record_reservation), StockRejected: fail(record_rejection)},
+            compensate=release_stock,
+            on_compensate_reply={StockReleased: ok},
+            timeout=timeout,
+        ),
+        Step("announce-stock-reserved", send=announce("stock_reserved")),
+        Step(
+            "authorize-payment",
+            topic=TOPICS.PAYMENTS_COMMANDS,
+            send=authorize_payment,
+            on_reply={PaymentAuthorized: ok(record_payment), PaymentDeclined: fail(record_decline)},
+            compensate=refund_payment,
+            on_compensate_reply={PaymentRefunded: ok},
+            timeout=timeout,
+        ),
+        Step("announce-payment-authorized", send=announce("payment_authorized")),
+        Step(
+            "create-shipment",
+            topic=TOPICS.SHIPPING_COMMANDS,
+            send=create_shipment,
+            on_reply={ShipmentCreated: ok(record_shipment)},
+            compensate=cancel_shipment,
+            on_compensate_reply={ShipmentCancelled: ok},
+            timeout=timeout,
+        ),
+        Step("announce-shipment-created", send=announce("shipment_created")),
+    )
+
+
+class PlaceOrderSaga(SagaDefinition[OrderSagaData]):
+    """The saga of one order; its id is the order id. Its final hooks change the order row and
+    publish the order's outcome through `outbox`, in the saga's final transaction."""
+
+    name = "place-order"
+    topic = TOPICS.ORDERS_EVENTS  # where the announce-* steps publish
+    steps = _steps(STEP_TIMEOUT)
+
+    def __init__(self, outbox: PostgresOutbox) -> None:
+        self.outbox = outbox
+
+    def key(self, saga_id: str, data: OrderSagaData) -> str:
+        return data.order_id
+
+    async def on_completed(self, tx: Any, saga_id: str, data: OrderSagaData) -> None:
+        await _set_status(tx, data.order_id, "confirmed")
+        confirmed = OrderConfirmed(
+            order_id=data.order_id,
+            customer_id=data.customer_id,
+            lines=data.lines,
+            total_cents=data.total_cents,
+        )
+        await self.outbox.add(tx, TOPICS.ORDERS_EVENTS, confirmed, key=data.order_id)
+
+    async def on_compensated(self, tx: Any, saga_id: str, data: OrderSagaData) -> None:
+        reason = data.reason or f"{data.silent_participant()} did not answer in time"
+        await _set_status(tx, data.order_id, "cancelled", reason)
+        cancelled = OrderCancelled(
+            order_id=data.order_id, customer_id=data.customer_id, reason=reason
+        )
+        await self.outbox.add(tx, TOPICS.ORDERS_EVENTS, cancelled, key=data.order_id)
+
+    async def on_failed(self, tx: Any, saga_id: str, data: OrderSagaData, error: str) -> None:
+        await _set_status(tx, data.order_id, "failed", error)
+        failed = OrderStatusChanged(order_id=data.order_id, status="failed", detail=error)
+        await self.outbox.add(tx, TOPICS.ORDERS_EVENTS, failed, key=data.order_id)
+
+
+async def _set_status(tx: Any, order_id: str, status: str, reason: str | None = None) -> None:
+    await tx.execute(
+        "update orders set status = $2, reason = $3, updated_at = clock_timestamp() "
+        "where order_id = $1",
+        order_id,
+        status,
+        reason,
+    )

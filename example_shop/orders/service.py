@@ -1,0 +1,357 @@
+"""Orders: the customer's cart, placing an order, and the saga that sees it through.
+
+Routes (the caller is the user the gateway vouched for, see `example_shop.common.caller`):
+
+    GET    /cart                       the caller's cart with prices and total
+    PUT    /cart/items/{product_id}    {"quantity", "unit_price_cents"}: set a line
+    DELETE /cart/items/{product_id}    remove a line (404 when it is not in the cart)
+    POST   /orders                     {"address", "card_number"} -> 202 {"order_id", "status"}
+    GET    /orders                     the caller's orders, newest first
+    GET    /orders/{order_id}          one order with its progress (its owner or an admin)
+
+Placing an order is ONE transaction: the order and its lines are written, the cart emptied,
+`OrderPlaced` added to the outbox and the `PlaceOrderSaga` started (its first command enqueued
+in the outbox too). Either all of it commits or none. The saga (`example_shop.orders.saga`) then
+moves the order to `confirmed` or `cancelled` and publishes the outcome.
+
+**Prices: a local read model.** The storefront sends the price it showed, but a client's word is
+no price list. The catalog owns prices and publishes `ProductCreated` / `ProductPriceChanged`;
+this service keeps the latest price of each product in its own `prices` table (through the
+inbox, so a redelivered event changes nothing). A cart line, and the order placed from it, use
+that price when it is known and the storefront's only for a product the read model has not seen
+yet (e.g. before the catalog's first events arrived). This avoids a synchronous call to the
+catalog on every cart change, at the cost of prices that lag the catalog by the events' latency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from aiohttp import web
+from pydantic import BaseModel, Field, field_validator
+
+from example_shop.common import PORTS, caller, postgres_url
+from example_shop.contracts import (
+    TOPICS,
+    AuthorizePayment,
+    CancelShipment,
+    CreateShipment,
+    OrderCancelled,
+    OrderConfirmed,
+    OrderLine,
+    OrderPlaced,
+    ProductCreated,
+    ProductPriceChanged,
+    RefundPayment,
+    ReleaseStock,
+    ReserveStock,
+)
+from example_shop.orders.saga import OrderSagaData, OrderStatusChanged, PlaceOrderSaga
+from framework.bus import Message
+from framework.http import json_response, read_json
+from framework.messages import new_id
+from framework.persistence.outbox import PostgresInbox, PostgresOutbox
+from framework.persistence.postgres import Migration, PostgresResource
+from framework.persistence.saga import SagaNotFound, SagaOrchestrator
+from framework.service import Service, ServiceSettings, handles, route
+from framework.types import Transport
+
+__all__ = ["MIGRATIONS", "CartItemUpdate", "Orders", "PlaceOrder"]
+
+MIGRATIONS = [
+    Migration(
+        1,
+        "carts, orders, prices",
+        """
+        create table carts (
+            customer_id text not null,
+            product_id text not null,
+            quantity integer not null check (quantity > 0),
+            unit_price_cents integer not null check (unit_price_cents >= 0),
+            added_at timestamptz not null default clock_timestamp(),
+            primary key (customer_id, product_id)
+        );
+        create table orders (
+            order_id text primary key,
+            customer_id text not null,
+            status text not null,
+            total_cents integer not null,
+            address text not null,
+            card_last4 text not null,
+            reason text,
+            created_at timestamptz not null default clock_timestamp(),
+            updated_at timestamptz not null default clock_timestamp()
+        );
+        create index orders_by_customer on orders (customer_id, created_at desc);
+        create table order_lines (
+            order_id text not null references orders (order_id) on delete cascade,
+            product_id text not null,
+            quantity integer not null check (quantity > 0),
+            unit_price_cents integer not null check (unit_price_cents >= 0),
+            primary key (order_id, product_id)
+        );
+        create table prices (
+            product_id text primary key,
+            price_cents integer not null check (price_cents >= 0),
+            updated_at timestamptz not null default clock_timestamp()
+        )
+        """,
+    )
+]
+
+HISTORY_LIMIT = 100
+"""Orders listed by `GET /orders`, newest first."""
+
+
+class CartItemUpdate(BaseModel):
+    """The body of `PUT /cart/items/{product_id}`."""
+
+    quantity: int = Field(gt=0, le=100)
+    unit_price_cents: int = Field(ge=0, le=100_000_000)
+
+
+class PlaceOrder(BaseModel):
+    """The body of `POST /orders`. The card number is simulated; only its last 4 are kept."""
+
+    address: str = Field(min_length=3, max_length=500)
+    card_number: str = Field(pattern=r"^\d{12,19}$")
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _trim(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("card_number", mode="before")
+    @classmethod
+    def _digits(cls, value: Any) -> Any:
+        return value.replace(" ", "").replace("-", "") if isinstance(value, str) else value
+
+
+_CART = """
+select c.product_id, c.quantity,
+       coalesce(p.price_cents, c.unit_price_cents) as unit_price_cents
+from carts c left join prices p using (product_id)
+where c.customer_id = $1
+order by c.added_at, c.product_id
+"""
+_ORDER_COLUMNS = (
+    "order_id, customer_id, status, total_cents, address, card_last4, reason, "
+    "created_at, updated_at"
+)
+_SET_PRICE = """
+insert into prices (product_id, price_cents) values ($1, $2)
+on conflict (product_id)
+do update set price_cents = excluded.price_cents, updated_at = clock_timestamp()
+"""
+
+
+class Orders(Service):
+    """The orders service. Extra keyword arguments (embedded doubles other services take) are
+    accepted and ignored: its PostgreSQL is always a real one."""
+
+    name = "orders"
+    publishes: ClassVar[Mapping[str, Sequence[type]]] = {
+        TOPICS.ORDERS_EVENTS: (OrderPlaced, OrderStatusChanged, OrderConfirmed, OrderCancelled),
+        TOPICS.INVENTORY_COMMANDS: (ReserveStock, ReleaseStock),
+        TOPICS.PAYMENTS_COMMANDS: (AuthorizePayment, RefundPayment),
+        TOPICS.SHIPPING_COMMANDS: (CreateShipment, CancelShipment),
+    }
+
+    def __init__(
+        self,
+        settings: ServiceSettings | None = None,
+        *,
+        transport: Transport | None = None,
+        **_: Any,
+    ) -> None:
+        super().__init__(settings or _default_settings(), transport=transport)
+        self.db = self.use(
+            PostgresResource(postgres_url(self.settings.env, self.name), migrations=MIGRATIONS)
+        )
+        self.outbox = self.use(PostgresOutbox(self.db, self.bus))
+        self.inbox = self.use(PostgresInbox(self.db))
+        self.saga = PlaceOrderSaga(self.outbox)
+        self.sagas = self.use(
+            SagaOrchestrator(self.db, self.outbox, self.inbox, definitions=[self.saga])
+        )
+        self.sagas.subscribe(
+            self.bus, [TOPICS.INVENTORY_EVENTS, TOPICS.PAYMENTS_EVENTS, TOPICS.SHIPPING_EVENTS]
+        )
+
+    # -- the price read model -------------------------------------------------------------------
+
+    @handles(TOPICS.CATALOG_EVENTS)
+    async def on_product_created(
+        self, event: ProductCreated, message: Message[ProductCreated]
+    ) -> None:
+        await self._set_price(message, event.product_id, event.price_cents)
+
+    @handles(TOPICS.CATALOG_EVENTS)
+    async def on_price_changed(
+        self, event: ProductPriceChanged, message: Message[ProductPriceChanged]
+    ) -> None:
+        await self._set_price(message, event.product_id, event.new_price_cents)
+
+    async def _set_price(self, message: Message[Any], product_id: str, price_cents: int) -> None:
+        async with self.db.transaction() as tx:
+            if await self.inbox.record(tx, message):
+                await tx.execute(_SET_PRICE, product_id, price_cents)
+
+    # -- the cart -------------------------------------------------------------------------------
+
+    @route("GET", "/cart")
+    async def get_cart(self, request: web.Request) -> web.Response:
+        """The caller's cart."""
+        who = caller(request)
+        async with self.db.connection() as conn:
+            return json_response(_cart(await conn.fetch(_CART, who.user_id)))
+
+    @route("PUT", "/cart/items/{product_id}", body=CartItemUpdate)
+    async def put_cart_item(self, request: web.Request) -> web.Response:
+        """Set how many of a product the cart holds; returns the cart."""
+        who = caller(request)
+        product_id = request.match_info["product_id"]
+        item = await read_json(request, CartItemUpdate)
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "insert into carts (customer_id, product_id, quantity, unit_price_cents) "
+                "values ($1, $2, $3, coalesce("
+                "(select price_cents from prices where product_id = $2), $4)) "
+                "on conflict (customer_id, product_id) do update "
+                "set quantity = excluded.quantity, unit_price_cents = excluded.unit_price_cents",
+                who.user_id,
+                product_id,
+                item.quantity,
+                item.unit_price_cents,
+            )
+            return json_response(_cart(await tx.fetch(_CART, who.user_id)))
+
+    @route("DELETE", "/cart/items/{product_id}")
+    async def delete_cart_item(self, request: web.Request) -> web.Response:
+        """Remove a product from the cart; returns the cart."""
+        who = caller(request)
+        product_id = request.match_info["product_id"]
+        async with self.db.transaction() as tx:
+            status = await tx.execute(
+                "delete from carts where customer_id = $1 and product_id = $2",
+                who.user_id,
+                product_id,
+            )
+            if status == "DELETE 0":
+                raise web.HTTPNotFound(text=f"{product_id} is not in the cart")
+            return json_response(_cart(await tx.fetch(_CART, who.user_id)))
+
+    # -- orders ---------------------------------------------------------------------------------
+
+    @route("POST", "/orders", body=PlaceOrder)
+    async def place_order(self, request: web.Request) -> web.Response:
+        """Order what the cart holds: 202, then the saga decides (follow the order's events)."""
+        who = caller(request)
+        body = await read_json(request, PlaceOrder)
+        order_id = new_id()
+        async with self.db.transaction() as tx:
+            # Locking the cart rows makes a double submit wait, then find the cart empty.
+            rows = await tx.fetch(_CART + " for update of c", who.user_id)
+            if not rows:
+                raise web.HTTPConflict(text="the cart is empty")
+            lines = [OrderLine(**dict(row)) for row in rows]
+            total = sum(line.quantity * line.unit_price_cents for line in lines)
+            if total <= 0:
+                raise web.HTTPConflict(text="the order has nothing to pay for")
+            await tx.execute(
+                "insert into orders (order_id, customer_id, status, total_cents, address, "
+                "card_last4) values ($1, $2, 'pending', $3, $4, $5)",
+                order_id,
+                who.user_id,
+                total,
+                body.address,
+                body.card_number[-4:],
+            )
+            await tx.executemany(
+                "insert into order_lines (order_id, product_id, quantity, unit_price_cents) "
+                "values ($1, $2, $3, $4)",
+                [(order_id, li.product_id, li.quantity, li.unit_price_cents) for li in lines],
+            )
+            await tx.execute("delete from carts where customer_id = $1", who.user_id)
+            placed = OrderPlaced(
+                order_id=order_id, customer_id=who.user_id, lines=lines, total_cents=total
+            )
+            await self.outbox.add(tx, TOPICS.ORDERS_EVENTS, placed, key=order_id)
+            data = OrderSagaData(
+                order_id=order_id,
+                customer_id=who.user_id,
+                lines=lines,
+                total_cents=total,
+                address=body.address,
+                card_number=body.card_number,
+            )
+            await self.sagas.start_saga(tx, self.saga, data, saga_id=order_id)
+        return json_response(
+            {"order_id": order_id, "status": "pending"},
+            status=202,
+            headers={"Location": f"/orders/{order_id}"},
+        )
+
+    @route("GET", "/orders")
+    async def list_orders(self, request: web.Request) -> web.Response:
+        """The caller's orders, newest first."""
+        who = caller(request)
+        async with self.db.connection() as conn:
+            rows = await conn.fetch(
+                f"select {_ORDER_COLUMNS} from orders where customer_id = $1 "
+                "order by created_at desc, order_id desc limit $2",
+                who.user_id,
+                HISTORY_LIMIT,
+            )
+            orders = await _with_lines(conn, rows)
+        return json_response({"orders": orders})
+
+    @route("GET", "/orders/{order_id}")
+    async def get_order(self, request: web.Request) -> web.Response:
+        """One order, with the milestones its saga reached (its owner or an admin)."""
+        who = caller(request)
+        order_id = request.match_info["order_id"]
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(
+                f"select {_ORDER_COLUMNS} from orders where order_id = $1", order_id
+            )
+            # Someone else's order is "not found", not "forbidden": ids are not confirmed.
+            if row is None or (row["customer_id"] != who.user_id and not who.is_admin):
+                raise web.HTTPNotFound(text=f"no order {order_id}")
+            [order] = await _with_lines(conn, [row])
+        try:
+            saga = await self.sagas.get(order_id)
+            order["progress"] = saga.data.progress
+        except SagaNotFound:  # pragma: no cover - every order starts its saga
+            order["progress"] = []
+        return json_response(order)
+
+
+def _cart(rows: Sequence[Any]) -> dict[str, Any]:
+    items = [
+        {**dict(row), "line_total_cents": row["quantity"] * row["unit_price_cents"]} for row in rows
+    ]
+    return {"items": items, "total_cents": sum(i["line_total_cents"] for i in items)}
+
+
+async def _with_lines(conn: Any, rows: Sequence[Any]) -> list[dict[str, Any]]:
+    orders = {row["order_id"]: {**dict(row), "lines": []} for row in rows}
+    lines = await conn.fetch(
+        "select order_id, product_id, quantity, unit_price_cents from order_lines "
+        "where order_id = any($1::text[]) order by product_id",
+        list(orders),
+    )
+    for line in lines:
+        orders[line["order_id"]]["lines"].append(
+            {k: line[k] for k in ("product_id", "quantity", "unit_price_cents")}
+        )
+    return list(orders.values())
+
+
+def _default_settings() -> ServiceSettings:
+    settings = ServiceSettings.from_env()
+    if "MSA_HTTP_PORT" not in settings.env:
+        settings = dataclasses.replace(settings, http_port=PORTS["orders"])
+    return settings

@@ -1,0 +1,54 @@
+"""The catalog on the in-memory Mongo engine (mongomock_motor), as the embedded shop runs it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from mongomock_motor import AsyncMongoMockClient
+
+from example_shop.catalog import Catalog
+from example_shop.contracts import TOPICS, ProductPriceChanged
+from framework.bus import MemoryTransport
+from framework.messages import decode_payload, from_binary, type_name
+from framework.service import ServiceSettings
+
+ADMIN = {"x-user-id": "u-admin", "x-user-roles": "admin"}
+
+
+async def test_runs_on_an_in_memory_mongo_client() -> None:
+    transport = MemoryTransport()
+    catalog = Catalog(
+        ServiceSettings(http_host="127.0.0.1", http_port=0, env={}),  # no MONGO_URL at all
+        transport=transport,
+        mongo_client=AsyncMongoMockClient(),
+    )
+    await catalog.start()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{catalog.http_port}") as http:
+            async with http.get("/products?q=tea&category=accessories") as response:
+                assert response.status == 200
+                found = await response.json()
+            assert [p["name"] for p in found["items"]] == ["Tea Infuser Ball"]
+            async with http.get("/categories") as response:
+                assert len((await response.json())["items"]) == 4
+            async with http.patch(
+                "/products/p-007", json={"price_cents": 990}, headers=ADMIN
+            ) as response:
+                assert response.status == 200
+
+            async with asyncio.timeout(5):
+                while True:
+                    if transport.records(TOPICS.CATALOG_EVENTS):
+                        break
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # a few more relay rounds: nothing else may arrive
+            [event] = [from_binary(r) for r in transport.records(TOPICS.CATALOG_EVENTS)]
+            assert event.type == type_name(ProductPriceChanged)
+            assert decode_payload(event.data, ProductPriceChanged) == ProductPriceChanged(
+                product_id="p-007", old_price_cents=890, new_price_cents=990
+            )
+            async with http.get("/products/p-007") as response:
+                assert (await response.json())["price_cents"] == 990
+    finally:
+        await catalog.stop(grace=1)

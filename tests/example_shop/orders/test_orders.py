@@ -1,0 +1,510 @@
+"""The orders service and its saga, end to end on a real PostgreSQL and one in-memory bus.
+
+The real inventory service takes part (its own database); payments and shipping are played by
+the minimal fakes below, which answer the saga's commands with the contract's replies from
+inside their command handlers (so the replies carry the saga id as correlation id, like a real
+participant's). The shop-level tests run the real payments and shipping services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import pytest
+
+from example_shop.contracts import (
+    TOPICS,
+    AuthorizePayment,
+    CancelShipment,
+    CreateShipment,
+    OrderCancelled,
+    OrderConfirmed,
+    OrderPlaced,
+    PaymentAuthorized,
+    PaymentDeclined,
+    PaymentRefunded,
+    ProductCreated,
+    ProductPriceChanged,
+    RefundPayment,
+    ShipmentCancelled,
+    ShipmentCreated,
+)
+from example_shop.inventory import Inventory
+from example_shop.orders import Orders, OrderStatusChanged
+from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message
+from framework.messages import Envelope, from_binary, to_binary, type_name
+from framework.service import ServiceSettings
+
+pytestmark = pytest.mark.postgres
+
+DECLINED_CARD = "4000 0000 0000 0002"
+GOOD_CARD = "4242 4242 4242 4242"
+
+
+# -- the participants this test does not own ------------------------------------------------------
+
+
+@dataclass
+class FakePayments:
+    """Authorizes every card but DECLINED_CARD; refunds whatever it is asked to."""
+
+    bus: Bus
+    seen: list[Any] = field(default_factory=list)
+
+    def subscribe(self) -> None:
+        self.bus.subscribe(
+            [TOPICS.PAYMENTS_COMMANDS],
+            {
+                type_name(AuthorizePayment): HandlerSpec(AuthorizePayment, self.on_authorize),
+                type_name(RefundPayment): HandlerSpec(RefundPayment, self.on_refund),
+            },
+            ConsumerOptions(group="payments"),
+        )
+
+    async def on_authorize(self, message: Message[AuthorizePayment]) -> None:
+        command = message.data
+        self.seen.append(command)
+        reply: PaymentAuthorized | PaymentDeclined
+        if command.card_number == DECLINED_CARD.replace(" ", ""):
+            reply = PaymentDeclined(order_id=command.order_id, reason="insufficient funds")
+        else:
+            reply = PaymentAuthorized(
+                order_id=command.order_id,
+                payment_id=f"pay-{command.order_id}",
+                amount_cents=command.amount_cents,
+            )
+        await self.bus.publish(TOPICS.PAYMENTS_EVENTS, reply, key=command.order_id)
+
+    async def on_refund(self, message: Message[RefundPayment]) -> None:
+        self.seen.append(message.data)
+        refunded = PaymentRefunded(order_id=message.data.order_id)
+        await self.bus.publish(TOPICS.PAYMENTS_EVENTS, refunded, key=message.data.order_id)
+
+
+@dataclass
+class FakeShipping:
+    """Creates shipments (or, when `silent`, never answers); cancels whatever it is asked to."""
+
+    bus: Bus
+    silent: bool = False
+    seen: list[Any] = field(default_factory=list)
+
+    def subscribe(self) -> None:
+        self.bus.subscribe(
+            [TOPICS.SHIPPING_COMMANDS],
+            {
+                type_name(CreateShipment): HandlerSpec(CreateShipment, self.on_create),
+                type_name(CancelShipment): HandlerSpec(CancelShipment, self.on_cancel),
+            },
+            ConsumerOptions(group="shipping"),
+        )
+
+    async def on_create(self, message: Message[CreateShipment]) -> None:
+        self.seen.append(message.data)
+        if not self.silent:
+            order_id = message.data.order_id
+            created = ShipmentCreated(order_id=order_id, shipment_id=f"ship-{order_id}")
+            await self.bus.publish(TOPICS.SHIPPING_EVENTS, created, key=order_id)
+
+    async def on_cancel(self, message: Message[CancelShipment]) -> None:
+        self.seen.append(message.data)
+        cancelled = ShipmentCancelled(order_id=message.data.order_id)
+        await self.bus.publish(TOPICS.SHIPPING_EVENTS, cancelled, key=message.data.order_id)
+
+
+# -- the shop -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shop:
+    orders: Orders
+    inventory: Inventory
+    payments: FakePayments
+    shipping: FakeShipping
+    transport: MemoryTransport
+    http: aiohttp.ClientSession
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.orders.http_port}{path}"
+
+    async def call(
+        self, method: str, path: str, user: str | None = "alice", *, admin: bool = False, **kw: Any
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
+        headers = {}
+        if user is not None:
+            headers = {"x-user-id": user, "x-user-roles": "admin" if admin else "customer"}
+        async with self.http.request(method, self.url(path), headers=headers, **kw) as response:
+            body = await response.json() if response.content_length != 0 else None
+            return response.status, body, response
+
+    async def add(self, user: str, product_id: str, quantity: int, price: int = 1000) -> Any:
+        status, cart, _ = await self.call(
+            "PUT",
+            f"/cart/items/{product_id}",
+            user,
+            json={"quantity": quantity, "unit_price_cents": price},
+        )
+        assert status == 200, cart
+        return cart
+
+    async def place(self, user: str, card: str = GOOD_CARD) -> str:
+        body = {"address": "1 Main St, Springfield", "card_number": card}
+        status, placed, response = await self.call("POST", "/orders", user, json=body)
+        assert status == 202, placed
+        assert placed["status"] == "pending"
+        assert response.headers["Location"] == f"/orders/{placed['order_id']}"
+        order_id: str = placed["order_id"]
+        return order_id
+
+    async def outcome(self, order_id: str, user: str = "alice", timeout: float = 15.0) -> Any:
+        """The order once its saga finished."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, order, _ = await self.call("GET", f"/orders/{order_id}", user)
+            assert status == 200, order
+            if order["status"] != "pending":
+                return order
+            assert time.monotonic() < deadline, f"order {order_id} still pending"
+            await asyncio.sleep(0.05)
+
+    def events(self, topic: str, order_id: str | None = None) -> list[Envelope[bytes]]:
+        found = [from_binary(r) for r in self.transport.records(topic)]  # one key: one partition
+        return [e for e in found if order_id is None or e.partitionkey == order_id]
+
+    def order_events(self, order_id: str) -> list[str]:
+        return [e.type for e in self.events(TOPICS.ORDERS_EVENTS, order_id)]
+
+    async def stock(self, product_id: str) -> tuple[int, int]:
+        async with self.inventory.db.connection() as conn:
+            row = await conn.fetchrow(
+                "select on_hand, reserved from stock where product_id = $1", product_id
+            )
+        return (row["on_hand"], row["reserved"])
+
+    async def settled(self) -> None:
+        """Wait until both outboxes are drained (what committed is on the bus)."""
+        await eventually_async(
+            lambda: _all_zero(self.orders.outbox.pending(), self.inventory.outbox.pending())
+        )
+
+
+async def _all_zero(*counts: Awaitable[int]) -> bool:
+    return not any([await c for c in counts])
+
+
+async def eventually_async(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def inventory_database() -> AsyncIterator[str]:
+    """A second fresh database (the orders service has the `postgres_database` one)."""
+    server = os.environ["POSTGRES_URL"]
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server)
+    try:
+        await admin.execute(f'create database "{name}"')
+        yield urlunsplit(urlsplit(server)._replace(path="/" + name))
+        await admin.execute(f'drop database if exists "{name}" with (force)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def shop(postgres_database: str, inventory_database: str) -> AsyncIterator[Shop]:
+    transport = MemoryTransport()
+    env = {
+        "ORDERS_DATABASE_URL": postgres_database,
+        "INVENTORY_DATABASE_URL": inventory_database,
+        "MSA_HTTP_HOST": "127.0.0.1",
+        "MSA_HTTP_PORT": "0",
+    }
+    orders = Orders(ServiceSettings.from_env(env), transport=transport)
+    inventory = Inventory(ServiceSettings.from_env(env), transport=transport)
+    payments = FakePayments(Bus(transport, source="payments"))
+    shipping = FakeShipping(Bus(transport, source="shipping"))
+    payments.subscribe()
+    shipping.subscribe()
+    await inventory.start()
+    await orders.start()
+    await payments.bus.start()
+    await shipping.bus.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Shop(orders, inventory, payments, shipping, transport, http)
+    finally:
+        await shipping.bus.stop(grace=1)
+        await payments.bus.stop(grace=1)
+        await orders.stop(grace=1)
+        await inventory.stop(grace=1)
+
+
+# -- the cart -------------------------------------------------------------------------------------
+
+
+async def test_cart_lines_are_set_replaced_and_removed_per_customer(shop: Shop) -> None:
+    assert (await shop.call("GET", "/cart"))[:2] == (200, {"items": [], "total_cents": 0})
+
+    await shop.add("alice", "p-001", 2, price=1999)
+    await shop.add("alice", "p-002", 1, price=500)
+    cart = await shop.add("alice", "p-001", 3, price=1999)  # sets, does not add up
+    assert cart["items"] == [
+        {"product_id": "p-001", "quantity": 3, "unit_price_cents": 1999, "line_total_cents": 5997},
+        {"product_id": "p-002", "quantity": 1, "unit_price_cents": 500, "line_total_cents": 500},
+    ]
+    assert cart["total_cents"] == 6497
+    status, cart, _ = await shop.call("DELETE", "/cart/items/p-002")
+    assert status == 200
+    assert [i["product_id"] for i in cart["items"]] == ["p-001"]
+    assert (await shop.call("DELETE", "/cart/items/p-002"))[0] == 404
+    assert (await shop.call("GET", "/cart", "bob"))[1]["items"] == []  # carts are per customer
+
+    bad = {"quantity": 0, "unit_price_cents": 100}
+    assert (await shop.call("PUT", "/cart/items/p-003", json=bad))[0] == 422
+    assert (await shop.call("PUT", "/cart/items/p-003", data=b"{"))[0] == 422
+    assert (await shop.call("GET", "/cart", None))[0] == 401
+
+
+async def test_cart_prices_come_from_the_catalogs_events(shop: Shop) -> None:
+    catalog = Bus(shop.transport, source="catalog")
+    await catalog.start()
+    try:
+        created = ProductCreated(product_id="p-003", name="Mug", category="home", price_cents=1500)
+        await catalog.publish(TOPICS.CATALOG_EVENTS, created, key="p-003")
+        await eventually_async(lambda: _price_is(shop, "p-003", 1500))
+
+        # The storefront's price is used only for products the read model has not seen.
+        cart = await shop.add("alice", "p-003", 1, price=1)
+        cart = await shop.add("alice", "p-004", 1, price=700)
+        assert [i["unit_price_cents"] for i in cart["items"]] == [1500, 700]
+
+        change = Envelope(
+            type=type_name(ProductPriceChanged),
+            source="catalog",
+            data=ProductPriceChanged(
+                product_id="p-003", old_price_cents=1500, new_price_cents=1200
+            ),
+            partitionkey="p-003",
+        )
+        await catalog.publish_envelope(TOPICS.CATALOG_EVENTS, change)
+        await eventually_async(lambda: _price_is(shop, "p-003", 1200))
+        assert (await shop.call("GET", "/cart"))[1]["total_cents"] == 1900
+
+        # A later price, then the old change redelivered: the inbox keeps the later one.
+        await catalog.publish(
+            TOPICS.CATALOG_EVENTS,
+            ProductPriceChanged(product_id="p-003", old_price_cents=1200, new_price_cents=1300),
+            key="p-003",
+        )
+        await eventually_async(lambda: _price_is(shop, "p-003", 1300))
+        key, value, headers = to_binary(change)
+        await shop.transport.send(TOPICS.CATALOG_EVENTS, value, key=key, headers=headers)
+        await asyncio.sleep(0.3)
+        assert await _price_is(shop, "p-003", 1300)
+    finally:
+        await catalog.stop(grace=1)
+
+
+async def _price_is(shop: Shop, product_id: str, cents: int) -> bool:
+    async with shop.orders.db.connection() as conn:
+        found = await conn.fetchval(
+            "select price_cents from prices where product_id = $1", product_id
+        )
+    return bool(found == cents)
+
+
+# -- the saga -------------------------------------------------------------------------------------
+
+
+async def test_an_order_is_reserved_paid_shipped_and_confirmed(shop: Shop) -> None:
+    await shop.add("alice", "p-001", 2, price=1000)
+    await shop.add("alice", "p-002", 1, price=500)
+    order_id = await shop.place("alice")
+
+    order = await shop.outcome(order_id)
+    assert order["status"] == "confirmed"
+    assert order["reason"] is None
+    assert order["total_cents"] == 2500
+    assert order["card_last4"] == "4242"
+    assert order["progress"] == ["stock_reserved", "payment_authorized", "shipment_created"]
+    assert order["lines"] == [
+        {"product_id": "p-001", "quantity": 2, "unit_price_cents": 1000},
+        {"product_id": "p-002", "quantity": 1, "unit_price_cents": 500},
+    ]
+    assert (await shop.call("GET", "/cart"))[1]["items"] == []  # the cart became the order
+    assert await shop.stock("p-001") == (50, 2)
+    assert await shop.stock("p-002") == (50, 1)
+    [authorize] = shop.payments.seen
+    assert authorize == AuthorizePayment(
+        order_id=order_id, amount_cents=2500, card_number="4242424242424242"
+    )
+    [create] = shop.shipping.seen
+    assert create.address == "1 Main St, Springfield"
+
+    await shop.settled()
+    await asyncio.sleep(0.2)  # nothing more is coming
+    assert shop.order_events(order_id) == [
+        type_name(OrderPlaced),
+        type_name(OrderStatusChanged),
+        type_name(OrderStatusChanged),
+        type_name(OrderStatusChanged),
+        type_name(OrderConfirmed),  # once
+    ]
+    statuses = [
+        OrderStatusChanged.model_validate_json(e.data).status
+        for e in shop.events(TOPICS.ORDERS_EVENTS, order_id)
+        if e.type == type_name(OrderStatusChanged)
+    ]
+    assert statuses == ["stock_reserved", "payment_authorized", "shipment_created"]
+    [confirmed] = [
+        OrderConfirmed.model_validate_json(e.data)
+        for e in shop.events(TOPICS.ORDERS_EVENTS, order_id)
+        if e.type == type_name(OrderConfirmed)
+    ]
+    assert confirmed.total_cents == 2500
+    assert confirmed.customer_id == "alice"
+
+    # The card number is nowhere in the orders database once payments answered.
+    async with shop.orders.db.connection() as conn:
+        dump = await conn.fetchval(
+            "select string_agg(t::text, ' ') from (select * from orders) t"
+        ) + await conn.fetchval("select data::text from msa_saga where id = $1", order_id)
+    assert "4242424242424242" not in dump
+
+
+async def test_missing_stock_cancels_the_order_and_holds_nothing(shop: Shop) -> None:
+    await shop.add("alice", "p-001", 1)
+    await shop.add("alice", "p-013", 1)  # sold out
+    order_id = await shop.place("alice")
+
+    order = await shop.outcome(order_id)
+    assert order["status"] == "cancelled"
+    assert order["reason"] == "p-013 is sold out"
+    assert order["progress"] == []
+    assert await shop.stock("p-001") == (50, 0)
+    assert shop.payments.seen == []
+    await shop.settled()
+    assert shop.order_events(order_id) == [type_name(OrderPlaced), type_name(OrderCancelled)]
+    [cancelled] = shop.events(TOPICS.ORDERS_EVENTS, order_id)[-1:]
+    assert OrderCancelled.model_validate_json(cancelled.data).reason == "p-013 is sold out"
+
+
+async def test_a_declined_payment_releases_the_stock_and_cancels(shop: Shop) -> None:
+    await shop.add("alice", "p-001", 4)
+    order_id = await shop.place("alice", card=DECLINED_CARD)
+
+    order = await shop.outcome(order_id)
+    assert order["status"] == "cancelled"
+    assert order["reason"] == "insufficient funds"
+    assert order["card_last4"] == "0002"
+    assert order["progress"] == ["stock_reserved"]
+    assert await shop.stock("p-001") == (50, 0)  # reserved, then released before "cancelled"
+    assert [type(c) for c in shop.payments.seen] == [AuthorizePayment]  # nothing to refund
+    assert shop.shipping.seen == []
+    await shop.settled()
+    assert shop.order_events(order_id) == [
+        type_name(OrderPlaced),
+        type_name(OrderStatusChanged),
+        type_name(OrderCancelled),
+    ]
+
+
+async def test_a_shipment_that_never_comes_is_undone_step_by_step(shop: Shop) -> None:
+    shop.shipping.silent = True
+    await shop.add("alice", "p-001", 1)
+    order_id = await shop.place("alice")
+
+    await eventually_async(lambda: _waits_for(shop, order_id, "create-shipment"))
+    assert await shop.stock("p-001") == (50, 1)
+    # Thirty seconds pass: move the step's deadline (kept by the database clock) to now.
+    async with shop.orders.db.connection() as conn:
+        await conn.execute(
+            "update msa_saga set deadline = clock_timestamp() where id = $1", order_id
+        )
+
+    order = await shop.outcome(order_id)
+    assert order["status"] == "cancelled"
+    assert order["reason"] == "shipping did not answer in time"
+    assert [type(c) for c in shop.shipping.seen] == [CreateShipment, CancelShipment]
+    assert [type(c) for c in shop.payments.seen] == [AuthorizePayment, RefundPayment]
+    assert await shop.stock("p-001") == (50, 0)
+    saga = await shop.orders.sagas.get(order_id)
+    undone = [e.step for e in saga.history if e.event == "compensation-ok"]
+    assert undone == ["create-shipment", "authorize-payment", "reserve-stock"]  # newest first
+
+
+async def _waits_for(shop: Shop, order_id: str, step: str) -> bool:
+    return (await shop.orders.sagas.get(order_id)).step_name == step
+
+
+async def test_concurrent_orders_for_the_last_items_get_only_what_is_left(shop: Shop) -> None:
+    customers = [f"customer-{n}" for n in range(5)]
+    for customer in customers:
+        await shop.add(customer, "p-014", 1)  # two are left
+
+    placed = await asyncio.gather(*(shop.place(customer) for customer in customers))
+    outcomes = [await shop.outcome(o, c) for o, c in zip(placed, customers, strict=True)]
+
+    assert sorted(o["status"] for o in outcomes) == ["cancelled"] * 3 + ["confirmed"] * 2
+    assert {o["reason"] for o in outcomes if o["status"] == "cancelled"} == {"p-014 is sold out"}
+    assert await shop.stock("p-014") == (2, 2)
+
+
+# -- placing orders and reading them --------------------------------------------------------------
+
+
+async def test_placing_needs_a_cart_an_address_and_a_card(shop: Shop) -> None:
+    body = {"address": "1 Main St", "card_number": GOOD_CARD}
+    status, problem, _ = await shop.call("POST", "/orders", json=body)
+    assert status == 409
+    assert problem["detail"] == "the cart is empty"
+    assert (await shop.call("POST", "/orders", None, json=body))[0] == 401
+
+    await shop.add("alice", "p-001", 1)
+    for wrong in ({"address": "1 Main St", "card_number": "12ab"}, {"card_number": GOOD_CARD}):
+        assert (await shop.call("POST", "/orders", json=wrong))[0] == 422
+    assert (await shop.call("GET", "/cart"))[1]["total_cents"] == 1000  # still there
+
+    first, second = await asyncio.gather(
+        shop.call("POST", "/orders", json=body), shop.call("POST", "/orders", json=body)
+    )
+    assert sorted([first[0], second[0]]) == [202, 409]  # a double submit orders once
+
+
+async def test_history_is_the_callers_newest_first_and_others_see_404(shop: Shop) -> None:
+    await shop.add("alice", "p-001", 1)
+    older = await shop.place("alice")
+    await shop.add("alice", "p-002", 2)
+    newer = await shop.place("alice")
+    await shop.add("bob", "p-003", 1)
+    bobs = await shop.place("bob")
+    await shop.outcome(newer)
+
+    status, history, _ = await shop.call("GET", "/orders")
+    assert status == 200
+    assert [o["order_id"] for o in history["orders"]] == [newer, older]
+    assert history["orders"][0]["lines"] == [
+        {"product_id": "p-002", "quantity": 2, "unit_price_cents": 1000}
+    ]
+    assert [o["order_id"] for o in (await shop.call("GET", "/orders", "bob"))[1]["orders"]] == [
+        bobs
+    ]
+    assert (await shop.call("GET", f"/orders/{older}", "bob"))[0] == 404
+    assert (await shop.call("GET", f"/orders/{bobs}"))[0] == 404
+    status, order, _ = await shop.call("GET", f"/orders/{bobs}", "root", admin=True)
+    assert status == 200
+    assert order["customer_id"] == "bob"
+    assert (await shop.call("GET", "/orders/nope"))[0] == 404
+    assert (await shop.call("GET", "/orders", None))[0] == 401

@@ -1,0 +1,63 @@
+"""Shipping on the in-memory Mongo engine (mongomock_motor), as the embedded shop runs it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mongomock_motor import AsyncMongoMockClient
+
+from example_shop.contracts import (
+    TOPICS,
+    CancelShipment,
+    CreateShipment,
+    OrderLine,
+    ShipmentCancelled,
+    ShipmentCreated,
+    ShipmentTracked,
+)
+from example_shop.shipping import Shipping
+from framework.bus import MemoryTransport
+from framework.messages import Envelope, decode_payload, from_binary, to_binary, type_name
+from framework.service import ServiceSettings
+
+
+async def test_runs_on_an_in_memory_mongo_client() -> None:
+    transport = MemoryTransport()
+    shipping = Shipping(
+        ServiceSettings(http_port=-1, env={"SHIPPING_TICK_SECONDS": "0.05"}),
+        transport=transport,
+        mongo_client=AsyncMongoMockClient(),
+    )
+
+    async def send(data: CreateShipment | CancelShipment, saga_id: str) -> None:
+        envelope = Envelope(
+            type=type_name(type(data)), source="orders", data=data, correlationid=saga_id
+        )
+        key, value, headers = to_binary(envelope)
+        for _ in range(2):  # every command delivered twice
+            await transport.send(TOPICS.SHIPPING_COMMANDS, value, key=key, headers=headers)
+
+    def events(of: type) -> list[Envelope[bytes]]:
+        found = [from_binary(r) for r in transport.records(TOPICS.SHIPPING_EVENTS)]
+        return [e for e in found if e.type == type_name(of)]
+
+    await shipping.start()
+    try:
+        line = OrderLine(product_id="p-001", quantity=1, unit_price_cents=1290)
+        await send(CreateShipment(order_id="o-1", address="1 Leaf Road", lines=[line]), "s-1")
+        await send(CancelShipment(order_id="o-2"), "s-2")
+        async with asyncio.timeout(5):
+            while True:
+                if len(events(ShipmentTracked)) == 3 and events(ShipmentCancelled):
+                    break
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        [created] = events(ShipmentCreated)
+        assert created.correlationid == "s-1"
+        assert decode_payload(created.data, ShipmentCreated).order_id == "o-1"
+        [cancelled] = events(ShipmentCancelled)
+        assert cancelled.correlationid == "s-2"
+        statuses = [decode_payload(e.data, ShipmentTracked).status for e in events(ShipmentTracked)]
+        assert statuses == ["packed", "in_transit", "delivered"]
+    finally:
+        await shipping.stop(grace=1)

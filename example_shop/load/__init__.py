@@ -33,7 +33,8 @@ def parse_duration(text: str) -> float:
 
 def summarize(stats_csv: Path, seconds: float) -> str:
     """The summary table of a Locust `*_stats.csv`."""
-    rows = list(csv.DictReader(stats_csv.open()))
+    with stats_csv.open() as stats:
+        rows = list(csv.DictReader(stats))
     lines = [
         f"{'endpoint':<32} {'requests':>9} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} "
         f"{'p99 ms':>7} {'errors':>7}"
@@ -80,16 +81,20 @@ def run_load(*, host: str, users: int, spawn_rate: float, duration: str) -> int:
             "ERROR",
         ]
         began = time.monotonic()
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        while process.poll() is None:
-            done = min(1.0, (time.monotonic() - began) / seconds)
-            bar = "#" * int(done * 40)
-            print(f"\r[{bar:<40}] {done:4.0%}  {users} users against {host}", end="", flush=True)
-            time.sleep(0.5)
+        errors = Path(directory) / "locust.err"
+        with errors.open("wb") as stderr:
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+            while process.poll() is None:
+                done = min(1.0, (time.monotonic() - began) / seconds)
+                bar = "#" * int(done * 40)
+                print(
+                    f"\r[{bar:<40}] {done:4.0%}  {users} users against {host}", end="", flush=True
+                )
+                time.sleep(0.5)
         print()
         stats = Path(f"{prefix}_stats.csv")
         if process.returncode not in (0, 1) or not stats.exists():
-            error = process.stderr.read().decode() if process.stderr else ""
+            error = errors.read_text(errors="replace")
             print(f"locust failed ({process.returncode}): {error[-2000:]}", file=sys.stderr)
             return 2
         print(summarize(stats, min(seconds, time.monotonic() - began)))

@@ -37,7 +37,7 @@ async def start_shop(real: bool, env: dict[str, str] | None = None) -> Shop:
     return shop
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # gone before other packages' tests count their tasks
 async def embedded_shop() -> AsyncIterator[Shop]:
     """`msa shop` as the README starts it: one process, embedded defaults."""
     shop = await start_shop(real=False, env={"PATH": "/usr/bin:/bin"})

@@ -7,18 +7,27 @@ gateway's authentication, rate limits and SSE stream apply to it like to any cli
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from example_shop.common import PORTS
+from framework.graph import SystemGraph
 from framework.service import Service, ServiceSettings, route
 from framework.types import Transport
 
 __all__ = ["Storefront"]
 
 STATIC = Path(__file__).with_name("static")
+# Published directly by a bus, or by an outbox relay: either way, a message on the topic.
+_OUT = re.compile(
+    r'^msa_(?:messages_out|outbox_published)_total\{[^}]*topic="([^"]+)"[^}]*\} ([0-9.e+]+)',
+    re.M,
+)
 _TYPES = {
     ".html": "text/html",
     ".js": "text/javascript",
@@ -38,7 +47,8 @@ class Storefront(Service):
         **_: Any,
     ) -> None:
         super().__init__(settings or _default_settings(), transport=transport)
-        self._graph: str | None = None
+        self._graph: SystemGraph | None = None
+        self._sample: tuple[float, dict[str, float]] | None = None
 
     @route("GET", "/")
     async def index(self, request: web.Request) -> web.StreamResponse:
@@ -50,10 +60,41 @@ class Storefront(Service):
 
     @route("GET", "/graph")
     async def graph(self, request: web.Request) -> web.StreamResponse:
-        """The system drawn from the services' own declarations (admin view; see msa graph)."""
+        """The system drawn from the services' own declarations (admin view; see msa graph),
+        its publish edges labelled with live rates scraped from the services' /metrics."""
+        from framework.graph import render_mermaid
+
         if self._graph is None:
             self._graph = await asyncio.to_thread(_shop_graph)
-        return web.json_response({"mermaid": self._graph})
+        rates = await self._rates()
+        return web.json_response({"mermaid": render_mermaid(self._graph, rates), "rates": rates})
+
+    async def _rates(self) -> dict[str, float]:
+        """Messages per second published to each topic since the previous call."""
+        totals: dict[str, float] = {}
+        timeout = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            for name in PORTS:
+                base = self.settings.env.get(f"{name.upper()}_URL")
+                if not base or name == self.name:
+                    continue
+                try:
+                    async with http.get(f"{base}/metrics") as response:
+                        text = await response.text()
+                except (aiohttp.ClientError, TimeoutError):
+                    continue
+                for match in _OUT.finditer(text):
+                    topic = match.group(1)
+                    totals[topic] = totals.get(topic, 0.0) + float(match.group(2))
+        now = time.monotonic()
+        previous, self._sample = self._sample, (now, totals)
+        if previous is None:
+            return {}
+        elapsed = max(now - previous[0], 1e-3)
+        return {
+            topic: round(max(0.0, value - previous[1].get(topic, 0.0)) / elapsed, 2)
+            for topic, value in totals.items()
+        }
 
     def _file(self, name: str) -> web.StreamResponse:
         path = (STATIC / name).resolve()
@@ -66,10 +107,10 @@ class Storefront(Service):
         )
 
 
-def _shop_graph() -> str:
+def _shop_graph() -> SystemGraph:
     from example_shop.shop import GATEWAY_CONFIGS, service_classes
     from framework.gateway.config import load_config
-    from framework.graph import describe, render_mermaid
+    from framework.graph import describe
 
     settings = ServiceSettings(
         http_port=-1,
@@ -79,7 +120,7 @@ def _shop_graph() -> str:
     gateways = {
         n: load_config(GATEWAY_CONFIGS / f"{n}.yaml", env={}) for n in ("web", "mobile", "internal")
     }
-    return render_mermaid(describe(services, gateways))
+    return describe(services, gateways)
 
 
 def _default_settings() -> ServiceSettings:

@@ -27,7 +27,8 @@ start only: changing it needs a restart (a reload that changes it is refused).
 Admin API (its own port, bearer tokens checked against `gateway.admin.token_hashes`):
 `GET /admin/routes`, `GET /admin/upstreams` (instances, health, breaker states),
 `GET /admin/metering` (per-client calls and bytes), `GET /admin/config`, `POST /admin/reload`,
-`GET /metrics` (Prometheus).
+`GET /metrics` (Prometheus), and for probes, without a token, `GET /alive` and `GET /ready`
+(503 from the moment the gateway starts stopping).
 """
 
 from __future__ import annotations
@@ -490,6 +491,7 @@ class Gateway:
         self._mtime: float | None = None
         self._reload_lock = asyncio.Lock()
         self.reloads = 0
+        self._stopping = False
         self.port: int | None = None
         self.admin_port: int | None = None
 
@@ -541,6 +543,7 @@ class Gateway:
         )
 
     async def stop(self) -> None:
+        self._stopping = True  # /ready answers 503 from now on
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -704,6 +707,8 @@ class Gateway:
         app.router.add_get("/admin/config", guard(self._admin_config))
         app.router.add_post("/admin/reload", guard(self._admin_reload))
         app.router.add_get("/metrics", self._admin_metrics)
+        app.router.add_get("/alive", self._alive)  # probes: no token, like a service's
+        app.router.add_get("/ready", self._ready)
 
     def _admin_guard(self, handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
         async def guarded(request: web.Request) -> web.StreamResponse:
@@ -762,6 +767,18 @@ class Gateway:
                 problems=exc.problems,
             )
         return _json({"reloaded": True, "routes": len(config.routes), "reloads": self.reloads})
+
+    async def _alive(self, request: web.Request) -> web.Response:
+        return _json({"alive": True})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        """200 while serving; 503 once stopping (so a load balancer stops sending)."""
+        ready = self._runtime is not None and not self._stopping
+        return (
+            _json({"ready": ready, "config": self._config.gateway.name})
+            if ready
+            else (problem(503, "Service Unavailable", "the gateway is stopping or not started"))
+        )
 
     async def _admin_metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -105,6 +105,10 @@ async def test_admins_see_stock_and_the_system_graph(embedded_shop: Shop) -> Non
             assert response.status == 200
             graph = await response.json()
         assert "shop.orders.events" in graph["mermaid"]
+        # The second look has live rates: what each topic carried since the first.
+        async with http.get(f"{base}/api/admin/graph") as response:
+            rates = (await response.json())["rates"]
+        assert set(rates) >= {"shop.orders.events", "shop.inventory.commands"}
 
 
 @pytest.mark.kafka

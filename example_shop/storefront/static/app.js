@@ -267,9 +267,19 @@ async function showAdmin() {
     </table>
     <h2>System</h2>
     <pre data-testid="graph" id="graph">loading…</pre>`;
-  api("/admin/graph").then((g) => {
-    document.getElementById("graph").textContent = g.mermaid || JSON.stringify(g, null, 2);
-  }).catch(() => { document.getElementById("graph").textContent = "(not available)"; });
+  const refresh = () => api("/admin/graph").then((g) => {
+    const target = document.getElementById("graph");
+    if (target) target.textContent = g.mermaid || JSON.stringify(g, null, 2);
+    return Boolean(target);
+  }).catch(() => {
+    const target = document.getElementById("graph");
+    if (target) target.textContent = "(not available)";
+    return false;
+  });
+  // Live message rates per edge: the graph is redrawn every 5 s while the admin view is open.
+  refresh().then(function poll(open) {
+    if (open && location.hash === "#/admin") setTimeout(() => refresh().then(poll), 5000);
+  });
 }
 
 // -- routing ---------------------------------------------------------------------------------

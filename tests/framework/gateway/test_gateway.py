@@ -450,3 +450,15 @@ def test_msa_gateway_check_reports_problems(
     bad.write_text("routes: [{name: x, match: {path: /x}, upstream: missing}]\n")
     assert main(["gateway", "--check", str(bad)]) == 1
     assert "no upstream named 'missing'" in capsys.readouterr().err
+
+
+async def test_probes_answer_on_the_admin_port_without_a_token_and_ready_drops_on_stop(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gateway = await make_gateway(HEAD)
+    assert (await get_json(http, f"{admin(gateway)}/alive"))[0] == 200
+    assert (await get_json(http, f"{admin(gateway)}/ready"))[0] == 200
+    gateway._stopping = True  # what stop() sets first, before it drains
+    assert (await get_json(http, f"{admin(gateway)}/ready"))[0] == 503
+    assert (await get_json(http, f"{admin(gateway)}/alive"))[0] == 200
+    gateway._stopping = False

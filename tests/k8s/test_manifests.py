@@ -1,0 +1,539 @@
+"""Rules for the Kubernetes manifests (k8s/) that kubernetes-validate and checkov do not check.
+
+Each overlay is rendered once per session with `kubectl kustomize` and parsed with PyYAML. The
+rules: every Deployment has probes and a PodDisruptionBudget, every HPA's target exists, every
+Service selects a Pod, the NetworkPolicies allow exactly the shop's real flows (derived from
+the web gateway's config and the services' databases, not listed by hand), images are pinned,
+every container runs locked down, termination outlasts the drain, prod has three Kafka brokers
+and a database server per owning service. The last test runs scripts/validate-k8s itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from example_shop.contracts import TOPICS
+from example_shop.shop import MONGO_SERVICES, POSTGRES_SERVICES, START_ORDER
+from framework.gateway.app import Gateway
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+OVERLAYS = ("dev", "prod")
+SHOP_IMAGE = "msa-framework/shop"
+SHOP_UID = 10001
+NAME = "app.kubernetes.io/name"
+POD_KINDS = ("Deployment", "StatefulSet", "Job")
+
+# Peers outside the namespace, as the policies name them.
+KUBE_DNS = "kube-dns"
+INGRESS_CONTROLLER = "ingress-controller"
+EXTERNAL_PEERS = {
+    ("kube-system", (("k8s-app", "kube-dns"),)): KUBE_DNS,
+    ("ingress-nginx", ((NAME, "ingress-nginx"),)): INGRESS_CONTROLLER,
+}
+
+Doc = dict[str, Any]
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodTemplate:
+    kind: str
+    name: str
+    labels: dict[str, str]
+    spec: Doc
+
+    @property
+    def component(self) -> str:
+        return self.labels[NAME]
+
+    def containers(self) -> Iterator[Doc]:
+        """Every container, init containers (and native sidecars) included."""
+        yield from self.spec.get("initContainers", [])
+        yield from self.spec["containers"]
+
+
+class Manifests:
+    """One overlay's rendered objects."""
+
+    def __init__(self, overlay: str, docs: list[Doc]) -> None:
+        self.overlay = overlay
+        self.docs = docs
+
+    def of_kind(self, kind: str) -> list[Doc]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def get(self, kind: str, name: str) -> Doc:
+        found = [d for d in self.of_kind(kind) if d["metadata"]["name"] == name]
+        assert found, f"{self.overlay}: no {kind} {name}"
+        return found[0]
+
+    def find(self, kind: str, prefix: str) -> Doc:
+        """A generated object (ConfigMap, Secret) by its name without kustomize's hash suffix."""
+        found = [d for d in self.of_kind(kind) if d["metadata"]["name"].startswith(prefix + "-")]
+        found += [d for d in self.of_kind(kind) if d["metadata"]["name"] == prefix]
+        assert found, f"{self.overlay}: no {kind} {prefix}"
+        return found[0]
+
+    def pod_templates(self) -> list[PodTemplate]:
+        return [
+            PodTemplate(
+                d["kind"],
+                d["metadata"]["name"],
+                d["spec"]["template"]["metadata"]["labels"],
+                d["spec"]["template"]["spec"],
+            )
+            for kind in POD_KINDS
+            for d in self.of_kind(kind)
+        ]
+
+    def template(self, kind: str, name: str) -> PodTemplate:
+        return next(t for t in self.pod_templates() if (t.kind, t.name) == (kind, name))
+
+    def components(self) -> set[str]:
+        return {t.component for t in self.pod_templates()}
+
+    def config(self, name: str) -> dict[str, str]:
+        data: dict[str, str] = self.find("ConfigMap", name)["data"]
+        return data
+
+
+def _kubectl() -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        message = "kubectl is not installed (it renders k8s/ with `kubectl kustomize`)"
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return kubectl
+
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, Manifests]:
+    kubectl = _kubectl()
+    result = {}
+    for overlay in OVERLAYS:
+        output = subprocess.run(
+            [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        result[overlay] = Manifests(overlay, [d for d in yaml.safe_load_all(output) if d])
+    return result
+
+
+@pytest.fixture(params=OVERLAYS)
+def manifests(request: pytest.FixtureRequest, rendered: dict[str, Manifests]) -> Manifests:
+    return rendered[request.param]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels only, as ours are) selects `labels`."""
+    assert set(selector) <= {"matchLabels"}, f"unsupported selector {selector}"
+    match: dict[str, str] = selector.get("matchLabels", {})
+    return bool(match) and match.items() <= labels.items()
+
+
+def env_of(manifests: Manifests, container: Doc) -> dict[str, str]:
+    """A container's plain environment: its ConfigMaps (envFrom), then its own `value`s."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(manifests.config(source["configMapRef"]["name"]))
+    for variable in container.get("env", []):
+        if "value" in variable:
+            env[variable["name"]] = variable["value"]
+    return env
+
+
+# -- Deployments -----------------------------------------------------------------------------------
+
+
+def test_every_deployment_has_a_pdb_selecting_it(manifests: Manifests) -> None:
+    budgets = manifests.of_kind("PodDisruptionBudget")
+    for deployment in manifests.of_kind("Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        covering = [b for b in budgets if selects(b["spec"]["selector"], labels)]
+        assert len(covering) == 1, (
+            f"{manifests.overlay}: Deployment {deployment['metadata']['name']}"
+        )
+
+
+def test_every_deployment_has_startup_readiness_and_liveness_probes(manifests: Manifests) -> None:
+    for template in manifests.pod_templates():
+        if template.kind != "Deployment":
+            continue
+        for container in template.containers():
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert probe in container, f"{template.name}/{container['name']}: no {probe}"
+
+
+def test_services_probe_alive_and_ready(manifests: Manifests) -> None:
+    """Liveness on /alive (no dependency checks: a slow database restarts nothing), readiness
+    on /ready (false while starting and from SIGTERM on, see framework.service)."""
+    services = [t for t in manifests.pod_templates() if t.kind == "Deployment"]
+    services = [t for t in services if t.labels.get("app.kubernetes.io/component") == "service"]
+    assert {t.name for t in services} == set(START_ORDER)
+    for template in services:
+        (container,) = template.spec["containers"]
+        assert container["startupProbe"]["httpGet"]["path"] == "/alive"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/alive"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+def test_rolling_updates_never_go_below_the_wanted_replicas(manifests: Manifests) -> None:
+    for deployment in manifests.of_kind("Deployment"):
+        strategy = deployment["spec"]["strategy"]
+        assert strategy["type"] == "RollingUpdate"
+        assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+def test_termination_grace_outlasts_prestop_and_drain(manifests: Manifests) -> None:
+    """The kubelet must never SIGKILL a draining process: grace > preStop sleep + drain."""
+    gateway_drain = inspect.signature(Gateway).parameters["drain_timeout"].default
+    for template in manifests.pod_templates():
+        if template.kind != "Deployment":
+            continue
+        for container in template.spec["containers"]:
+            command = container["lifecycle"]["preStop"]["exec"]["command"]
+            assert command[0] == "sleep", command
+            if template.component == "gateway":
+                drain = float(gateway_drain)
+            else:
+                drain = float(env_of(manifests, container)["MSA_SHUTDOWN_GRACE"])
+            grace = template.spec["terminationGracePeriodSeconds"]
+            assert grace > float(command[1]) + drain, template.name
+
+
+# -- HPAs, Services, Secrets ----------------------------------------------------------------------
+
+
+def test_every_hpa_targets_an_existing_deployment_that_leaves_replicas_to_it(
+    manifests: Manifests,
+) -> None:
+    hpas = manifests.of_kind("HorizontalPodAutoscaler")
+    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas} == {
+        d["metadata"]["name"] for d in manifests.of_kind("Deployment")
+    }
+    for hpa in hpas:
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        target = hpa["spec"]["scaleTargetRef"]
+        deployment = manifests.get(target["kind"], target["name"])
+        assert "replicas" not in deployment["spec"], f"HPA {target['name']} owns replicas"
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_prod_runs_at_least_two_replicas_of_everything(rendered: dict[str, Manifests]) -> None:
+    for hpa in rendered["prod"].of_kind("HorizontalPodAutoscaler"):
+        assert hpa["spec"]["minReplicas"] >= 2, hpa["metadata"]["name"]
+
+
+def test_every_service_selects_a_pod_template_and_its_ports(manifests: Manifests) -> None:
+    for service in manifests.of_kind("Service"):
+        name = service["metadata"]["name"]
+        templates = [
+            t
+            for t in manifests.pod_templates()
+            if selects({"matchLabels": service["spec"]["selector"]}, t.labels)
+        ]
+        assert templates, f"{manifests.overlay}: Service {name} selects no Pod"
+        ports = {p["name"] for t in templates for c in t.containers() for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, f"Service {name}: no container port {port}"
+
+
+def test_statefulsets_have_a_headless_service_and_volume_claims(manifests: Manifests) -> None:
+    for statefulset in manifests.of_kind("StatefulSet"):
+        headless = manifests.get("Service", statefulset["spec"]["serviceName"])
+        assert headless["spec"]["clusterIP"] == "None"
+        assert statefulset["spec"]["volumeClaimTemplates"], statefulset["metadata"]["name"]
+
+
+def test_credentials_come_only_from_secrets(manifests: Manifests) -> None:
+    secret_words = ("PASSWORD", "DATABASE_URL", "MONGO_URL", "KEY", "TOKEN", "SECRET")
+    for template in manifests.pod_templates():
+        for container in template.containers():
+            for variable in container.get("env", []):
+                if any(word in variable["name"] for word in secret_words):
+                    assert "secretKeyRef" in variable.get("valueFrom", {}), (
+                        f"{template.name}/{container['name']}: {variable['name']}"
+                    )
+    for config_map in manifests.of_kind("ConfigMap"):
+        for key in config_map.get("data", {}):
+            assert not any(word in key for word in secret_words), key
+
+
+def test_prod_defines_no_secrets(rendered: dict[str, Manifests]) -> None:
+    """Prod references Secrets that must exist (k8s/overlays/prod/README.md), never values."""
+    assert rendered["prod"].of_kind("Secret") == []
+    readme = (K8S / "overlays" / "prod" / "README.md").read_text()
+    referenced = {
+        ref["name"]
+        for template in rendered["prod"].pod_templates()
+        for container in template.containers()
+        for variable in container.get("env", [])
+        if (ref := variable.get("valueFrom", {}).get("secretKeyRef"))
+    }
+    for name in referenced:
+        generic = name
+        for service in (*POSTGRES_SERVICES, *MONGO_SERVICES):
+            generic = generic.replace(f"-{service}-admin", "-<service>-admin")
+        assert f"`{name}`" in readme or f"`{generic}`" in readme, f"README: Secret {name}"
+
+
+# -- security --------------------------------------------------------------------------------------
+
+
+def test_every_pod_and_container_runs_locked_down(manifests: Manifests) -> None:
+    for template in manifests.pod_templates():
+        where = f"{manifests.overlay}: {template.kind} {template.name}"
+        pod = template.spec
+        assert pod["automountServiceAccountToken"] is False, where
+        assert pod["enableServiceLinks"] is False, where
+        assert pod["serviceAccountName"] == template.component, where
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True, where
+        assert context["runAsUser"] == SHOP_UID, where
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for container in template.containers():
+            c = container["securityContext"]
+            what = f"{where}/{container['name']}"
+            assert c["runAsNonRoot"] is True, what
+            assert c["runAsUser"] == SHOP_UID, what
+            assert c["readOnlyRootFilesystem"] is True, what
+            assert c["allowPrivilegeEscalation"] is False, what
+            assert c["capabilities"] == {"drop": ["ALL"]}, what
+            assert c["seccompProfile"] == {"type": "RuntimeDefault"}, what
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= resources["requests"].keys(), what
+            assert {"cpu", "memory"} <= resources["limits"].keys(), what
+            if container["image"].startswith(SHOP_IMAGE):
+                mounts = {m["mountPath"] for m in container["volumeMounts"]}
+                assert "/tmp" in mounts, f"{what}: read-only root needs a writable /tmp"
+
+
+def test_every_service_account_mounts_no_token(manifests: Manifests) -> None:
+    accounts = manifests.of_kind("ServiceAccount")
+    assert {a["metadata"]["name"] for a in accounts} == manifests.components()
+    for account in accounts:
+        assert account["automountServiceAccountToken"] is False
+
+
+def test_every_image_is_pinned(manifests: Manifests) -> None:
+    for template in manifests.pod_templates():
+        for container in template.containers():
+            image = container["image"]
+            if "@sha256:" in image:
+                continue
+            repository, _, tag = image.rpartition(":")
+            assert repository, f"{template.name}: {image} has no tag"
+            assert "/" not in tag, f"{template.name}: {image} has no tag"
+            assert tag != "latest", f"{template.name}: {image}"
+            if repository == SHOP_IMAGE:
+                assert tag == "0.1.0", image
+
+
+def test_the_gateway_pod_has_two_containers_sharing_a_volume(manifests: Manifests) -> None:
+    template = manifests.template("Deployment", "gateway")
+    containers = list(template.containers())
+    assert len(containers) == 2
+    (sidecar,) = template.spec["initContainers"]
+    assert sidecar["restartPolicy"] == "Always", "a native sidecar: stops after the gateway"
+    shared = set.intersection(*({m["name"] for m in c["volumeMounts"]} for c in containers))
+    volumes = {v["name"]: v for v in template.spec["volumes"]}
+    assert any("emptyDir" in volumes[name] for name in shared)
+
+
+# -- network policies ------------------------------------------------------------------------------
+
+
+def expected_flows(manifests: Manifests) -> set[tuple[str, str]]:
+    """The shop's real flows, derived from what the code and configs declare."""
+    web = yaml.safe_load((REPO / "example_shop" / "gateway" / "web.yaml").read_text())
+    flows = {(INGRESS_CONTROLLER, "gateway")}
+    flows |= {("gateway", upstream) for upstream in web["upstreams"]}
+    if "bus" in web:
+        flows.add(("gateway", "kafka"))
+    flows |= {(service, "kafka") for service in START_ORDER}
+    flows |= {("kafka-topics", "kafka"), ("kafka", "kafka")}
+    for service in POSTGRES_SERVICES:
+        server = "postgres" if manifests.overlay == "dev" else f"postgres-{service}"
+        flows |= {(service, server), (f"{service}-migrate", server)}
+    for service in MONGO_SERVICES:
+        flows.add((service, "mongo" if manifests.overlay == "dev" else f"mongo-{service}"))
+    flows |= {(component, KUBE_DNS) for component in manifests.components()}
+    return flows
+
+
+def _peers(manifests: Manifests, peer: Doc) -> set[str]:
+    if "namespaceSelector" in peer:
+        namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        pods = tuple(sorted(peer["podSelector"]["matchLabels"].items()))
+        return {EXTERNAL_PEERS[(namespace, pods)]}
+    assert set(peer) == {"podSelector"}, f"a peer we cannot name: {peer}"
+    return _selected(manifests, peer["podSelector"])
+
+
+def _selected(manifests: Manifests, selector: Doc) -> set[str]:
+    if selector == {}:
+        return manifests.components()
+    assert selector["matchLabels"].keys() == {NAME}, selector
+    return {selector["matchLabels"][NAME]}
+
+
+def allowed_flows(manifests: Manifests, direction: str) -> set[tuple[str, str]]:
+    """(from, to) pairs the policies allow in `direction` ("ingress" or "egress")."""
+    peer_key = "from" if direction == "ingress" else "to"
+    flows: set[tuple[str, str]] = set()
+    for policy in manifests.of_kind("NetworkPolicy"):
+        selected = _selected(manifests, policy["spec"]["podSelector"])
+        for rule in policy["spec"].get(direction, []):
+            name = policy["metadata"]["name"]
+            assert rule.get(peer_key), f"{name}: a rule open to everyone"
+            assert rule.get("ports"), f"{name}: a rule open on every port"
+            for peer in rule[peer_key]:
+                for other in _peers(manifests, peer):
+                    pairs = {
+                        (other, own) if direction == "ingress" else (own, other) for own in selected
+                    }
+                    flows |= pairs
+    return flows
+
+
+def test_everything_is_denied_by_default(manifests: Manifests) -> None:
+    deny = manifests.get("NetworkPolicy", "default-deny")["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+
+
+def test_network_policies_allow_exactly_the_real_flows(manifests: Manifests) -> None:
+    expected = expected_flows(manifests)
+    components = manifests.components()
+    unknown = {c for flow in expected for c in flow} - components - {KUBE_DNS, INGRESS_CONTROLLER}
+    assert not unknown, f"flows to components that do not exist: {unknown}"
+    egress, ingress = allowed_flows(manifests, "egress"), allowed_flows(manifests, "ingress")
+    want_egress = {f for f in expected if f[0] in components}
+    want_ingress = {f for f in expected if f[1] in components}
+    assert egress - want_egress == set(), "egress allowed beyond the real flows"
+    assert want_egress - egress == set(), "real flows without an egress allow"
+    assert ingress - want_ingress == set(), "ingress allowed beyond the real flows"
+    assert want_ingress - ingress == set(), "real flows without an ingress allow"
+
+
+# -- Kafka and the databases -----------------------------------------------------------------------
+
+
+def test_the_kafka_quorum_matches_the_statefulset(manifests: Manifests) -> None:
+    kafka = manifests.get("StatefulSet", "kafka")
+    assert int(manifests.config("kafka-config")["BROKERS"]) == kafka["spec"]["replicas"]
+    assert kafka["spec"]["podManagementPolicy"] == "Parallel"
+    assert manifests.get("Service", "kafka-headless")["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_prod_has_three_kafka_brokers_with_replicated_topics(
+    rendered: dict[str, Manifests],
+) -> None:
+    prod = rendered["prod"]
+    assert prod.get("StatefulSet", "kafka")["spec"]["replicas"] == 3
+    config = prod.config("kafka-config")
+    assert (config["REPLICATION_FACTOR"], config["MIN_INSYNC_REPLICAS"]) == ("3", "2")
+
+
+def test_the_topic_job_creates_every_shop_topic_and_its_dead_letters() -> None:
+    lines = (K8S / "base" / "kafka" / "topics.txt").read_text().splitlines()
+    listed = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    topics = {value for name, value in vars(TOPICS).items() if name.isupper()}
+    assert listed == topics | {f"{topic}.dlq" for topic in topics}
+
+
+def _server_databases(manifests: Manifests, name: str) -> set[str]:
+    (container,) = manifests.template("StatefulSet", name).spec["containers"]
+    return set(env_of(manifests, container)["SHOP_DATABASES"].split())
+
+
+def test_prod_gives_each_owning_service_its_own_database_server(
+    rendered: dict[str, Manifests],
+) -> None:
+    prod = rendered["prod"]
+    servers = {s["metadata"]["name"] for s in prod.of_kind("StatefulSet")} - {"kafka"}
+    assert servers == {f"postgres-{s}" for s in POSTGRES_SERVICES} | {
+        f"mongo-{s}" for s in MONGO_SERVICES
+    }
+    for service in POSTGRES_SERVICES:
+        assert _server_databases(prod, f"postgres-{service}") == {service}
+        image = prod.template("StatefulSet", f"postgres-{service}").spec["containers"][0]["image"]
+        assert image.startswith("postgres:")
+    for service in MONGO_SERVICES:
+        assert _server_databases(prod, f"mongo-{service}") == {service}
+
+
+def test_dev_shares_one_server_per_engine_with_a_database_per_service(
+    rendered: dict[str, Manifests],
+) -> None:
+    import base64
+
+    dev = rendered["dev"]
+    assert _server_databases(dev, "postgres") == set(POSTGRES_SERVICES)
+    assert _server_databases(dev, "mongo") == set(MONGO_SERVICES)
+    for service in (*POSTGRES_SERVICES, *MONGO_SERVICES):
+        secret = dev.find("Secret", f"{service}-db")["data"]
+        url = base64.b64decode(secret["url"]).decode()
+        password = base64.b64decode(secret["password"]).decode()
+        server = "postgres:5432" if service in POSTGRES_SERVICES else "mongo:27017"
+        assert f"{service}:{password}@{server}/shop_{service}" in url
+        assert password.startswith("dev-only-")
+
+
+def test_each_postgres_service_has_a_migration_job(manifests: Manifests) -> None:
+    for service in POSTGRES_SERVICES:
+        job = manifests.template("Job", f"{service}-migrate")
+        (container,) = job.spec["containers"]
+        assert container["args"][0] == "migrate"
+        assert container["args"][1].startswith(f"example_shop.{service}:")
+        assert env_of(manifests, container)["MSA_TRANSPORT"] == "memory"
+
+
+# -- the offline validation ------------------------------------------------------------------------
+
+
+def test_every_checkov_skip_has_a_reason() -> None:
+    skips = yaml.safe_load((K8S / "checkov-skips.yaml").read_text())["skips"]
+    assert skips
+    for check_id, reason in skips.items():
+        assert check_id.startswith("CKV"), check_id
+        assert isinstance(reason, str), check_id
+        assert len(reason.split()) >= 5, f"{check_id}: give a reason"
+
+
+def _offline() -> list[str]:
+    """A command prefix that cuts the network off (a new network namespace) where we may."""
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "-n", "true"], capture_output=True).returncode == 0:
+        return [unshare, "-n"]
+    return []
+
+
+def test_validate_k8s_passes_offline() -> None:
+    _kubectl()
+    result = subprocess.run(
+        [*_offline(), "bash", str(REPO / "scripts" / "validate-k8s")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for overlay in OVERLAYS:
+        assert f"== {overlay}" in result.stdout
+    assert result.stdout.count(", failed 0, ") == len(OVERLAYS)

@@ -60,6 +60,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from framework.errors import ConfigurationError
 from framework.gateway.config import CacheConfig, CorsConfig
 from framework.gateway.types import Exchange, GatewayError, GatewayHandler, GatewayMiddleware
+from framework.gateway.upstreams import HOP_BY_HOP
 
 __all__ = [
     "CacheKey",
@@ -75,20 +76,7 @@ CacheKey = tuple[str, str, str, str, tuple[str, ...], str | None]
 _CACHEABLE_STATUSES = frozenset({200, 203, 204, 301, 404})
 _CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 # Never replayed from the cache: they describe one connection, or are set per answer.
-_UNSTORED_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "age",
-        "x-cache",
-    }
-)
+_UNSTORED_HEADERS = HOP_BY_HOP | {"age", "x-cache"}
 
 
 def _directives(values: Iterable[str]) -> dict[str, str]:

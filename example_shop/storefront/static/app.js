@@ -200,6 +200,20 @@ function follow(orderId) {
     }
     if (data.status && cloudEvent.type.endsWith("status_changed")) label.textContent = data.status;
   };
+  // Events from before the stream opened are not replayed (no Last-Event-ID yet): read the
+  // order once the stream is open, so a saga that finished in between is shown too.
+  source.onopen = async () => {
+    try {
+      const order = await api(`/orders/${encodeURIComponent(orderId)}`);
+      const label = view.querySelector("[data-testid=order-status]");
+      if (!label || label.textContent === "confirmed" || label.textContent === "cancelled") return;
+      label.textContent = order.status;
+      label.className = `status ${order.status}`;
+      view.querySelector("[data-testid=order-reason]").textContent = order.reason || "";
+    } catch {
+      // the stream still brings what happens next
+    }
+  };
   source.onmessage = onEvent;
   for (const type of ["shop.orders.placed", "shop.orders.confirmed", "shop.orders.cancelled",
     "shop.orders.status_changed", "reset"]) {

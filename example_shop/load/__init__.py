@@ -39,11 +39,14 @@ def summarize(stats_csv: Path, seconds: float) -> str:
         f"{'endpoint':<32} {'requests':>9} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} "
         f"{'p99 ms':>7} {'errors':>7}"
     ]
-    orders = 0
+    orders = limited = 0
     for row in rows:
         name = row["Name"] if row["Name"] != "Aggregated" else "all requests"
         if row["Type"] == "ORDER":
             orders = int(row["Request Count"])
+            continue
+        if row["Type"] == "LIMITED":
+            limited = int(row["Request Count"])
             continue
         lines.append(
             f"{name[:32]:<32} {int(row['Request Count']):>9} {float(row['Requests/s']):>8.1f} "
@@ -52,6 +55,7 @@ def summarize(stats_csv: Path, seconds: float) -> str:
     lines.append(
         f"\norders placed: {orders} ({orders / seconds:.2f} orders/s over {seconds:.0f} s)"
     )
+    lines.append(f"rate-limited by the gateway (429s, answered as designed): {limited}")
     return "\n".join(lines)
 
 

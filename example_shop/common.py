@@ -16,16 +16,20 @@ gateway reach the services. `caller(request)` reads them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
+from framework.service import ServiceSettings
+
 __all__ = [
     "PORTS",
     "Caller",
     "caller",
+    "default_settings",
     "mongo_target",
     "postgres_admin_url",
     "postgres_url",
@@ -42,6 +46,17 @@ PORTS = {
     "analytics": 8107,
     "storefront": 8108,
 }
+
+
+def default_settings(service: str, settings: ServiceSettings | None = None) -> ServiceSettings:
+    """`settings`, or the environment's with the service's own port (`PORTS`) unless
+    MSA_HTTP_PORT says otherwise: what every shop service starts from."""
+    if settings is not None:
+        return settings
+    settings = ServiceSettings.from_env()
+    if "MSA_HTTP_PORT" not in settings.env:
+        settings = dataclasses.replace(settings, http_port=PORTS[service])
+    return settings
 
 
 def _with_database(url: str, database: str) -> str:

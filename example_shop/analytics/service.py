@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -47,7 +46,7 @@ from example_shop.analytics.ledger import (
     Trending,
     Windows,
 )
-from example_shop.common import PORTS, require_admin
+from example_shop.common import default_settings, require_admin
 from example_shop.contracts import TOPICS, OrderConfirmed, OrderPlaced
 from framework.bus import Message
 from framework.http import json_response
@@ -78,11 +77,7 @@ class TrendingQuery(BaseModel):
 
 
 def _settings(settings: ServiceSettings | None) -> ServiceSettings:
-    if settings is None:
-        settings = ServiceSettings.from_env()
-        if "MSA_HTTP_PORT" not in settings.env:
-            settings = replace(settings, http_port=PORTS["analytics"])
-    return settings
+    return default_settings("analytics", settings)
 
 
 def _on_kafka(settings: ServiceSettings, transport: Transport | None) -> bool:

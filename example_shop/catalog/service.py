@@ -33,7 +33,6 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -41,7 +40,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from example_shop.catalog.seed import demo_documents
-from example_shop.common import PORTS, mongo_target, require_admin
+from example_shop.common import default_settings, mongo_target, require_admin
 from example_shop.contracts import TOPICS, ProductCreated, ProductPriceChanged
 from framework.http import json_response, read_json
 from framework.messages import new_id, utc_now, validate_payload
@@ -139,11 +138,7 @@ class Catalog(Service):
         mongo_client: Any = None,
     ) -> None:
         """`mongo_client`: a ready client (pymongo or Motor-like) to use instead of MONGO_URL."""
-        if settings is None:
-            settings = ServiceSettings.from_env()
-            if "MSA_HTTP_PORT" not in settings.env:
-                settings = replace(settings, http_port=PORTS["catalog"])
-        super().__init__(settings, transport=transport)
+        super().__init__(default_settings("catalog", settings), transport=transport)
         url, database = mongo_target(self.settings.env, "catalog")
         self.db = self.use(
             MongoResource(

@@ -25,7 +25,6 @@ Environment (besides POSTGRES_URL / IDENTITY_DATABASE_URL):
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import re
 import secrets
@@ -37,7 +36,7 @@ import jwt
 from aiohttp import web
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from example_shop.common import PORTS, caller, postgres_url
+from example_shop.common import caller, default_settings, postgres_url
 from example_shop.identity.keys import ALGORITHM, SigningKeys
 from example_shop.identity.passwords import hash_password, password_weakness, verify_password
 from framework.http import json_response, read_json
@@ -149,7 +148,7 @@ class Identity(Service):
         transport: Transport | None = None,
         **resources: Any,
     ) -> None:
-        super().__init__(settings or _default_settings(), transport=transport)
+        super().__init__(default_settings("identity", settings), transport=transport)
         env = self.settings.env
         self.issuer = env.get("JWT_ISSUER") or DEFAULT_ISSUER
         self.cookie_secure = env.get("IDENTITY_COOKIE_SECURE", "0") == "1"
@@ -284,10 +283,3 @@ class Identity(Service):
 
 
 _NO_STORE = {"Cache-Control": "no-store"}
-
-
-def _default_settings() -> ServiceSettings:
-    settings = ServiceSettings.from_env()
-    if "MSA_HTTP_PORT" not in settings.env:
-        settings = dataclasses.replace(settings, http_port=PORTS["identity"])
-    return settings

@@ -29,14 +29,13 @@ Demo stock for the catalog's products p-001..p-024 is seeded by a migration (onc
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from example_shop.common import PORTS, postgres_url, require_admin
+from example_shop.common import default_settings, postgres_url, require_admin
 from example_shop.contracts import (
     TOPICS,
     ReleaseStock,
@@ -129,7 +128,7 @@ class Inventory(Service):
         transport: Transport | None = None,
         **_: Any,
     ) -> None:
-        super().__init__(settings or _default_settings(), transport=transport)
+        super().__init__(default_settings("inventory", settings), transport=transport)
         self.db = self.use(
             PostgresResource(postgres_url(self.settings.env, self.name), migrations=MIGRATIONS)
         )
@@ -280,10 +279,3 @@ async def _release(tx: Any, order_id: str) -> None:
             product_id,
             quantity,
         )
-
-
-def _default_settings() -> ServiceSettings:
-    settings = ServiceSettings.from_env()
-    if "MSA_HTTP_PORT" not in settings.env:
-        settings = dataclasses.replace(settings, http_port=PORTS["inventory"])
-    return settings

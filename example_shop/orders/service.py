@@ -25,14 +25,13 @@ catalog on every cart change, at the cost of prices that lag the catalog by the 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from aiohttp import web
 from pydantic import BaseModel, Field, field_validator
 
-from example_shop.common import PORTS, caller, postgres_url
+from example_shop.common import caller, default_settings, postgres_url
 from example_shop.contracts import (
     TOPICS,
     AuthorizePayment,
@@ -166,7 +165,7 @@ class Orders(Service):
         transport: Transport | None = None,
         **_: Any,
     ) -> None:
-        super().__init__(settings or _default_settings(), transport=transport)
+        super().__init__(default_settings("orders", settings), transport=transport)
         self.db = self.use(
             PostgresResource(postgres_url(self.settings.env, self.name), migrations=MIGRATIONS)
         )
@@ -348,10 +347,3 @@ async def _with_lines(conn: Any, rows: Sequence[Any]) -> list[dict[str, Any]]:
             {k: line[k] for k in ("product_id", "quantity", "unit_price_cents")}
         )
     return list(orders.values())
-
-
-def _default_settings() -> ServiceSettings:
-    settings = ServiceSettings.from_env()
-    if "MSA_HTTP_PORT" not in settings.env:
-        settings = dataclasses.replace(settings, http_port=PORTS["orders"])
-    return settings

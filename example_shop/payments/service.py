@@ -23,7 +23,6 @@ the command's correlation id (the saga id) without further ado.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import uuid
@@ -34,7 +33,7 @@ from typing import Any, ClassVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from example_shop.common import PORTS, postgres_url, require_admin
+from example_shop.common import default_settings, postgres_url, require_admin
 from example_shop.contracts import (
     TOPICS,
     AuthorizePayment,
@@ -128,7 +127,7 @@ class Payments(Service):
         transport: Transport | None = None,
         **resources: Any,
     ) -> None:
-        super().__init__(settings or _default_settings(), transport=transport)
+        super().__init__(default_settings("payments", settings), transport=transport)
         url = postgres_url(self.settings.env, "payments")
         self.db = self.use(PostgresResource(url, migrations=MIGRATIONS))
         self.outbox = self.use(PostgresOutbox(self.db, self.bus))
@@ -192,10 +191,3 @@ class Payments(Service):
         if row is None:
             raise web.HTTPNotFound(text="no payment for this order")
         return json_response(PaymentRecord(**dict(row)))
-
-
-def _default_settings() -> ServiceSettings:
-    settings = ServiceSettings.from_env()
-    if "MSA_HTTP_PORT" not in settings.env:
-        settings = dataclasses.replace(settings, http_port=PORTS["payments"])
-    return settings

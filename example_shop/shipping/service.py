@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from example_shop.common import PORTS, caller, mongo_target, require_admin
+from example_shop.common import caller, default_settings, mongo_target, require_admin
 from example_shop.contracts import (
     TOPICS,
     CancelShipment,
@@ -136,11 +136,7 @@ class Shipping(Service):
         mongo_client: Any = None,
     ) -> None:
         """`mongo_client`: a ready client (pymongo or Motor-like) to use instead of MONGO_URL."""
-        if settings is None:
-            settings = ServiceSettings.from_env()
-            if "MSA_HTTP_PORT" not in settings.env:
-                settings = replace(settings, http_port=PORTS["shipping"])
-        super().__init__(settings, transport=transport)
+        super().__init__(default_settings("shipping", settings), transport=transport)
         try:
             self.tick = float(self.settings.env.get("SHIPPING_TICK_SECONDS", "5"))
         except ValueError as exc:

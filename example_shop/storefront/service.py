@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from example_shop.common import PORTS
+from example_shop.common import PORTS, default_settings
 from framework.graph import SystemGraph
 from framework.service import Service, ServiceSettings, route
 from framework.types import Transport
@@ -46,7 +46,7 @@ class Storefront(Service):
         transport: Transport | None = None,
         **_: Any,
     ) -> None:
-        super().__init__(settings or _default_settings(), transport=transport)
+        super().__init__(default_settings("storefront", settings), transport=transport)
         self._graph: SystemGraph | None = None
         self._sample: tuple[float, dict[str, float]] | None = None
 
@@ -121,12 +121,3 @@ def _shop_graph() -> SystemGraph:
         n: load_config(GATEWAY_CONFIGS / f"{n}.yaml", env={}) for n in ("web", "mobile", "internal")
     }
     return describe(services, gateways)
-
-
-def _default_settings() -> ServiceSettings:
-    import dataclasses
-
-    settings = ServiceSettings.from_env()
-    if "MSA_HTTP_PORT" not in settings.env:
-        settings = dataclasses.replace(settings, http_port=PORTS["storefront"])
-    return settings

@@ -108,7 +108,36 @@ def _event_json(event: FeedEvent) -> bytes:
     return to_structured(event.envelope)
 
 
-class SseBridge:
+class _PushBridge:
+    """What both push bridges share: the feed, the client's filter, its queue's capacity, the
+    write timeout, and the count of clients dropped for being slow."""
+
+    def __init__(
+        self,
+        feed: EventFeed,
+        filter_from: FilterFrom | None,
+        *,
+        capacity: int,
+        heartbeat: float,
+        write_timeout: float,
+    ) -> None:
+        self.feed = feed
+        self.filter_from = filter_from or RequestFilter()
+        self.capacity = capacity
+        self.heartbeat = heartbeat
+        self.write_timeout = write_timeout
+        self.dropped = 0
+
+    def _listen(
+        self, request: web.Request, params: Mapping[str, str] | None, after: str | None
+    ) -> FeedListener:
+        """The client's listener; `params`: the path parameters, when not `match_info` (the
+        gateway matches routes itself)."""
+        match = self.filter_from(request, request.match_info if params is None else params)
+        return self.feed.listen(match, after=after, capacity=self.capacity)
+
+
+class SseBridge(_PushBridge):
     """Server-Sent Events from an `EventFeed`, filtered per client, resumable."""
 
     def __init__(
@@ -121,22 +150,18 @@ class SseBridge:
         write_timeout: float = 10.0,
         retry_ms: int = 2000,
     ) -> None:
-        self.feed = feed
-        self.filter_from = filter_from or RequestFilter()
-        self.capacity = capacity
-        self.heartbeat = heartbeat
-        self.write_timeout = write_timeout
+        super().__init__(
+            feed, filter_from, capacity=capacity, heartbeat=heartbeat, write_timeout=write_timeout
+        )
         self.retry_ms = retry_ms
-        self.dropped = 0
 
     async def handle(
         self, request: web.Request, params: Mapping[str, str] | None = None
     ) -> web.StreamResponse:
         """The aiohttp handler; `params`: the path parameters, when not `request.match_info`
         (the gateway matches routes itself)."""
-        match = self.filter_from(request, request.match_info if params is None else params)
         after = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
-        listener = self.feed.listen(match, after=after, capacity=self.capacity)
+        listener = self._listen(request, params, after)
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream; charset=utf-8",
@@ -187,7 +212,7 @@ class SseBridge:
             await response.write(chunk)
 
 
-class WebSocketBridge:
+class WebSocketBridge(_PushBridge):
     """A WebSocket stream of the events from an `EventFeed`, filtered per client."""
 
     def __init__(
@@ -199,22 +224,17 @@ class WebSocketBridge:
         heartbeat: float = 20.0,
         write_timeout: float = 10.0,
     ) -> None:
-        self.feed = feed
-        self.filter_from = filter_from or RequestFilter()
-        self.capacity = capacity
-        self.heartbeat = heartbeat
-        self.write_timeout = write_timeout
-        self.dropped = 0
+        super().__init__(
+            feed, filter_from, capacity=capacity, heartbeat=heartbeat, write_timeout=write_timeout
+        )
 
     async def handle(
         self, request: web.Request, params: Mapping[str, str] | None = None
     ) -> web.WebSocketResponse:
         """The aiohttp handler; `params` as for `SseBridge.handle`."""
-        match = self.filter_from(request, request.match_info if params is None else params)
         socket = web.WebSocketResponse(heartbeat=self.heartbeat, max_msg_size=64 * 1024)
         await socket.prepare(request)
-        after = request.query.get("lastEventId")
-        listener = self.feed.listen(match, after=after, capacity=self.capacity)
+        listener = self._listen(request, params, request.query.get("lastEventId"))
         reader = asyncio.create_task(self._read_until_closed(socket, listener))
         try:
             if listener.gap:
@@ -227,7 +247,6 @@ class WebSocketBridge:
                 async with asyncio.timeout(self.write_timeout):
                     await socket.send_str(_event_json(event).decode())
         except TimeoutError:
-            self.dropped += 1
             listener.close(f"slow client: a write waited {self.write_timeout}s")
         except ConnectionResetError:
             listener.close("the client went away")
@@ -237,10 +256,10 @@ class WebSocketBridge:
                 await reader
             reason = listener.closed_reason or "the stream ended"
             listener.close(reason)
+            if "slow" in reason:  # one count per dropped client, whichever way it was slow
+                self.dropped += 1
             if not socket.closed:
                 code = 1001 if "shutting down" in reason else 1008 if "slow" in reason else 1000
-                if "slow" in reason:
-                    self.dropped += 1
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.write_timeout):
                         await socket.close(code=code, message=reason[:120].encode())

@@ -560,7 +560,7 @@ async def test_websocket_streams_filtered_events_and_closes_slow_clients_with_10
             break
     assert socket.close_code == 1008
     await wait_for_listeners(feed, 0)
-    assert ws_bridge.dropped >= 1
+    assert ws_bridge.dropped == 1  # counted once, however it was slow
     await socket.close()
 
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from framework.bus import Bus, MemoryTransport, Subscription
 from framework.errors import TranslationError
@@ -80,7 +81,7 @@ from framework.gateway.types import (
     GatewayHandler,
     GatewayMiddleware,
 )
-from framework.gateway.upstreams import HOP_BY_HOP, UpstreamPool
+from framework.gateway.upstreams import UpstreamPool
 from framework.http import problem
 from framework.messages import new_id
 from framework.observability.metrics import CONTENT_TYPE, MetricsRegistry
@@ -96,7 +97,6 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger("framework.gateway")
 _GTXID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_ANSWER_HOP = HOP_BY_HOP | {"content-length", "content-encoding"}
 
 
 def _problem_response(error: GatewayError, exchange: Exchange | None) -> web.Response:
@@ -277,20 +277,20 @@ class _Runtime:
                 timeout=timeout,
             )
             exchange.upstream = answer.instance
-            headers = {k: v for k, v in answer.headers.items() if k.lower() not in _ANSWER_HOP}
-            return web.Response(status=answer.status, body=answer.body, headers=headers)
+            # The pool already dropped hop-by-hop headers and the body's stale length/encoding;
+            # a multidict keeps repeated headers (several Set-Cookie) as the upstream sent them.
+            return web.Response(
+                status=answer.status, body=answer.body, headers=CIMultiDict(answer.headers)
+            )
 
         return proxy
 
-    def _upstream_headers(self, exchange: Exchange) -> dict[str, str]:
+    def _upstream_headers(self, exchange: Exchange) -> CIMultiDict[str]:
+        """The request's headers for the upstream, plus ours (ids, forwarding, trace). Hop-by-hop
+        headers, those the `Connection` header names, and `Host` are left to the pool to drop
+        (`clean_headers`): filtering them here first would hide what `Connection` names."""
         request = exchange.request
-        forward_claims = self.config.auth.forward_claims
-        headers = strip_forwarded(
-            {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP},
-            forward_claims,
-        )
-        headers.pop("Host", None)
-        headers.pop("host", None)
+        headers = CIMultiDict(strip_forwarded(request.headers, self.config.auth.forward_claims))
         peer = request.remote or ""
         previous = request.headers.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
@@ -695,7 +695,7 @@ class Gateway:
         document = tracker.status(parts[3])
         if document is None:
             raise GatewayError(404, "Not Found", f"no accepted request {parts[3]!r} is known")
-        return web.json_response(document, dumps=lambda v: orjson.dumps(v).decode())
+        return _json(document)
 
     # -- admin -----------------------------------------------------------------------------------
 

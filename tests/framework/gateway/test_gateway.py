@@ -64,6 +64,9 @@ routes:
     match: {{path: /static, prefix: true}}
     upstream: items
     rewrite: "/assets/{{tail}}"
+  - name: cookies
+    match: {{methods: [GET], path: /cookies}}
+    upstream: items
 """
     )
     served = []
@@ -88,10 +91,19 @@ routes:
         },
     )
     assert body["headers"]["x-gtxid"] == "txn-123" == headers["x-gtxid"]
+    assert "x-secret" not in body["headers"]  # named by Connection: hop-by-hop, not forwarded
+    assert body["headers"]["x-gtxid"] == "txn-123"  # one value, whatever case the client used
     upstream_trace = body["headers"]["traceparent"].split("-")
     assert upstream_trace[1] == "0af7651916cd43dd8448eb211c80319c"  # same trace
     assert upstream_trace[2] != "b7ad6b7169203331"  # a new span for the hop
     assert "x-forwarded-for" in body["headers"]
+
+    async with http.get(f"{base(gateway)}/cookies") as response:
+        assert response.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+
+    async with http.get(f"{base(gateway)}/static/x", headers={"X-Gtxid": "CASE-1"}) as response:
+        echoed = await response.json()
+    assert echoed["headers"]["x-gtxid"] == "CASE-1"
 
     status, body, _ = await get_json(http, f"{base(gateway)}/static/css/site.css")
     assert (status, body["path"]) == (200, "/assets/css/site.css")

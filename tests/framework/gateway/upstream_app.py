@@ -8,6 +8,7 @@ prints `port <n>` once it listens on 127.0.0.1 (an ephemeral port), then serves:
     /slow?ms=N             answers after N milliseconds
     /status/<code>         answers with that status
     /xml                   an XML document
+    /cookies               two Set-Cookie headers
     /json                  {"order_id": "o-1", "customer": {"name": "Ada"}, ...}
     anything else          200 with what it received: name, method, path, query, headers, body
 """
@@ -48,6 +49,12 @@ def build(name: str) -> web.Application:
             content_type="application/xml",
         )
 
+    async def cookies(request: web.Request) -> web.Response:
+        response = web.Response(text="two cookies")
+        response.headers.add("Set-Cookie", "a=1; Path=/")
+        response.headers.add("Set-Cookie", "b=2; Path=/")
+        return response
+
     async def document(request: web.Request) -> web.Response:
         return web.json_response(
             {"order_id": "o-1", "customer": {"name": "Ada"}, "total": 1250, "served_by": name}
@@ -79,6 +86,7 @@ def build(name: str) -> web.Application:
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/xml", xml)
     app.router.add_get("/json", document)
+    app.router.add_get("/cookies", cookies)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+from framework.bus import MemoryTransport
+from framework.types import Transport
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,3 +165,16 @@ async def mongo_database_name(mongo_url: str) -> AsyncIterator[str]:
 @pytest.fixture
 def topic_name() -> str:
     return unique_name("test").replace("_", "-")
+
+
+@pytest.fixture(params=["memory", pytest.param("kafka", marks=pytest.mark.kafka)])
+def make_transport(request: pytest.FixtureRequest) -> Callable[[], Transport]:
+    """Transports for suites that run on both: one in-memory "cluster" per test (every call
+    returns the same `MemoryTransport`, like one broker), or a new client of the real Kafka."""
+    if request.param == "memory":
+        shared = MemoryTransport()
+        return lambda: shared
+    from framework.bus.kafka import KafkaSettings, KafkaTransport
+
+    bootstrap = request.getfixturevalue("kafka_bootstrap")
+    return lambda: KafkaTransport(KafkaSettings(bootstrap_servers=bootstrap, linger_ms=1))

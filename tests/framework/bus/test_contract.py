@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message, RetryPolicy
+from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message, RetryPolicy
 from framework.bus.dlq import replay
 from framework.bus.memory import partition_for_key
 from framework.errors import (
@@ -49,17 +49,6 @@ class QuoteRequest:
 class Quote:
     sku: str
     total: float
-
-
-@pytest.fixture(params=["memory", pytest.param("kafka", marks=pytest.mark.kafka)])
-def make_transport(request: pytest.FixtureRequest) -> TransportFactory:
-    if request.param == "memory":
-        shared = MemoryTransport()  # one in-memory "cluster" per test, like one broker
-        return lambda: shared
-    from framework.bus.kafka import KafkaSettings, KafkaTransport
-
-    bootstrap = request.getfixturevalue("kafka_bootstrap")
-    return lambda: KafkaTransport(KafkaSettings(bootstrap_servers=bootstrap, linger_ms=1))
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from pydantic import BaseModel
 
-from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message
+from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message
 from framework.messages import message_type, type_name
 from framework.types import Transport
 from tests.framework.gateway.conftest import ADMIN_HASH, GatewayFactory, Upstream, base
@@ -38,17 +38,6 @@ class OrderShipped(BaseModel):
 @message_type("gw.quote")
 class QuoteAsked(BaseModel):
     sku: str
-
-
-@pytest.fixture(params=["memory", pytest.param("kafka", marks=pytest.mark.kafka)])
-def make_transport(request: pytest.FixtureRequest) -> Callable[[], Transport]:
-    if request.param == "memory":
-        shared = MemoryTransport()
-        return lambda: shared
-    from framework.bus.kafka import KafkaSettings, KafkaTransport
-
-    bootstrap = request.getfixturevalue("kafka_bootstrap")
-    return lambda: KafkaTransport(KafkaSettings(bootstrap_servers=bootstrap, linger_ms=1))
 
 
 @pytest.fixture

@@ -64,17 +64,6 @@ class OutOfStock(Exception):
     pass
 
 
-@pytest.fixture(params=["memory", pytest.param("kafka", marks=pytest.mark.kafka)])
-def make_transport(request: pytest.FixtureRequest) -> Callable[[], Transport]:
-    if request.param == "memory":
-        shared = MemoryTransport()
-        return lambda: shared
-    from framework.bus.kafka import KafkaSettings, KafkaTransport
-
-    bootstrap = request.getfixturevalue("kafka_bootstrap")
-    return lambda: KafkaTransport(KafkaSettings(bootstrap_servers=bootstrap, linger_ms=1))
-
-
 @pytest.fixture
 async def buses(make_transport: Callable[[], Transport]) -> AsyncIterator[tuple[Bus, Bus]]:
     """(edge, worker): the bus the bridges use, and the one the services behind them use."""

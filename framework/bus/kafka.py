@@ -74,15 +74,15 @@ from framework.types import (
 )
 
 try:
-    from aiokafka import (  # type: ignore[import-untyped]
+    from aiokafka import (
         AIOKafkaConsumer,
         AIOKafkaProducer,
         ConsumerRebalanceListener,
     )
     from aiokafka import TopicPartition as KafkaTopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
-    from aiokafka.codec import has_lz4, has_snappy, has_zstd  # type: ignore[import-untyped]
-    from aiokafka.errors import (  # type: ignore[import-untyped]
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.codec import has_lz4, has_snappy, has_zstd
+    from aiokafka.errors import (
         CommitFailedError,
         ConsumerStoppedError,
         InvalidProducerEpoch,
@@ -94,12 +94,12 @@ try:
         UnknownTopicOrPartitionError,
         for_code,
     )
-    from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
-    from aiokafka.partitioner import (  # type: ignore[import-untyped]
+    from aiokafka.helpers import create_ssl_context
+    from aiokafka.partitioner import (
         DefaultPartitioner,
         murmur2,
     )
-    from aiokafka.record.default_records import (  # type: ignore[import-untyped]
+    from aiokafka.record.default_records import (
         DefaultRecordBatchBuilder,
     )
 except ImportError as exc:  # pragma: no cover - depends on the installed extras

@@ -1,5 +1,7 @@
-# Sourced by scripts/devservices and scripts/test: makes sure the project venv exists and holds
-# `.[all,shop,dev]`. Everything downloaded is cached outside the clone (CI clones afresh every run).
+# Sourced by scripts/devservices, scripts/test and scripts/validate-k8s: makes sure the project venv
+# exists and holds `.[all,shop,dev]`, and installs the other tools the suite uses (chromium, the
+# Kubernetes validators). Everything downloaded is cached outside the clone (CI clones afresh every
+# run), and every tool is installed here, before any test runs: a test never downloads.
 #
 #   MSA_CACHE_DIR  cache for tools, jars and binaries   (default: ~/.cache/msa-framework)
 #   MSA_VENV       the project's virtualenv              (default: <repo>/.venv)
@@ -45,4 +47,19 @@ msa_ensure_chromium() {
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get install -y -q chromium >&2 \
         || { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q chromium >&2; }
+}
+
+# checkov and kubernetes-validate (scripts/validate-k8s) live in their own venv in the cache, not in
+# the project venv: checkov pins old versions of common packages, and the framework must not run
+# on those. The suite runs validate-k8s without a network (unshare -n), so this must come first.
+MSA_K8S_TOOLS=$MSA_CACHE_DIR/k8s-tools
+msa_ensure_k8s_tools() {
+    local tools=$MSA_K8S_TOOLS
+    if [ -x "$tools/bin/checkov" ] && [ -x "$tools/bin/kubernetes-validate" ]; then
+        return 0
+    fi
+    msa_log "installing checkov and kubernetes-validate into $tools"
+    [ -x "$tools/bin/python" ] || msa_uv venv --quiet --python "$MSA_PYTHON" "$tools" >&2
+    msa_uv pip install --quiet --python "$tools/bin/python" \
+        "checkov>=3.2" "kubernetes-validate>=1.30" pyyaml >&2
 }

@@ -168,48 +168,87 @@ async function showOrders() {
     </table>`;
 }
 
+// An order's progress, in the order the saga moves through it. The timeline shows what the
+// orders service has stored first, then adds what the live stream brings; each step once.
+const STEPS = {
+  placed: [0, "Order placed"],
+  stock_reserved: [1, "Stock reserved"],
+  payment_authorized: [2, "Payment authorised"],
+  shipment_created: [3, "Shipment created"],
+  confirmed: [4, "Order confirmed"],
+  cancelled: [4, "Order cancelled"],
+  failed: [4, "Needs attention: an undo was not confirmed"],
+};
+const FINAL = new Set(["confirmed", "cancelled", "failed"]);
+const when = (iso) => (iso ? new Date(iso).toLocaleString() : "");
+
 async function showOrder(orderId) {
   if (!state.me) { location.hash = "#/signin"; return; }
   const order = await api(`/orders/${encodeURIComponent(orderId)}`);
   view.innerHTML = `
     <h1>Order ${esc(order.order_id)}</h1>
-    <p>Status: <span class="status ${esc(order.status)}" data-testid="order-status">${esc(order.status)}</span>
-       <span class="muted" data-testid="order-reason">${esc(order.reason || "")}</span></p>
+    <p>Status: <span class="status" data-testid="order-status"></span>
+       <span class="muted" data-testid="order-reason"></span></p>
     <p>Total ${money(order.total_cents)}</p>
-    <h2>Live</h2>
+    <h2>Progress</h2>
     <ol class="timeline" data-testid="timeline"></ol>`;
-  follow(orderId);
+  const timeline = view.querySelector("[data-testid=timeline]");
+  showStored(timeline, order);
+  follow(orderId, timeline);
 }
 
-function follow(orderId) {
+// The order as stored: its status, and the steps its saga reached.
+function showStored(timeline, order) {
+  addStep(timeline, "placed", order.created_at);
+  for (const step of order.progress || []) addStep(timeline, step, "");
+  if (FINAL.has(order.status)) addStep(timeline, order.status, order.updated_at);
+  setStatus(order.status, order.reason);
+}
+
+function setStatus(status, reason) {
+  const label = view.querySelector("[data-testid=order-status]");
+  const rank = status in STEPS ? STEPS[status][0] : -1;
+  // Never back: a stored copy read a moment before a live event must not undo it.
+  if (!label || (label.dataset.rank !== undefined && Number(label.dataset.rank) > rank)) return;
+  label.dataset.rank = rank;
+  label.textContent = status;
+  label.className = `status ${status}`;
+  view.querySelector("[data-testid=order-reason]").textContent = reason || "";
+}
+
+function addStep(timeline, step, time) {
+  if (!(step in STEPS) || timeline.querySelector(`[data-step="${step}"]`)) return;
+  const [rank, words] = STEPS[step];
+  const item = document.createElement("li");
+  item.dataset.step = step;
+  item.dataset.rank = rank;
+  item.textContent = time ? `${words} · ${when(time)}` : words;
+  const later = [...timeline.children].find((li) => Number(li.dataset.rank) > rank);
+  timeline.insertBefore(item, later || null);
+}
+
+function follow(orderId, timeline) {
   if (state.live) state.live.close();
-  const timeline = view.querySelector("[data-testid=timeline]");
   const source = new EventSource(`/api/live/orders/${encodeURIComponent(orderId)}`);
   state.live = source;
   const onEvent = (event) => {
     const cloudEvent = JSON.parse(event.data);
-    const item = document.createElement("li");
-    item.textContent = `${cloudEvent.type.replace("shop.", "")} · ${new Date(cloudEvent.time).toLocaleTimeString()}`;
-    timeline.appendChild(item);
     const data = cloudEvent.data || {};
-    const label = view.querySelector("[data-testid=order-status]");
-    if (cloudEvent.type === "shop.orders.confirmed") { label.textContent = "confirmed"; label.className = "status confirmed"; }
-    if (cloudEvent.type === "shop.orders.cancelled") {
-      label.textContent = "cancelled"; label.className = "status cancelled";
-      view.querySelector("[data-testid=order-reason]").textContent = data.reason || "";
-    }
-    if (data.status && cloudEvent.type.endsWith("status_changed")) label.textContent = data.status;
+    const step = {
+      "shop.orders.placed": "placed",
+      "shop.orders.confirmed": "confirmed",
+      "shop.orders.cancelled": "cancelled",
+      "shop.orders.status_changed": data.status,
+    }[cloudEvent.type];
+    addStep(timeline, step, cloudEvent.time);
+    if (FINAL.has(step)) setStatus(step, data.reason);
+    else if (step && step !== "placed") setStatus(step, "");
   };
-  // Events from before the stream opened are not replayed (no Last-Event-ID yet): read the
-  // order once the stream is open, so a saga that finished in between is shown too.
+  // Events from before the stream opened are not replayed: read the stored order again once it
+  // is open, so whatever happened in between is shown too (addStep ignores what is there).
   source.onopen = async () => {
     try {
-      const order = await api(`/orders/${encodeURIComponent(orderId)}`);
-      const label = view.querySelector("[data-testid=order-status]");
-      if (!label || label.textContent === "confirmed" || label.textContent === "cancelled") return;
-      label.textContent = order.status;
-      label.className = `status ${order.status}`;
-      view.querySelector("[data-testid=order-reason]").textContent = order.reason || "";
+      showStored(timeline, await api(`/orders/${encodeURIComponent(orderId)}`));
     } catch {
       // the stream still brings what happens next
     }

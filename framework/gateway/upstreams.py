@@ -60,7 +60,7 @@ import math
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -321,6 +321,10 @@ class UpstreamPool:
     Lifecycle: `start()` opens the session (unless one was given), resolves `dns` once, and
     starts the health-check and DNS-refresh tasks; `stop()` cancels them and closes what the pool
     opened. `send` before `start` (or after `stop`) raises `NotStartedError`.
+
+    `time_fn` is the monotonic clock (seconds) of the breaker, the retry budget, ejections and
+    the latencies that judge slow instances; it can be replaced in tests. Timeouts, backoff and
+    health-check intervals run on the event loop's clock.
     """
 
     def __init__(
@@ -330,10 +334,12 @@ class UpstreamPool:
         *,
         session: aiohttp.ClientSession | None = None,
         default_timeout: float = 30,
+        time_fn: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.config = config
         self.default_timeout = default_timeout
+        self._time = time_fn
         self._given_session = session
         self._session: aiohttp.ClientSession | None = None
         self._health_session: aiohttp.ClientSession | None = None
@@ -426,7 +432,7 @@ class UpstreamPool:
         budget = timeout if timeout is not None else self.config.timeout or self.default_timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
-        now = time.monotonic()
+        now = self._time()
         self.requests += 1
         self._recent_requests.add(now)
 
@@ -453,7 +459,7 @@ class UpstreamPool:
                 self._breaker.release(trial)
             else:
                 before = self._breaker.state
-                after = self._breaker.record(trial, failed=result.failed, now=time.monotonic())
+                after = self._breaker.record(trial, failed=result.failed, now=self._time())
                 if after != before:
                     log.warning("upstream %s: circuit %s", self.name, after.replace("_", "-"))
         if result.failed:
@@ -526,7 +532,7 @@ class UpstreamPool:
             delay = retry.backoff * 2 ** (attempt - 1)
             if deadline - loop.time() <= delay:
                 return result
-            now = time.monotonic()
+            now = self._time()
             allowed = max(1.0, retry.budget * self._recent_requests.total(now))
             if self._recent_retries.total(now) >= allowed:
                 self.budget_exhausted += 1
@@ -562,7 +568,7 @@ class UpstreamPool:
             headers["Host"] = instance.host
         instance.requests += 1
         instance.in_flight += 1
-        started = time.perf_counter()
+        started = self._time()
         failure: _Failure | None = None
         cause: BaseException | None = None
         try:
@@ -588,7 +594,7 @@ class UpstreamPool:
             failure, cause = "connect", exc
         finally:
             instance.in_flight -= 1
-        latency_ms = (time.perf_counter() - started) * 1000
+        latency_ms = (self._time() - started) * 1000
 
         if failure is not None:
             self._judge(instance, failed=True, latency_ms=None)
@@ -633,7 +639,7 @@ class UpstreamPool:
         return available
 
     def _pick(self, *, exclude: set[str]) -> _Instance | None:
-        available = self._available(time.monotonic())
+        available = self._available(self._time())
         candidates = [i for i in available if i.url not in exclude] or available
         if not candidates:
             return None
@@ -673,7 +679,7 @@ class UpstreamPool:
             )
 
     def _eject(self, instance: _Instance, reason: str) -> None:
-        now = time.monotonic()
+        now = self._time()
         if instance.is_ejected(now):
             return
         total = len(self._instances)
@@ -789,7 +795,7 @@ class UpstreamPool:
 
     def snapshot(self) -> dict[str, Any]:
         """The pool's state for the admin API (JSON-able)."""
-        now = time.monotonic()
+        now = self._time()
         return {
             "name": self.name,
             "balance": self.config.balance,

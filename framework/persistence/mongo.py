@@ -379,6 +379,11 @@ class MongoOutbox:
         self.claims_collection = claims_collection
         self.owner = f"{bus.source}/{bus.instance_id}/{new_id()[:8]}"
         self.published = 0
+        """Events this relay published and removed from their documents."""
+        self.rounds = 0
+        """Relay rounds finished, whether they published, found nothing or failed. The round
+        under way when this is read may have begun earlier; once it grew by two, the relay has
+        looked at everything written before it was read (tests await that, not a sleep)."""
         for name in self.collections:
             resource.add_indexes(name, [IndexSpec(PENDING_FIELD, name=PENDING_FIELD, sparse=True)])
         self._wake = asyncio.Event()
@@ -507,6 +512,7 @@ class MongoOutbox:
             except Exception:
                 failures += 1
                 log.exception("mongo outbox relay failed; retrying")
+            self.rounds += 1
             if failures:
                 await self._pause(min(5.0, 0.05 * 2**failures))
             elif not self._saturated:

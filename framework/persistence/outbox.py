@@ -113,6 +113,8 @@ class PostgresOutbox:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.is_leader = False
+        """True while this relay holds the leader lock and LISTENs: from then on an event that
+        commits is published without waiting for the poll interval."""
         self.published = 0
         metrics = bus.metrics.registry
         self._m_published = metrics.counter(
@@ -192,8 +194,8 @@ class PostgresOutbox:
             while not await conn.fetchval("select pg_try_advisory_lock($1)", _RELAY_LOCK):
                 if not await self._pause(self.poll_interval):
                     return
-            self.is_leader = True
             await conn.add_listener(CHANNEL, self._on_notify)
+            self.is_leader = True  # only now: a commit before the LISTEN would not wake it
             failures = 0
             while not self._stopping.is_set():
                 if not self.bus.started:  # a Service starts its resources before its bus

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiohttp
 import orjson
@@ -46,19 +46,33 @@ _FORWARDED = ("content-type", "accept", "authorization", "x-request-id", "x-gtxi
 
 
 class TokenBucket:
-    """At most `rate` takes per second on average, `burst` at once. `take()` waits its turn."""
+    """At most `rate` takes per second on average, `burst` at once. `take()` waits its turn.
 
-    def __init__(self, rate: float, burst: int = 1) -> None:
+    Tokens accrue by `clock`, a monotonic time in seconds (`time.monotonic` unless given); a
+    test passes a clock it moves itself and asks `try_take()`:
+
+        now = 0.0
+        bucket = TokenBucket(rate=4, clock=lambda: now)
+        bucket.try_take()   # 0.0: the burst's token
+        bucket.try_take()   # 0.25: the seconds until the next one
+        now = 0.25
+        bucket.try_take()   # 0.0
+    """
+
+    def __init__(
+        self, rate: float, burst: int = 1, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("a token bucket needs rate > 0 and burst >= 1")
         self.rate = rate
         self.burst = burst
+        self._clock = clock
         self._tokens = float(burst)
-        self._updated = time.monotonic()
+        self._updated = clock()
         self._lock = asyncio.Lock()
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
         self._updated = now
 

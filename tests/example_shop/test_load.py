@@ -11,6 +11,7 @@ from example_shop.load import parse_duration, run_load
 from example_shop.shop import Shop
 
 
+@pytest.mark.asyncio(loop_scope="package")  # the loop of the package's shop
 async def test_the_load_generator_drives_the_shop_and_prints_a_summary(
     embedded_shop: Shop, capsys: pytest.CaptureFixture[str]
 ) -> None:

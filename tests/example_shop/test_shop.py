@@ -5,14 +5,21 @@ real Kafka, PostgreSQL and MongoDB (`msa shop --real`)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import aiohttp
 import pytest
 
+from example_shop.contracts import OrderConfirmed, OrderPlaced
+from example_shop.inventory import Inventory
+from example_shop.orders import OrderStatusChanged
 from example_shop.shop import Shop
+from framework.messages import type_name
 from tests.example_shop.conftest import start_shop
+
+pytestmark = pytest.mark.asyncio(loop_scope="package")  # the loop of the package's shop
 
 
 async def sign_in(http: aiohttp.ClientSession, base: str, email: str, password: str) -> None:
@@ -33,6 +40,26 @@ async def wait_for_status(
             return order
         assert time.monotonic() < deadline, order
         await asyncio.sleep(0.1)
+
+
+async def live_events(stream: aiohttp.ClientResponse, until: str) -> list[dict[str, Any]]:
+    """The events of an SSE stream as they arrive (CloudEvents), up to one of type `until`."""
+    events: list[dict[str, Any]] = []
+    fields: dict[str, str] = {}
+    async with asyncio.timeout(40):
+        async for raw in stream.content:
+            line = raw.decode().rstrip("\r\n")
+            if line:  # a field of the event being read; a comment (":...") is a heartbeat
+                name, _, value = line.partition(":")
+                if name:
+                    fields[name] = value.removeprefix(" ")
+                continue
+            if "event" in fields:  # a blank line ends an event
+                events.append(json.loads(fields["data"]))
+                if fields["event"] == until:
+                    return events
+            fields = {}
+    raise AssertionError(f"the stream ended before a {until} event: {events}")
 
 
 async def checkout_flow(shop: Shop) -> None:
@@ -65,12 +92,33 @@ async def checkout_flow(shop: Shop) -> None:
                 placed: dict[str, Any] = await response.json()
             return placed
 
-        placed = await order_with("4242424242424242")
-        # Live status over SSE while the saga runs.
-        async with http.get(f"{base}/api/live/orders/{placed['order_id']}") as stream:
+        # Live status over SSE while the saga runs. The stream follows one order, so it opens
+        # once the order is placed; to be sure its saga is not over by then, the test holds
+        # the product's stock row meanwhile: the saga waits at its stock step.
+        inventory = shop.services["inventory"]
+        assert isinstance(inventory, Inventory)
+        async with inventory.db.transaction() as tx:
+            await tx.execute(
+                "select 1 from stock where product_id = $1 for update", product["product_id"]
+            )
+            placed = await order_with("4242424242424242")
+            stream = await http.get(f"{base}/api/live/orders/{placed['order_id']}")
+        async with stream:  # open (its listener is in place) before the saga went on
             assert stream.status == 200
-            confirmed = await wait_for_status(http, base, placed["order_id"], {"confirmed"})
-        assert confirmed["status"] == "confirmed"
+            assert stream.content_type == "text/event-stream"
+            events = await live_events(stream, until=type_name(OrderConfirmed))
+        live = [e for e in events if e["type"] != type_name(OrderPlaced)]  # perhaps before it
+        assert [e["type"] for e in live] == [type_name(OrderStatusChanged)] * 3 + [
+            type_name(OrderConfirmed)
+        ]
+        assert [e["data"].get("status") for e in live[:3]] == [
+            "stock_reserved",
+            "payment_authorized",
+            "shipment_created",
+        ]
+        assert {e["data"]["order_id"] for e in events} == {placed["order_id"]}
+        async with http.get(f"{base}/api/orders/{placed['order_id']}") as response:
+            assert (await response.json())["status"] == "confirmed"
 
         declined = await order_with("4000000000000002")
         cancelled = await wait_for_status(

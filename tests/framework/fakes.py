@@ -10,11 +10,13 @@ from framework.types import Headers, RecordMetadata
 
 
 class FlakyTransport(MemoryTransport):
-    """Refuses the first `failures` sends, as a broker that is down would."""
+    """Refuses the next `failures` sends, as a broker that is down would; `refused` counts the
+    sends refused so far. Set `failures` to 0 to bring the broker back."""
 
     def __init__(self, failures: int) -> None:
         super().__init__()
         self.failures = failures
+        self.refused = 0
 
     async def send(
         self,
@@ -24,8 +26,12 @@ class FlakyTransport(MemoryTransport):
         key: bytes | None = None,
         headers: Headers = (),
         partition: int | None = None,
+        immediate: bool = False,
     ) -> asyncio.Future[RecordMetadata]:
         if self.failures > 0:
             self.failures -= 1
+            self.refused += 1
             raise PublishError("broker down")
-        return await super().send(topic, value, key=key, headers=headers, partition=partition)
+        return await super().send(
+            topic, value, key=key, headers=headers, partition=partition, immediate=immediate
+        )

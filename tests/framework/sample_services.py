@@ -83,33 +83,33 @@ UNIT_PRICE = 2.5
 
 def make_shop(topics: ShopTopics | None = None, *, name: str = "sample-shop") -> type[Service]:
     """The `Shop` service class, consuming and publishing on `topics`, in consumer group `name`."""
-    topics = topics or ShopTopics()
+    shop_topics = topics or ShopTopics()
     service_name = name
 
     class Shop(Service):
         """Accepts placed orders and quotes prices."""
 
         name = service_name
-        publishes: ClassVar[Mapping[str, Sequence[type]]] = {topics.accepted: [OrderAccepted]}
+        publishes: ClassVar[Mapping[str, Sequence[type]]] = {shop_topics.accepted: [OrderAccepted]}
 
         def __init__(self, settings: ServiceSettings | None = None, **options: Any) -> None:
             super().__init__(settings, **options)
             self.orders: list[tuple[OrderPlaced, Message[OrderPlaced]]] = []
             self.handler_trace_ids: list[str] = []
 
-        @handles(topics.orders)
+        @handles(shop_topics.orders)
         async def on_order_placed(self, order: OrderPlaced, message: Message[OrderPlaced]) -> None:
             self.orders.append((order, message))
             trace = get_trace()
             assert trace is not None
             self.handler_trace_ids.append(trace.trace_id)
             await self.publish(
-                topics.accepted,
+                shop_topics.accepted,
                 OrderAccepted(order_id=order.order_id, line_count=len(order.lines)),
                 key=order.order_id,
             )
 
-        @handles(topics.prices)
+        @handles(shop_topics.prices)
         async def on_price_requested(self, request: PriceRequested) -> Price:
             if request.quantity < 0:
                 raise ValueError(f"cannot price {request.quantity} items")

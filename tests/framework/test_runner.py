@@ -232,17 +232,22 @@ async def test_sigterm_finishes_running_handlers_commits_and_exits_0(
     await publish_numbers(kafka_bootstrap, topic_name, range(total), partitions=partitions)
     first_output, second_output = tmp_path / "first.txt", tmp_path / "second.txt"
 
-    first = await spawn("SlowWorker", "first", SAMPLE_OUTPUT=str(first_output), SAMPLE_DELAY="1")
+    # A grace far longer than the wait for the exit below: stopping must not wait it out.
+    first = await spawn(
+        "SlowWorker",
+        "first",
+        SAMPLE_OUTPUT=str(first_output),
+        SAMPLE_DELAY="1",
+        MSA_SHUTDOWN_GRACE="3600",
+    )
     await wait_until(
         lambda: any(f[0] == "start" for f in output_lines(first_output)),
         within=60,
         what="a handler to start",
         service=first,
     )
-    signalled = time.monotonic()
     first.process.send_signal(signal.SIGTERM)
-    assert await first.exit_status(within=GRACE + 5) == 0, first.logs()
-    assert time.monotonic() - signalled < GRACE
+    assert await first.exit_status(within=60) == 0, first.logs()
 
     lines = output_lines(first_output)
     started = {(int(n), int(p), int(o)) for step, n, p, o in lines if step == "start"}

@@ -94,7 +94,7 @@ async def test_consumer_group_resumes_from_committed_offsets(
             batch = await second.getmany(timeout_ms=5000)
             assert batch, f"no more records after {len(seen)} of {len(sent)}"
             for records in batch.values():
-                seen.extend((r.key, r.value) for r in records)  # type: ignore[misc]
+                seen.extend((r.key, r.value) for r in records)
     finally:
         await second.stop()
 

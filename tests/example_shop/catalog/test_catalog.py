@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -52,18 +52,21 @@ def events(catalog: Catalog, of: type) -> list[Envelope[bytes]]:
     return [e for e in found if e.type == type_name(of)]
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+async def outbox_drained(catalog: Catalog, timeout: float = 10.0) -> None:
+    """Wait until the relay published every event written so far. It publishes before it
+    removes, so from then on the bus holds them all and nothing else is left to come."""
     async with asyncio.timeout(timeout):
         while True:
-            if condition():
+            if not await catalog.outbox.pending():
                 return
             await asyncio.sleep(0.02)
 
 
 async def wait_for_events(catalog: Catalog, of: type, count: int) -> list[Envelope[bytes]]:
-    await eventually(lambda: len(events(catalog, of)) >= count)
-    await asyncio.sleep(0.3)  # a few more relay rounds: nothing else may arrive
-    return events(catalog, of)
+    await outbox_drained(catalog)
+    found = events(catalog, of)
+    assert len(found) == count, [e.type for e in found]
+    return found
 
 
 async def get_json(http: aiohttp.ClientSession, path: str, status: int = 200) -> Any:
@@ -148,7 +151,7 @@ async def test_edits_are_for_admins_only(env: dict[str, str]) -> None:
                 assert response.status == status
         assert (await get_json(http, "/products/p-001"))["price_cents"] == 1290
         assert (await get_json(http, "/products?size=100"))["total"] == 24
-        await asyncio.sleep(0.3)
+        await outbox_drained(catalog)  # a refused edit wrote no event to publish
         assert events(catalog, ProductPriceChanged) == []
         assert events(catalog, ProductCreated) == []
 

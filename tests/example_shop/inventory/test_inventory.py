@@ -225,8 +225,9 @@ async def test_release_gives_the_stock_back_once(stockroom: Stockroom) -> None:
     await stockroom.send(None, envelope=release)  # redelivered
     await stockroom.send(ReleaseStock(order_id="o-4"), saga_id="s-4")  # resent by the saga
 
-    replies = await stockroom.wait_replies(3)
     await stockroom.harness.handled(ReleaseStock, count=3)
+    await stockroom.settled()  # every reply of the three is on the bus
+    replies = stockroom.replies()
     assert [r.type for r in replies] == [
         type_name(StockReserved),
         type_name(StockReleased),

@@ -43,6 +43,7 @@ from example_shop.orders import Orders, OrderStatusChanged
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message
 from framework.messages import Envelope, from_binary, to_binary, type_name
 from framework.service import ServiceSettings
+from framework.types import RecordMetadata, TopicPartition
 
 pytestmark = pytest.mark.postgres
 
@@ -190,11 +191,34 @@ class Shop:
             )
         return (row["on_hand"], row["reserved"])
 
-    async def settled(self) -> None:
-        """Wait until both outboxes are drained (what committed is on the bus)."""
-        await eventually_async(
-            lambda: _all_zero(self.orders.outbox.pending(), self.inventory.outbox.pending())
+    def consumers_caught_up(self) -> bool:
+        """Every consumer of the shop has taken every record and has none left in hand."""
+        buses = (self.orders.bus, self.inventory.bus, self.payments.bus, self.shipping.bus)
+        return all(
+            subscription.in_flight == 0 and not any(subscription.lag().values())
+            for bus in buses
+            for subscription in bus.subscriptions
         )
+
+    def records(self) -> int:
+        """How many records the bus holds, over every topic."""
+        return sum(len(log) for topic in self.transport.topics.values() for log in topic.logs)
+
+    async def settled(self) -> None:
+        """Wait until the shop is quiet: both outboxes drained (what committed is on the bus),
+        and every consumer caught up before and after that, with no record published between.
+        Then nothing more is coming: only a handler or a relay could make more."""
+
+        async def quiet() -> bool:
+            records = self.records()
+            return (
+                self.consumers_caught_up()
+                and await _all_zero(self.orders.outbox.pending(), self.inventory.outbox.pending())
+                and self.consumers_caught_up()
+                and self.records() == records
+            )
+
+        await eventually_async(quiet)
 
 
 async def _all_zero(*counts: Awaitable[int]) -> bool:
@@ -310,11 +334,19 @@ async def test_cart_prices_come_from_the_catalogs_events(shop: Shop) -> None:
         )
         await eventually_async(lambda: _price_is(shop, "p-003", 1300))
         key, value, headers = to_binary(change)
-        await shop.transport.send(TOPICS.CATALOG_EVENTS, value, key=key, headers=headers)
-        await asyncio.sleep(0.3)
+        again = await (
+            await shop.transport.send(TOPICS.CATALOG_EVENTS, value, key=key, headers=headers)
+        )
+        await eventually_async(lambda: _handled(shop, "orders", again))
         assert await _price_is(shop, "p-003", 1300)
     finally:
         await catalog.stop(grace=1)
+
+
+async def _handled(shop: Shop, group: str, record: RecordMetadata) -> bool:
+    """Whether `group` is done with `record`: it committed past it."""
+    committed = shop.transport.committed(group, TopicPartition(record.topic, record.partition))
+    return committed is not None and committed > record.offset
 
 
 async def _price_is(shop: Shop, product_id: str, cents: int) -> bool:
@@ -353,8 +385,7 @@ async def test_an_order_is_reserved_paid_shipped_and_confirmed(shop: Shop) -> No
     [create] = shop.shipping.seen
     assert create.address == "1 Main St, Springfield"
 
-    await shop.settled()
-    await asyncio.sleep(0.2)  # nothing more is coming
+    await shop.settled()  # nothing more is coming
     assert shop.order_events(order_id) == [
         type_name(OrderPlaced),
         type_name(OrderStatusChanged),

@@ -95,10 +95,23 @@ async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> No
             await asyncio.sleep(0.02)
 
 
+async def outbox_drained(harness: ServiceHarness, timeout: float = 10.0) -> None:
+    """Wait until the relay published every event written so far. It publishes before it
+    removes, so from then on the bus holds them all."""
+    service = harness.service
+    assert isinstance(service, Shipping)
+    async with asyncio.timeout(timeout):
+        while True:
+            if not await service.outbox.pending():
+                return
+            await asyncio.sleep(0.02)
+
+
 async def settled(harness: ServiceHarness, of: type, count: int) -> list[Envelope[bytes]]:
-    """The `of` events once `count` were published and a few more relay rounds added none."""
+    """The `of` events once `count` were published and the outbox holds no more: the commands
+    handled so far have nothing else to say (tracking steps come later, one per tick)."""
     await eventually(lambda: len(replies(harness, of)) >= count)
-    await asyncio.sleep(0.3)
+    await outbox_drained(harness)
     found = replies(harness, of)
     assert len(found) == count, [e.type for e in found]
     return found
@@ -225,7 +238,7 @@ async def test_tracking_progresses_and_emits_events_in_order(
 
         # a delivered shipment cannot be cancelled: recorded, not answered
         await deliver(harness, command(CancelShipment(order_id="o-5"), "s-o-5"))
-        await asyncio.sleep(0.3)
+        await outbox_drained(harness)  # a reply would have been written with the handling
         assert replies(harness, ShipmentCancelled) == []
         assert (await get_json(http, "/shipments/o-5", CUSTOMER))["status"] == "delivered"
 

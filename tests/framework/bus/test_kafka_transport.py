@@ -237,7 +237,9 @@ async def test_a_restarted_group_member_resumes_after_the_committed_offset(
 ) -> None:
     await transport.declare([TopicSpec(name=topic_name, partitions=1)])
     values = [f"value-{i}".encode() for i in range(10)]
+    sending_ms = time.time_ns() // 1_000_000
     await send_all(transport, topic_name, values, key=b"key", headers=(("h", b"1"), ("h", b"2")))
+    sent_ms = time.time_ns() // 1_000_000 + 1
     group = topic_name + "-group"
 
     first = transport.consumer([topic_name], group=group, listener=RecordingListener())
@@ -254,7 +256,7 @@ async def test_a_restarted_group_member_resumes_after_the_committed_offset(
     assert record.key == b"key"
     assert record.headers == (("h", b"1"), ("h", b"2"))
     assert record.header("h") == b"2"
-    assert abs(record.timestamp_ms - time.time() * 1000) < 60_000
+    assert sending_ms <= record.timestamp_ms <= sent_ms  # the producer's time of sending
 
     second = transport.consumer([topic_name], group=group, listener=RecordingListener())
     await second.start()
@@ -356,12 +358,15 @@ async def test_group_less_reader_from_latest_sees_only_records_sent_after_it_sta
         new = [f"new-{i}".encode() for i in range(6)]
         for i, value in enumerate(new):  # acknowledged before the reader's first fetch
             await (await transport.send(topic_name, value, key=str(i).encode()))
-        records = await fetch_at_least(reader, len(new))
-        assert await reader.fetch(timeout=0.3, max_records=10) == []
+        # A marker last on every partition: once they all came, so did all before them.
+        markers = [f"marker-{p}".encode() for p in range(3)]
+        for p, marker in enumerate(markers):
+            await (await transport.send(topic_name, marker, partition=p))
+        records = await fetch_at_least(reader, len(new) + len(markers))
         await reader.commit({records[0].topic_partition: records[0].offset + 1})  # no group: no-op
     finally:
         await reader.stop()
-    assert sorted(r.value for r in records) == sorted(new)
+    assert sorted(r.value for r in records) == sorted(new + markers)  # none of the old ones
 
 
 async def test_lag_counts_the_records_not_fetched_yet(
@@ -398,8 +403,11 @@ async def test_paused_partitions_are_not_fetched_until_resumed(
     try:
         paused = TopicPartition(topic_name, 0)
         reader.pause([paused, TopicPartition("not-assigned", 0)])  # unknown ones are ignored
-        records = await fetch_at_least(reader, 2)
-        assert await reader.fetch(timeout=0.5, max_records=10) == []
+        # A marker sent now on partition 1: the fetch that brings it would bring partition 0's
+        # records too, there all along, if partition 0 were fetched.
+        await send_all(transport, topic_name, [b"marker"], partition=1)
+        records = await fetch_at_least(reader, 3)
+        assert [r.value for r in records] == [b"a", b"b", b"marker"]
         assert {r.partition for r in records} == {1}
         reader.resume([paused])
         resumed = await fetch_at_least(reader, 2)
@@ -415,10 +423,9 @@ async def test_an_unreachable_bootstrap_fails_fast_with_a_transport_error() -> N
     transport = KafkaTransport(
         KafkaSettings(bootstrap_servers="127.0.0.1:1", request_timeout_ms=2000)
     )
-    started = time.monotonic()
     with pytest.raises(TransportError, match=r"127\.0\.0\.1:1") as raised:
-        await transport.start()
-    assert time.monotonic() - started < 5
+        async with asyncio.timeout(30):  # it fails at once: this only bounds a hang
+            await transport.start()
     assert isinstance(raised.value.__cause__, KafkaConnectionError)
     with pytest.raises(NotStartedError):  # a failed start leaves it unstarted
         await transport.send("topic", b"v")

@@ -34,6 +34,7 @@ from framework.gateway.auth import (
 )
 from framework.gateway.config import ApiKeyConfig, AuthConfig, JwtConfig
 from framework.gateway.types import ClientIdentity, GatewayError
+from tests.framework.gateway.conftest import Clock
 
 ISSUER = "https://id.example.test"
 AUDIENCE = "shop-api"
@@ -110,7 +111,13 @@ class Jwks:
     fetches: int = 0
     down: bool = False
     body: bytes | None = None
-    delay: float = 0.0
+    asked: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a fetch arrives."""
+    answering: asyncio.Event = field(default_factory=asyncio.Event)
+    """Fetches are answered while this is set; a test clears it to hold them."""
+
+    def __post_init__(self) -> None:
+        self.answering.set()
 
 
 @pytest.fixture
@@ -119,7 +126,8 @@ async def jwks(keys: Keys) -> AsyncIterator[Jwks]:
 
     async def serve(request: web.Request) -> web.Response:
         state.fetches += 1
-        await asyncio.sleep(state.delay)
+        state.asked.set()
+        await state.answering.wait()
         if state.down:
             return web.Response(status=503)
         if state.body is not None:
@@ -133,17 +141,6 @@ async def jwks(keys: Keys) -> AsyncIterator[Jwks]:
     state.url = str(server.make_url("/.well-known/jwks.json"))
     yield state
     await server.close()
-
-
-@dataclass
-class Clock:
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
@@ -412,11 +409,17 @@ async def test_a_burst_of_unknown_kids_costs_the_issuer_one_fetch(
     assert (error.detail, jwks.fetches) == ("unknown signing key", 1)
 
     made.clock.advance(11)
-    jwks.delay = 0.05  # the burst arrives while the one refetch is under way
+    jwks.answering.clear()  # the issuer holds the refetch while the burst arrives
+    jwks.asked.clear()
     burst = [
-        authenticator.authenticate(bearer(token(keys.rsa_key, kid=f"random-{n}")), ("jwt",))
+        asyncio.ensure_future(
+            authenticator.authenticate(bearer(token(keys.rsa_key, kid=f"random-{n}")), ("jwt",))
+        )
         for n in range(50)
     ]
+    await jwks.asked.wait()
+    assert not any(call.done() for call in burst), "they all wait for the refetch"
+    jwks.answering.set()
     outcomes = await asyncio.gather(*burst, return_exceptions=True)
 
     assert all(isinstance(o, GatewayError) and o.status == 401 for o in outcomes)
@@ -455,13 +458,20 @@ async def test_requests_for_a_new_kid_all_wait_for_the_one_refetch(
 ) -> None:
     authenticator = await make_auth()
     jwks.keys = [*jwks.keys, jwk(keys.rsa_next, "rsa-2")]
-    jwks.delay = 0.05
     made.clock.advance(11)
     signed = token(keys.rsa_next, kid="rsa-2")
+    jwks.answering.clear()
+    jwks.asked.clear()
 
     first = asyncio.ensure_future(authenticator.authenticate(bearer(signed), ("jwt",)))
-    await asyncio.sleep(0.01)  # its fetch is under way when the others arrive
-    others = [authenticator.authenticate(bearer(signed), ("jwt",)) for _ in range(20)]
+    await jwks.asked.wait()  # its fetch is under way (the issuer holds it) when the others arrive
+    others = [
+        asyncio.ensure_future(authenticator.authenticate(bearer(signed), ("jwt",)))
+        for _ in range(20)
+    ]
+    await asyncio.sleep(0)  # one turn of the loop: each of the others reaches the refetch
+    assert not any(call.done() for call in [first, *others]), "they all wait for the refetch"
+    jwks.answering.set()
     identities = await asyncio.gather(first, *others)
 
     assert {identity.id for identity in identities} == {"alice"}

@@ -15,7 +15,7 @@ from framework.gateway.cache import (
     cors_middleware,
     gzip_middleware,
 )
-from framework.gateway.config import CacheConfig, CorsConfig, RouteConfig
+from framework.gateway.config import CacheConfig, CorsConfig, MatchConfig, RouteConfig
 from framework.gateway.types import (
     ClientIdentity,
     Exchange,
@@ -26,14 +26,18 @@ from framework.gateway.types import (
 
 CACHED = RouteConfig(
     name="products",
-    match={"path": "/x"},
+    match=MatchConfig(path="/x"),
     upstream="u",
     cache=CacheConfig(ttl=10, vary=("accept-language",)),
 )
 PRIVATE = RouteConfig(
-    name="orders", match={"path": "/x"}, upstream="u", auth="api_key", cache=CacheConfig(ttl=10)
+    name="orders",
+    match=MatchConfig(path="/x"),
+    upstream="u",
+    auth=("api_key",),
+    cache=CacheConfig(ttl=10),
 )
-PLAIN = RouteConfig(name="plain", match={"path": "/x"}, upstream="u")
+PLAIN = RouteConfig(name="plain", match=MatchConfig(path="/x"), upstream="u")
 
 
 def chain(handler: GatewayHandler, *middlewares: GatewayMiddleware) -> GatewayHandler:
@@ -225,7 +229,7 @@ async def test_the_cache_is_an_lru_bounded_overall_and_per_route(clock: Clock) -
 
     small = RouteConfig(
         name="small",
-        match={"path": "/x"},
+        match=MatchConfig(path="/x"),
         upstream="u",
         cache=CacheConfig(ttl=10, max_entries=1),
     )

@@ -4,7 +4,6 @@ timeout), an SSE stream and a queue drained to an upstream, on the in-memory bus
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -16,7 +15,13 @@ from pydantic import BaseModel
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message
 from framework.messages import message_type, type_name
 from framework.types import Transport
-from tests.framework.gateway.conftest import ADMIN_HASH, GatewayFactory, Upstream, base
+from tests.framework.gateway.conftest import (
+    ADMIN_HASH,
+    GatewayFactory,
+    Upstream,
+    base,
+    eventually,
+)
 
 
 @message_type("gw.order.place")
@@ -110,10 +115,10 @@ routes:
         bus=edge,
     )
     async with aiohttp.ClientSession() as http:
-        # A live stream for order o-1, open before the order is placed.
+        # A live stream for order o-1, open before the order is placed: the gateway adds the
+        # client to the feed before it answers, and the feed has been reading since it started.
         stream = await http.get(f"{base(gateway)}/orders/o-1/events")
         assert stream.status == 200
-        await asyncio.sleep(0.3)
 
         async with http.post(
             f"{base(gateway)}/orders", json={"order_id": "o-1", "quantity": 2}
@@ -122,14 +127,15 @@ routes:
             accepted = await response.json()
         status_url = accepted["status"]
         assert status_url.startswith("/_status/place/")
-        deadline = time.monotonic() + 20
-        while True:
+        status: dict[str, Any] = {}
+
+        async def completed() -> bool:
+            nonlocal status
             async with http.get(f"{base(gateway)}{status_url}") as response:
                 status = await response.json()
-            if status["state"] == "completed":
-                break
-            assert time.monotonic() < deadline, status
-            await asyncio.sleep(0.05)
+            return bool(status["state"] == "completed")
+
+        await eventually(completed, within=20)
         assert [e["type"] for e in status["events"]] == ["gw.order.placed", "gw.order.shipped"]
 
         seen: list[str] = []
@@ -155,14 +161,15 @@ routes:
         ) as response:
             assert response.status == 400
 
-        async with http.get(f"{a.url}/hits") as response:
-            before = (await response.json())["hits"]
+        async def upstream_hits() -> int:
+            async with http.get(f"{a.url}/hits") as response:
+                return int((await response.json())["hits"])
+
+        before = await upstream_hits()
         async with http.post(f"{base(gateway)}/erp/invoices/1", data=b"invoice") as response:
             assert response.status == 202
-        deadline = time.monotonic() + 20
-        while True:
-            async with http.get(f"{a.url}/hits") as response:
-                if (await response.json())["hits"] > before:
-                    break
-            assert time.monotonic() < deadline, "the queued request never reached the upstream"
-            await asyncio.sleep(0.05)
+
+        async def delivered() -> bool:  # the queued request reached the upstream
+            return await upstream_hits() > before
+
+        await eventually(delivered, within=20)

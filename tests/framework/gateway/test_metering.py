@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
-from framework.gateway.config import RouteConfig, TierConfig
+from framework.gateway.config import MatchConfig, RouteConfig, TierConfig
 from framework.gateway.metering import ACCESS_LOGGER, Meter, access_log_middleware
 from framework.gateway.qos import RateLimiter, rate_limit_middleware
 from framework.gateway.types import (
@@ -23,7 +23,7 @@ from framework.gateway.types import (
 from framework.observability.logging import JsonFormatter
 from framework.observability.metrics import MetricsRegistry
 
-ROUTE = RouteConfig(name="products", match={"path": "/x"}, upstream="u")
+ROUTE = RouteConfig(name="products", match=MatchConfig(path="/x"), upstream="u")
 ALICE = ClientIdentity(id="alice", method="api_key", tier="free")
 
 

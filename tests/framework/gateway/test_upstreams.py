@@ -1,10 +1,15 @@
-"""Upstream pools and the resilient client, against real aiohttp servers on 127.0.0.1."""
+"""Upstream pools and the resilient client, against real aiohttp servers on 127.0.0.1.
+
+The pools run on a fake clock (`Clock`) for the breaker, the retry budget, ejections and
+latencies: a test moves it instead of sleeping, and an instance's `latency` is how far each of
+its answers moves it. An instance makes a request wait until the test sets `release` when the
+path has `?hold`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,6 +30,7 @@ from framework.gateway.types import GatewayError
 from framework.gateway.upstreams import HOP_BY_HOP, UpstreamPool, UpstreamResponse, clean_headers
 from framework.observability.tracing import TraceContext, use_correlation_id, use_trace
 from framework.service import Resource
+from tests.framework.gateway.conftest import Clock, eventually
 
 NO_RETRY = RetryConfig(attempts=1)
 PATIENT_BREAKER = BreakerConfig(failures=1000)
@@ -33,11 +39,15 @@ PATIENT_BREAKER = BreakerConfig(failures=1000)
 class Instance:
     """A real upstream server whose behaviour a test changes while it runs."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, clock: Clock) -> None:
         self.name = name
+        self.clock = clock
         self.status = 200
         self.ready = 200
-        self.delay = 0.0
+        self.latency = 0.0
+        """Seconds each answer takes on the pools' clock."""
+        self.release = asyncio.Event()
+        """Requests for `?hold` wait until it is set."""
         self.hits = 0
         self.url = ""
         self.received: list[dict[str, str]] = []
@@ -65,9 +75,9 @@ class Instance:
     async def _handle(self, request: web.Request) -> web.Response:
         self.hits += 1
         self.received.append(dict(request.headers))
-        delay = float(request.query.get("delay", self.delay))
-        if delay:
-            await asyncio.sleep(delay)
+        self.clock.advance(self.latency)
+        if "hold" in request.query:
+            await self.release.wait()
         headers = {
             "X-Served-By": self.name,
             "Keep-Alive": "timeout=5",
@@ -98,11 +108,16 @@ PoolFactory = Callable[..., Awaitable[UpstreamPool]]
 
 
 @pytest.fixture
-async def servers() -> AsyncIterator[ServerFactory]:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def servers(clock: Clock) -> AsyncIterator[ServerFactory]:
     started: list[Instance] = []
 
     async def make(count: int) -> list[Instance]:
-        made = [Instance(f"i{len(started) + n}") for n in range(count)]
+        made = [Instance(f"i{len(started) + n}", clock) for n in range(count)]
         for instance in made:
             await instance.start()
         started.extend(made)
@@ -110,17 +125,21 @@ async def servers() -> AsyncIterator[ServerFactory]:
 
     yield make
     for instance in started:
+        instance.release.set()
         await instance.stop()
 
 
 @pytest.fixture
-async def pools(servers: ServerFactory) -> AsyncIterator[PoolFactory]:
-    """Started pools, stopped before the servers go (this fixture depends on `servers`)."""
+async def pools(servers: ServerFactory, clock: Clock) -> AsyncIterator[PoolFactory]:
+    """Started pools on the fake clock, stopped before the servers go (so this depends on
+    `servers`)."""
     started: list[UpstreamPool] = []
 
     async def make(name: str = "svc", **config: Any) -> UpstreamPool:
         default_timeout = config.pop("default_timeout", 5.0)
-        pool = UpstreamPool(name, UpstreamConfig(**config), default_timeout=default_timeout)
+        pool = UpstreamPool(
+            name, UpstreamConfig(**config), default_timeout=default_timeout, time_fn=clock
+        )
         await pool.start()
         started.append(pool)
         return pool
@@ -139,13 +158,6 @@ async def served_by(pool: UpstreamPool, requests: int, path: str = "/") -> Count
     for _ in range(requests):
         counts[(await get(pool, path)).headers["X-Served-By"]] += 1
     return counts
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def instance_view(pool: UpstreamPool, url: str) -> dict[str, Any]:
@@ -168,13 +180,14 @@ async def test_least_outstanding_prefers_the_idle_instances(
     instances = await servers(3)
     pool = await pools(targets=tuple(i.url for i in instances), balance="least_outstanding")
 
-    slow = asyncio.create_task(get(pool, "/?delay=0.6"))
+    held = asyncio.create_task(get(pool, "/?hold"))
     await eventually(lambda: sum(i.hits for i in instances) == 1)
-    busy = next(i.name for i in instances if i.hits)
+    busy = next(i for i in instances if i.hits)
     counts = await served_by(pool, 12)
-    assert (await slow).headers["X-Served-By"] == busy
+    busy.release.set()
+    assert (await held).headers["X-Served-By"] == busy.name
 
-    assert busy not in counts
+    assert busy.name not in counts
     assert sum(counts.values()) == 12
 
 
@@ -238,10 +251,11 @@ async def test_the_retry_budget_limits_retries_under_a_failing_upstream(
     for _ in range(20):
         assert (await get(pool)).status == 503
 
-    # Without a budget: 20 requests x 2 retries = 40. With it: at most 20% of the 20 requests.
-    assert 1 <= pool.retries <= 4
+    # Without a budget: 20 requests x 2 retries = 40. With it: 20% of the 20 requests (the
+    # clock stands still, so all 20 are recent), and every request is refused its last retry.
+    assert pool.retries == 4
     assert a.hits + b.hits == 20 + pool.retries
-    assert pool.budget_exhausted >= 20 - pool.retries
+    assert pool.budget_exhausted == 20
     counters = pool.snapshot()["counters"]
     assert counters["retries"] == pool.retries
     assert counters["budget_exhausted"] == pool.budget_exhausted
@@ -294,7 +308,7 @@ async def test_a_slow_instance_is_ejected_and_traffic_moves(
     servers: ServerFactory, pools: PoolFactory
 ) -> None:
     slow, fast1, fast2 = await servers(3)
-    slow.delay = 0.15
+    slow.latency = 0.15
     pool = await pools(
         targets=(slow.url, fast1.url, fast2.url),
         eject=EjectionConfig(slow_ms=80, eject_for=30, max_ejected_percent=50),
@@ -303,14 +317,14 @@ async def test_a_slow_instance_is_ejected_and_traffic_moves(
     await served_by(pool, 9)  # three samples each: enough to judge the average
     view = instance_view(pool, slow.url)
     assert view["ejected"]
-    assert view["avg_latency_ms"] > 80
+    assert view["avg_latency_ms"] == pytest.approx(150)
     assert not instance_view(pool, fast1.url)["ejected"]
 
     assert await served_by(pool, 6) == {"i1": 3, "i2": 3}
 
 
 async def test_an_ejected_instance_comes_back_after_eject_for(
-    servers: ServerFactory, pools: PoolFactory
+    servers: ServerFactory, pools: PoolFactory, clock: Clock
 ) -> None:
     a, b = await servers(2)
     a.status = 500
@@ -318,13 +332,15 @@ async def test_an_ejected_instance_comes_back_after_eject_for(
         targets=(a.url, b.url),
         retry=NO_RETRY,
         breaker=PATIENT_BREAKER,
-        eject=EjectionConfig(consecutive_failures=2, eject_for=0.3),
+        eject=EjectionConfig(consecutive_failures=2, eject_for=30),
     )
     await served_by(pool, 4)
     assert instance_view(pool, a.url)["ejected"]
     a.status = 200
 
-    await asyncio.sleep(0.35)
+    clock.advance(29)
+    assert await served_by(pool, 2) == {"i1": 2}
+    clock.advance(1)
     assert await served_by(pool, 4) == {"i0": 2, "i1": 2}
 
 
@@ -371,54 +387,57 @@ async def test_connect_failures_eject_a_dead_instance(
 
 
 async def test_the_breaker_opens_fails_fast_and_closes_after_a_good_trial(
-    servers: ServerFactory, pools: PoolFactory
+    servers: ServerFactory, pools: PoolFactory, clock: Clock
 ) -> None:
     (a,) = await servers(1)
     a.status = 500
     pool = await pools(
         targets=(a.url,),
         retry=NO_RETRY,
-        breaker=BreakerConfig(failures=3, window=5, open_for=0.4, half_open_requests=1),
+        breaker=BreakerConfig(failures=3, window=5, open_for=10, half_open_requests=1),
     )
     for _ in range(3):
         assert (await get(pool)).status == 500
     assert pool.snapshot()["breaker"]["state"] == "open"
 
-    started = time.perf_counter()
     with pytest.raises(GatewayError) as caught:
         await get(pool)
-    assert time.perf_counter() - started < 0.05
     assert caught.value.status == 503
     assert caught.value.detail == "circuit open for upstream svc"
-    assert caught.value.headers["Retry-After"] == "1"
-    assert a.hits == 3, "an open breaker does not call the upstream"
+    assert caught.value.headers["Retry-After"] == "10"
+    assert a.hits == 3, "an open breaker fails fast, without calling the upstream"
+    clock.advance(6)
+    with pytest.raises(GatewayError) as caught:
+        await get(pool)
+    assert caught.value.headers["Retry-After"] == "4"
 
     a.status = 200
-    a.delay = 0.2
-    await asyncio.sleep(0.45)
-    trial = asyncio.create_task(get(pool))
+    clock.advance(4)
+    trial = asyncio.create_task(get(pool, "/?hold"))
     await eventually(lambda: a.hits == 4)
-    with pytest.raises(GatewayError):  # only one trial at a time while half-open
+    with pytest.raises(GatewayError) as caught:  # only one trial at a time while half-open
         await get(pool)
+    assert caught.value.status == 503
+    a.release.set()
     assert (await trial).status == 200
     assert pool.snapshot()["breaker"]["state"] == "closed"
-    a.delay = 0
     assert (await get(pool)).status == 200
+    assert a.hits == 5
 
 
 async def test_a_failed_trial_opens_the_breaker_again(
-    servers: ServerFactory, pools: PoolFactory
+    servers: ServerFactory, pools: PoolFactory, clock: Clock
 ) -> None:
     (a,) = await servers(1)
     a.status = 502
     pool = await pools(
         targets=(a.url,),
         retry=NO_RETRY,
-        breaker=BreakerConfig(failures=2, window=5, open_for=0.2),
+        breaker=BreakerConfig(failures=2, window=5, open_for=10),
     )
     for _ in range(2):
         await get(pool)
-    await asyncio.sleep(0.25)
+    clock.advance(10)
 
     assert (await get(pool)).status == 502  # the trial
     assert pool.snapshot()["breaker"]["state"] == "open"
@@ -429,19 +448,22 @@ async def test_a_failed_trial_opens_the_breaker_again(
 
 async def test_a_slow_upstream_is_a_504(servers: ServerFactory, pools: PoolFactory) -> None:
     (a,) = await servers(1)
-    pool = await pools(targets=(a.url,), timeout=0.2)
+    pool = await pools(targets=(a.url,), timeout=0.2)  # GETs are retried by default
 
-    started = time.perf_counter()
     with pytest.raises(GatewayError) as caught:
-        await get(pool, "/?delay=0.5")
+        await get(pool, "/?hold")  # answered only once the test ends
     assert caught.value.status == 504
     assert caught.value.title == "Gateway Timeout"
+    assert caught.value.detail == "upstream svc did not answer within 0.2 s"
     assert isinstance(caught.value.__cause__, TimeoutError)
-    assert time.perf_counter() - started < 0.4, "the timeout bounds the call, retries included"
+    assert (instance_view(pool, a.url)["requests"], pool.retries) == (1, 0), (
+        "the timeout bounds the call, retries included: none is left for a retry"
+    )
 
     with pytest.raises(GatewayError) as caught:  # a per-call timeout wins over the config
-        await get(pool, "/?delay=0.3", timeout=0.1)
+        await get(pool, "/?hold", timeout=0.1)
     assert caught.value.status == 504
+    assert caught.value.detail == "upstream svc did not answer within 0.1 s"
 
 
 async def test_the_bulkhead_makes_calls_wait_at_most_their_timeout(
@@ -450,12 +472,14 @@ async def test_the_bulkhead_makes_calls_wait_at_most_their_timeout(
     (a,) = await servers(1)
     pool = await pools(targets=(a.url,), max_connections=1)
 
-    busy = asyncio.create_task(get(pool, "/?delay=0.4"))
+    busy = asyncio.create_task(get(pool, "/?hold"))
     await eventually(lambda: a.hits == 1)
     with pytest.raises(GatewayError) as caught:
         await get(pool, timeout=0.1)
     assert caught.value.status == 503
     assert "capacity" in caught.value.detail
+    assert a.hits == 1
+    a.release.set()
     assert (await busy).status == 200
     assert (await get(pool, timeout=0.5)).status == 200
     assert instance_view(pool, a.url)["failures"] == 0, "waiting is not the instance's fault"
@@ -580,6 +604,7 @@ async def test_snapshot_reports_instances_breaker_and_counters(
     servers: ServerFactory, pools: PoolFactory
 ) -> None:
     (a,) = await servers(1)
+    a.latency = 0.004
     down = closed_port_url()
     pool = await pools(
         "catalog",
@@ -607,7 +632,7 @@ async def test_snapshot_reports_instances_breaker_and_counters(
     assert not up["ejected"]
     assert up["in_flight"] == 0
     assert up["requests"] == 4
-    assert up["avg_latency_ms"] > 0
+    assert up["avg_latency_ms"] == pytest.approx(4.0)
     assert (dead["failures"], dead["consecutive_failures"], dead["avg_latency_ms"]) == (2, 2, None)
 
 

@@ -6,6 +6,7 @@ prints `port <n>` once it listens on 127.0.0.1 (an ephemeral port), then serves:
 
     /ready                 200, or 503 after POST /control/unready
     /slow?ms=N             answers after N milliseconds
+    /hold/<key>            answers once POST /release/<key> comes (GET /holding lists the keys)
     /status/<code>         answers with that status
     /xml                   an XML document
     /cookies               two Set-Cookie headers
@@ -25,6 +26,7 @@ from aiohttp import web
 
 def build(name: str) -> web.Application:
     state = {"ready": True, "hits": 0}
+    releases: dict[str, asyncio.Event] = {}
 
     async def ready(request: web.Request) -> web.Response:
         return web.Response(status=200 if state["ready"] else 503, text=name)
@@ -39,6 +41,25 @@ def build(name: str) -> web.Application:
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(int(request.query.get("ms", "100")) / 1000)
         return web.json_response({"name": name, "slept_ms": int(request.query.get("ms", "100"))})
+
+    async def hold(request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        releases[key] = asyncio.Event()
+        try:
+            await releases[key].wait()
+        finally:
+            del releases[key]
+        return web.json_response({"name": name, "held": key})
+
+    async def release(request: web.Request) -> web.Response:
+        event = releases.get(request.match_info["key"])
+        if event is None:
+            return web.Response(status=404, text="nothing held under that key")
+        event.set()
+        return web.Response(text="ok")
+
+    async def holding(request: web.Request) -> web.Response:
+        return web.json_response(sorted(releases))
 
     async def status(request: web.Request) -> web.Response:
         return web.json_response({"name": name}, status=int(request.match_info["code"]))
@@ -83,6 +104,9 @@ def build(name: str) -> web.Application:
     app.router.add_post("/control/{what}", control)
     app.router.add_get("/hits", hits)
     app.router.add_get("/slow", slow)
+    app.router.add_get("/hold/{key}", hold)
+    app.router.add_post("/release/{key}", release)
+    app.router.add_get("/holding", holding)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/xml", xml)
     app.router.add_get("/json", document)

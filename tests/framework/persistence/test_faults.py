@@ -49,7 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from aiokafka import TopicPartition as AiokafkaTopicPartition  # type: ignore[import-untyped]
+from aiokafka import TopicPartition as AiokafkaTopicPartition
 
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message, RetryPolicy
 from framework.bus.kafka import KafkaTransport
@@ -145,7 +145,7 @@ async def eventually(
 
 
 async def all_effected(url: str, count: int, *, within: float) -> None:
-    """Wait until `count` effects are in, then a second more for any late duplicate."""
+    """Wait until `count` effects are in."""
     conn = await asyncpg.connect(url)
     try:
 
@@ -153,7 +153,25 @@ async def all_effected(url: str, count: int, *, within: float) -> None:
             return await effect_count(conn) >= count
 
         await eventually(done, within=within, what=f"all {count} events are effected")
-        await asyncio.sleep(1.0)
+    finally:
+        await conn.close()
+
+
+async def sessions_ended(url: str, *, within: float = 15.0) -> None:
+    """Wait until no other client is connected to the database. Then nothing can commit any
+    more (not even a transaction whose COMMIT a killed process sent before it died): what the
+    database holds is the final outcome, and a late duplicate effect would be in it."""
+    conn = await asyncpg.connect(url)
+    try:
+
+        async def alone() -> bool:
+            others = await conn.fetchval(
+                "select count(*) from pg_stat_activity where datname = current_database() "
+                "and pid <> pg_backend_pid() and backend_type = 'client backend'"
+            )
+            return int(others) == 0
+
+        await eventually(alone, within=within, what="every other session has ended")
     finally:
         await conn.close()
 
@@ -178,6 +196,11 @@ class Publisher:
         self.prefix = prefix
         self.sent: set[str] = set()
         self._next = 0
+
+    @property
+    def next_id(self) -> str:
+        """The id of the next event `publish` sends."""
+        return f"{self.prefix}-{self._next}"
 
     async def publish(self, count: int) -> None:
         ids = [f"{self.prefix}-{self._next + i}" for i in range(count)]
@@ -216,20 +239,24 @@ class _Listener:
 
 
 async def copies_on_bus(bootstrap: str, topic: str) -> Counter[str]:
-    """How many records of each CloudEvents id `topic` holds, read from its beginning."""
+    """How many records of each CloudEvents id `topic` holds, read from its beginning to the end
+    of every partition (its high watermark: nothing writes to the topic any more)."""
     transport = transport_for(bootstrap)
     await transport.start()
     copies: Counter[str] = Counter()
     try:
+        partitions = await transport.partitions_for(topic)
         consumer = transport.consumer([topic], group=None, listener=_Listener())
         await consumer.start()
         try:
-            quiet = 0
             deadline = time.monotonic() + 60
-            while quiet < 3 and time.monotonic() < deadline:
+            while True:
                 records = await consumer.fetch(timeout=0.3, max_records=5000)
-                quiet = 0 if records else quiet + 1
                 copies.update(from_binary(record).id for record in records)
+                lag = consumer.lag()  # partitions not fetched yet are missing from it
+                if len(lag) == partitions and not any(lag.values()):
+                    break
+                assert time.monotonic() < deadline, f"{topic} not read to its end in 60 s: {lag}"
         finally:
             await consumer.stop()
     finally:
@@ -651,7 +678,7 @@ async def test_consumer_killed_mid_batch_applies_every_effect_once(
             for task in [*feeding, *lanes]:
                 task.cancel()
             await asyncio.gather(*feeding, *lanes, return_exceptions=True)
-    await asyncio.sleep(1.0)  # a late duplicate would show up now
+    await sessions_ended(postgres_database)
 
     sent = set().union(*(events.sent for events in streams))
     result = await outcome(postgres_database, groups, sent)
@@ -709,7 +736,21 @@ async def test_kafka_restart_while_committing_with_the_outbox_loses_nothing(
         restart_began = await conn.fetchval("select clock_timestamp()")
         restart_seconds = await restarts.restart("kafka")
         restart_ended = await conn.fetchval("select clock_timestamp()")
-        await asyncio.sleep(2.0)  # the clients reconnect meanwhile
+
+        async def reconnected() -> bool:  # the writer's relay and the consumer both
+            for process in (consumer, writer):
+                assert process.alive, f"a process exited:\n{process.tail()}"
+            return bool(
+                await conn.fetchval(
+                    "select exists (select 1 from effects join orders on event_id = orders.id "
+                    "where committed_at > $1)",
+                    restart_ended,
+                )
+            )
+
+        await eventually(
+            reconnected, within=60, what="an order committed after the restart is effected"
+        )
         stop_file.touch()
 
         async def drained() -> bool:
@@ -740,11 +781,11 @@ async def test_kafka_restart_while_committing_with_the_outbox_loses_nothing(
             return await effect_count(conn) >= len(orders)
 
         await eventually(all_in, within=60, what=f"all {len(orders)} orders are effected")
-        await asyncio.sleep(1.0)
     finally:
         await conn.close()
     assert await writer.terminate() == 0, writer.tail()
     assert await consumer.terminate() == 0, consumer.tail()
+    await sessions_ended(postgres_database)
 
     copies = await copies_on_bus(kafka_bootstrap, topic)
     result = await outcome(postgres_database, [group], orders)
@@ -857,11 +898,30 @@ async def test_postgres_restart_during_handling_retries_without_half_written_sta
             finally:
                 await conn.close()
             restart_seconds = await restarts.restart("postgres")
-            await asyncio.sleep(1.5)
+            first_after = events.next_id
+            conn = await asyncpg.connect(url)
+            try:
+
+                async def recovered() -> bool:
+                    if feeding.done():
+                        feeding.result()  # publishing failed: raise that
+                    return bool(
+                        await conn.fetchval(
+                            "select exists (select 1 from effects where event_id = $1)",
+                            first_after,
+                        )
+                    )
+
+                await eventually(
+                    recovered, within=60, what="an event sent after the restart is effected"
+                )
+            finally:
+                await conn.close()
         finally:
             stop.set()
             await feeding
         await all_effected(url, len(events.sent), within=90)
+    await sessions_ended(url)
 
     dead_letters = await copies_on_bus(kafka_bootstrap, f"{topic}.dlq")
     result = await outcome(url, [group], events.sent)
@@ -976,6 +1036,7 @@ async def test_relay_killed_mid_publish_republishes_and_loses_nothing(
             await all_effected(postgres_database, backlog, within=60)
     finally:
         await db.stop()
+    await sessions_ended(postgres_database)
 
     copies = await copies_on_bus(kafka_bootstrap, topic)
     result = await outcome(postgres_database, [group], sent)

@@ -118,19 +118,17 @@ async def test_transactions_and_error_translation(db: PostgresResource) -> None:
 async def test_outbox_commits_with_the_state_change_and_the_relay_publishes(
     db: PostgresResource, bus: Bus
 ) -> None:
-    outbox = PostgresOutbox(db, bus, poll_interval=5.0)  # NOTIFY, not polling, must wake it
+    outbox = PostgresOutbox(db, bus, poll_interval=3600)  # NOTIFY, not polling, must wake it
     await db.start()
     await outbox.start()
     try:
-        await eventually(lambda: outbox.is_leader)
-        began = time.monotonic()
+        await eventually(lambda: outbox.is_leader)  # it LISTENs from now on
         async with db.transaction() as tx:
             await tx.execute("insert into orders (id, status) values ('o-1', 'placed')")
             envelope = await outbox.add(
                 tx, "orders", OrderChanged(order_id="o-1", status="placed"), key="o-1"
             )
-        await eventually(lambda: len(published(bus, "orders")) == 1)
-        assert time.monotonic() - began < 2.0, "LISTEN/NOTIFY wakes the relay at commit"
+        await eventually(lambda: len(published(bus, "orders")) == 1)  # woken by the commit
         assert isinstance(bus.transport, MemoryTransport)
         [record] = bus.transport.records("orders")
         assert from_binary(record).id == envelope.id
@@ -142,7 +140,9 @@ async def test_outbox_commits_with_the_state_change_and_the_relay_publishes(
                 await tx.execute("update orders set status = 'cancelled' where id = 'o-1'")
                 await outbox.add(tx, "orders", OrderChanged(order_id="o-1", status="cancelled"))
                 raise RuntimeError("the handler failed after adding the event")
-        await asyncio.sleep(0.3)
+        # A row leaves msa_outbox only after it was published: with the table empty, an event
+        # of the rolled-back transaction would be on the bus by now.
+        assert await outbox.pending() == 0
         assert [e.status for e in published(bus, "orders")] == ["placed"], "no invented events"
         async with db.connection() as conn:
             assert await conn.fetchval("select status from orders") == "placed"
@@ -169,12 +169,13 @@ async def test_relay_keeps_order_per_aggregate_and_one_leader_among_replicas(
 
         await asyncio.gather(*(writer(f"o-{i}") for i in range(4)))
         await eventually(lambda: len(published(bus, "orders")) == 120)
-        await asyncio.sleep(0.3)
+        # A row is deleted in the transaction that published it: none left, none republished.
+        await drained(relays[0])
         events = published(bus, "orders")
         assert len(events) == 120, "each event exactly once"
         for i in range(4):
             assert [e.n for e in events if e.order_id == f"o-{i}"] == list(range(30))
-        assert sum(r.published for r in relays) == 120
+        await eventually(lambda: sum(r.published for r in relays) == 120)  # counted at commit
         leader = next(r for r in relays if r.is_leader)
         await leader.stop()  # another replica takes over
         await eventually(lambda: sum(r.is_leader for r in relays if r is not leader) == 1)
@@ -210,8 +211,11 @@ async def test_inbox_runs_an_effect_once_per_message(db: PostgresResource, bus: 
     await db.start()
     await inbox.start()
     effects: list[str] = []
+    handled = 0
 
     async def on_changed(message: Message[OrderChanged]) -> None:
+        nonlocal handled
+
         async def effect(tx: Any) -> None:
             await tx.execute(
                 "insert into orders (id, status, total) values ($1, $2, 1) "
@@ -222,6 +226,7 @@ async def test_inbox_runs_an_effect_once_per_message(db: PostgresResource, bus: 
             effects.append(message.envelope.id)
 
         await inbox.run_once(message, effect)
+        handled += 1
 
     await bus.subscribe_running(
         ["changes"],
@@ -232,8 +237,8 @@ async def test_inbox_runs_an_effect_once_per_message(db: PostgresResource, bus: 
     for _ in range(3):  # the same message id delivered three times
         await bus.publish_envelope("changes", envelope)
     await bus.publish("changes", OrderChanged(order_id="o-1", status="paid"), key="o-1")
-    await eventually(lambda: len(effects) == 2)
-    await asyncio.sleep(0.2)
+    await eventually(lambda: handled == 4)  # all four deliveries went through the inbox
+    assert len(effects) == 2
     async with db.connection() as conn:
         assert await conn.fetchval("select total from orders where id = 'o-1'") == 2
         assert await conn.fetchval("select count(*) from msa_inbox") == 2
@@ -245,15 +250,36 @@ async def test_inbox_runs_an_effect_once_per_message(db: PostgresResource, bus: 
 async def test_concurrent_duplicates_block_then_skip(db: PostgresResource) -> None:
     inbox = PostgresInbox(db)
     await db.start()
+    recorded, duplicate_waits = asyncio.Event(), asyncio.Event()
 
-    async def attempt() -> bool:
+    async def first() -> bool:
         async with db.transaction() as tx:
             fresh = await inbox.record_id(tx, "g", "m-1")
-            await asyncio.sleep(0.1)  # the first holds its row while the second arrives
+            recorded.set()
+            await duplicate_waits.wait()  # hold the uncommitted row until the duplicate blocks
             return fresh
 
-    results = await asyncio.gather(attempt(), attempt())
-    assert sorted(results) == [False, True]
+    async def duplicate() -> bool:
+        await recorded.wait()
+        async with db.transaction() as tx:
+            return await inbox.record_id(tx, "g", "m-1")
+
+    async def release_once_blocked() -> None:
+        try:
+            async with db.connection() as conn, asyncio.timeout(10):
+                while True:
+                    blocked = await conn.fetchval(
+                        "select count(*) from pg_stat_activity where datname = current_database() "
+                        "and wait_event_type = 'Lock' and query like '%msa_inbox%'"
+                    )
+                    if blocked:
+                        return
+                    await asyncio.sleep(0.01)
+        finally:
+            duplicate_waits.set()
+
+    fresh, again, _ = await asyncio.gather(first(), duplicate(), release_once_blocked())
+    assert (fresh, again) == (True, False)
 
 
 async def test_errors_are_framework_errors(db: PostgresResource) -> None:

@@ -93,7 +93,7 @@ from framework.errors import (
     TransportError,
 )
 from framework.messages import Envelope, decode_payload, from_binary, type_name
-from framework.types import Record
+from framework.types import Record, TopicSpec
 
 try:
     import faust
@@ -399,6 +399,7 @@ class StreamsResource:
         partitions = self.partitions or await self._topic_partitions(kafka)
         try:
             self._app = app = self._build_app(kafka, partitions)
+            await self._declare_changelogs(app, kafka, partitions)
             async with _timeout(self.start_timeout, self.app_id, kafka.bootstrap_servers):
                 await app.start()
             if app.crashed:
@@ -458,6 +459,48 @@ class StreamsResource:
                 "tables must be co-partitioned with them; give partitions= explicitly"
             )
         return next(iter(counts.values()))
+
+    async def _declare_changelogs(
+        self, app: faust.App, kafka: KafkaSettings, partitions: int
+    ) -> None:
+        """Create the tables' changelog topics (as Faust would: same names, cleanup policy,
+        retention and partitions) and wait for their leaders, before the app starts.
+
+        Faust creates them itself during start, but its agents may write to a changelog before
+        the broker's metadata knows it; aiokafka then fails inside its partitioner and the agent
+        crashes, again and again. A declared topic with elected leaders is never that new.
+        """
+        from mode.utils.times import want_seconds
+
+        from framework.bus.kafka import KafkaTransport
+
+        specs = []
+        for table in app.tables.values():
+            topic = table.changelog_topic
+            config = {key: str(value) for key, value in (topic.config or {}).items()}
+            policy = [
+                f for f, on in (("compact", topic.compacting), ("delete", topic.deleting)) if on
+            ]
+            if policy:
+                config["cleanup.policy"] = ",".join(sorted(policy))
+            if topic.retention:
+                config["retention.ms"] = str(int(want_seconds(topic.retention) * 1000))
+            specs.append(
+                TopicSpec(
+                    name=topic.get_topic_name(),
+                    partitions=topic.partitions or partitions,
+                    replication_factor=topic.replicas or app.conf.topic_replication_factor or 1,
+                    config=config,
+                )
+            )
+        if not specs:
+            return
+        transport = KafkaTransport(kafka)
+        await transport.start()
+        try:
+            await transport.declare(specs)
+        finally:
+            await transport.stop()
 
     def _build_app(self, kafka: KafkaSettings, partitions: int) -> faust.App:
         if self.datadir is None:

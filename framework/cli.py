@@ -10,9 +10,15 @@ msa shop load [--users N] [--duration 30s]
                                        drive the running shop with Locust, print a summary
 msa graph [module:Service ...] [--gateway FILE ...] [--format mermaid|svg]
                                        draw the system from its declarations (default: the shop)
-msa dlq replay TOPIC.dlq [--limit N] [--dry-run]
-                                       publish dead letters back to their original topic
-                                       (transport from MSA_TRANSPORT / KAFKA_BOOTSTRAP)
+msa dlq replay TOPIC.dlq [--limit N] [--dry-run] [--max-replays N] [--until-empty [--max-rounds N]]
+                                       publish the dead letters there now back to their
+                                       original topic; park those replayed N times already
+                                       in TOPIC.dlq.parked (see framework.bus.dlq)
+
+The module:Service commands import the target with the working directory first on sys.path (no
+PYTHONPATH=. needed). `msa run --help` lists the environment variables a service reads.
+Commands that need a broker (`msa dlq replay`) refuse the in-memory bus: set MSA_TRANSPORT=kafka
+and KAFKA_BOOTSTRAP. Errors exit 2 with `msa: error: ...` on stderr.
 """
 
 from __future__ import annotations
@@ -27,9 +33,48 @@ from pathlib import Path
 import orjson
 
 from framework import __version__
-from framework.errors import MsaError
+from framework.errors import ConfigurationError, MsaError
+from framework.types import Record, Transport
 
-__all__ = ["build_parser", "main"]
+__all__ = ["RUN_ENVIRONMENT", "build_parser", "main"]
+
+RUN_ENVIRONMENT = """\
+environment (read by ServiceSettings.from_env and KafkaSettings.from_env):
+  MSA_TRANSPORT            memory or kafka (default: kafka if KAFKA_BOOTSTRAP is set, else memory)
+  MSA_HTTP_HOST            the address the HTTP side listens on (default: 0.0.0.0)
+  MSA_HTTP_PORT            its port; 0 picks a free one, -1 turns it off (default: 8080)
+  MSA_SHUTDOWN_GRACE       seconds running handlers get to finish after SIGTERM (default: 25)
+  MSA_INSTANCE_ID          this replica's id, e.g. in its reply topic (default: a random one)
+  MSA_LOG_LEVEL            DEBUG, INFO, WARNING or ERROR (default: INFO)
+  MSA_LOG_FORMAT           json or text (default: json)
+  KAFKA_BOOTSTRAP          the Kafka brokers, host:port[,host:port] (default: none)
+  KAFKA_CLIENT_ID          the client id the brokers see (default: msa)
+  KAFKA_LINGER_MS          milliseconds a record waits for its batch to fill (default: 5)
+  KAFKA_COMPRESSION        gzip, lz4, zstd, snappy or none (default: none)
+  KAFKA_SECURITY_PROTOCOL  PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (default: PLAINTEXT)
+  KAFKA_SASL_MECHANISM     PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (default: PLAIN)
+  KAFKA_SASL_USERNAME      the SASL user name (default: none)
+  KAFKA_SASL_PASSWORD      the SASL password (default: none)
+Resources read their own variables from the same environment (e.g. POSTGRES_URL, MONGO_URL).
+"""
+"""The `msa run --help` epilog; a test holds it to what the settings' `from_env` read."""
+
+TARGET_COMMANDS = frozenset({"run", "asyncapi", "openapi", "migrate", "graph"})
+"""Commands that import `module:Service` targets (from the working directory first)."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"msa-framework {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run a service until SIGTERM")
+    run = commands.add_parser(
+        "run",
+        help="run a service until SIGTERM",
+        description="Run a service until SIGTERM or SIGINT, then stop it gracefully.",
+        epilog=RUN_ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("target", help="module:Service (a class, an instance or a factory)")
 
     for name, what in (("asyncapi", "AsyncAPI 3.0"), ("openapi", "OpenAPI 3.1")):
@@ -73,31 +124,91 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq = commands.add_parser("dlq", help="dead-letter topics")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
-    replay = dlq_commands.add_parser("replay", help="publish dead letters back to their topic")
+    replay = dlq_commands.add_parser(
+        "replay",
+        help="publish dead letters back to their topic",
+        description="Publish the dead letters a dead-letter topic holds now back to their "
+        "original topic, then stop; each replayed record carries msa-replay-count. Needs a "
+        "broker (MSA_TRANSPORT=kafka, KAFKA_BOOTSTRAP).",
+    )
     replay.add_argument("topic", help="the dead-letter topic, e.g. orders.dlq")
-    replay.add_argument("--limit", type=int, default=None, help="replay at most N records")
+    replay.add_argument(
+        "--limit", type=_not_negative, default=None, help="take at most N dead letters"
+    )
     replay.add_argument("--dry-run", action="store_true", help="list, publish nothing")
+    replay.add_argument(
+        "--max-replays",
+        type=_not_negative,
+        default=3,
+        metavar="N",
+        help="park a dead letter replayed N times already in TOPIC.parked (default: 3)",
+    )
+    replay.add_argument(
+        "--until-empty",
+        action="store_true",
+        help="then replay the dead letters that arrived meanwhile, round after round",
+    )
+    replay.add_argument(
+        "--max-rounds",
+        type=_positive,
+        default=3,
+        metavar="N",
+        help="with --until-empty, stop after N rounds (default: 3)",
+    )
     return parser
 
 
-async def _replay(topic: str, limit: int | None, dry_run: bool) -> int:
-    from framework.bus.dlq import replay
+def _broker_transport(command: str) -> Transport:
+    """The transport the environment names, refusing the in-memory one (it holds nothing
+    another process wrote)."""
+    from framework.bus import MemoryTransport
     from framework.service import ServiceSettings
 
     transport = ServiceSettings.from_env().make_transport()
+    if isinstance(transport, MemoryTransport):
+        raise ConfigurationError(
+            f"{command} needs a broker: set MSA_TRANSPORT=kafka and KAFKA_BOOTSTRAP"
+        )
+    return transport
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    from framework.bus.dlq import replay
+
+    transport = _broker_transport("msa dlq replay")
     await transport.start()
     try:
-        report = await replay(transport, topic, limit=limit, dry_run=dry_run)
+        report = await replay(
+            transport,
+            args.topic,
+            limit=args.limit,
+            dry_run=args.dry_run,
+            until_empty=args.until_empty,
+            max_rounds=args.max_rounds,
+            max_replays=args.max_replays,
+        )
     finally:
         await transport.stop()
-    verb = "would replay" if dry_run else "replayed"
+    replayed, parked = ("would replay", "would park") if args.dry_run else ("replayed", "parked")
     for letter in report.replayed:
         print(
-            f"{verb} {letter.record.topic}[{letter.record.partition}]@{letter.record.offset} "
-            f"-> {letter.original_topic} ({letter.error_type}: {letter.error_message})"
+            f"{replayed} {_where(letter.record)} -> {letter.original_topic} "
+            f"(replay {letter.replays + 1}; {letter.error_type}: {letter.error_message})"
         )
-    print(f"{verb} {report.count} record(s) from {topic}")
+    for letter in report.parked:
+        print(
+            f"{parked} {_where(letter.record)} -> {report.parked_topic} "
+            f"(replayed {letter.replays} times; {letter.error_type}: {letter.error_message})"
+        )
+    print(
+        f"{replayed} {report.count} record(s) from {args.topic}; "
+        f"{parked} {len(report.parked)} in {report.parked_topic}"
+    )
     return 0
+
+
+def _where(record: Record) -> str:
+    return f"{record.topic}[{record.partition}]@{record.offset}"
 
 
 async def _gateway(path: str) -> int:
@@ -180,6 +291,10 @@ async def _migrate(target: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in TARGET_COMMANDS:
+        from framework.runner import import_from_working_directory
+
+        import_from_working_directory()
     try:
         if args.command == "run":
             from framework.runner import run
@@ -221,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "graph":
             return _graph(args.targets, args.gateway, args.format)
         if args.command == "dlq":
-            return asyncio.run(_replay(args.topic, args.limit, args.dry_run))
+            return asyncio.run(_replay(args))
     except MsaError as exc:
         print(f"msa: error: {exc}", file=sys.stderr)
         return 2

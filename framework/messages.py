@@ -124,9 +124,19 @@ def message_type(name: str) -> Callable[[C], C]:
 
     def mark(cls: C) -> C:
         cls.__msa_type__ = name  # type: ignore[attr-defined]
+        _DECLARED.add(name)
         return cls
 
     return mark
+
+
+_DECLARED: set[str] = set()
+
+
+def is_declared(name: str) -> bool:
+    """Whether some class in this process declared CloudEvents type `name` with
+    `@message_type` (a handler for a type nothing declares usually has the wrong annotation)."""
+    return name in _DECLARED
 
 
 def type_name(cls: type[Any]) -> str:

@@ -6,6 +6,10 @@ starts the service and waits for SIGTERM or SIGINT. Then it stops the service gr
 `framework.service` for the order of events) within `MSA_SHUTDOWN_GRACE` seconds and exits 0.
 A second signal during the stop exits at once with status 130. A service that fails to start
 exits 1 with the error logged.
+
+The `msa` commands that take a `module:Service` target put the working directory first on
+`sys.path` (`import_from_working_directory`), as `python -m` and uvicorn do, so that
+`msa run notify.service:Notify` run next to `notify/` finds it without `PYTHONPATH=.`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -22,9 +27,16 @@ from framework.errors import ConfigurationError
 from framework.observability.logging import configure_logging
 from framework.service import Service, ServiceSettings
 
-__all__ = ["load_service", "run", "serve"]
+__all__ = ["import_from_working_directory", "load_service", "run", "serve"]
 
 log = logging.getLogger("framework.runner")
+
+
+def import_from_working_directory() -> None:
+    """Put the working directory first on `sys.path`, so its modules import as targets."""
+    cwd = os.getcwd()
+    if not sys.path or sys.path[0] not in (cwd, ""):
+        sys.path.insert(0, cwd)
 
 
 def load_target(spec: str) -> Any:

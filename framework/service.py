@@ -62,7 +62,7 @@ from framework.bus import (
     Message,
 )
 from framework.errors import ConfigurationError
-from framework.messages import Envelope, type_name
+from framework.messages import Envelope, is_declared, type_name
 from framework.observability.metrics import MetricsRegistry
 from framework.types import ConsumeMiddleware, PublishMiddleware, RecordMetadata, Transport
 
@@ -94,7 +94,8 @@ class Resource(Protocol):
 class ServiceSettings:
     """How a service runs; `from_env()` reads the environment in one place.
 
-    MSA_TRANSPORT (memory | kafka), KAFKA_BOOTSTRAP (and the other KAFKA_* of `KafkaSettings`),
+    MSA_TRANSPORT (memory | kafka; unset: kafka when KAFKA_BOOTSTRAP is set, else memory),
+    KAFKA_BOOTSTRAP (and the other KAFKA_* of `KafkaSettings`),
     MSA_HTTP_HOST, MSA_HTTP_PORT (0 picks a free port; -1 turns the HTTP side off),
     MSA_SHUTDOWN_GRACE (seconds), MSA_INSTANCE_ID, MSA_LOG_LEVEL, MSA_LOG_FORMAT.
     """
@@ -110,20 +111,39 @@ class ServiceSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+        """Settings from the environment (`os.environ` unless given).
+
+        The transport is explicit: `MSA_TRANSPORT` names it; when it is unset, a set
+        `KAFKA_BOOTSTRAP` means Kafka (a process given a broker never falls back to the
+        in-memory bus in silence), and neither means the in-memory bus. A malformed value is a
+        `ConfigurationError` that names the variable and the value.
+        """
         env = dict(os.environ if environ is None else environ)
-        try:
-            return cls(
-                transport=env.get("MSA_TRANSPORT", "memory"),
-                http_host=env.get("MSA_HTTP_HOST", "0.0.0.0"),
-                http_port=int(env.get("MSA_HTTP_PORT", "8080")),
-                shutdown_grace=float(env.get("MSA_SHUTDOWN_GRACE", "25")),
-                instance_id=env.get("MSA_INSTANCE_ID") or None,
-                log_level=env.get("MSA_LOG_LEVEL", "INFO"),
-                log_format=env.get("MSA_LOG_FORMAT", "json"),
-                env=env,
+
+        def number(name: str, default: str, kind: type[int] | type[float]) -> Any:
+            raw = env.get(name, "").strip() or default
+            try:
+                return kind(raw)
+            except ValueError:
+                what = "a whole number" if kind is int else "a number"
+                raise ConfigurationError(f"{name} must be {what}, not {raw!r}") from None
+
+        default_transport = "kafka" if env.get("KAFKA_BOOTSTRAP", "").strip() else "memory"
+        transport = env.get("MSA_TRANSPORT", "").strip().lower() or default_transport
+        if transport not in ("memory", "kafka"):
+            raise ConfigurationError(
+                f"MSA_TRANSPORT must be 'memory' or 'kafka', not {transport!r}"
             )
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid service setting: {exc}") from exc
+        return cls(
+            transport=transport,
+            http_host=env.get("MSA_HTTP_HOST", "0.0.0.0"),
+            http_port=number("MSA_HTTP_PORT", "8080", int),
+            shutdown_grace=number("MSA_SHUTDOWN_GRACE", "25", float),
+            instance_id=env.get("MSA_INSTANCE_ID") or None,
+            log_level=env.get("MSA_LOG_LEVEL", "INFO"),
+            log_format=env.get("MSA_LOG_FORMAT", "json"),
+            env=env,
+        )
 
     @property
     def http_enabled(self) -> bool:
@@ -332,7 +352,7 @@ class Service:
 
     async def check_ready(self) -> dict[str, bool]:
         """Readiness of dependencies for `/ready`; override to add checks (name -> ok)."""
-        checks = {"bus": self.bus.started}
+        checks = {"bus": self.bus.started, "consumers": not self.bus.failed_subscriptions()}
         for resource in self._resources:
             check = getattr(resource, "check", None)
             if check is not None:
@@ -379,6 +399,20 @@ class Service:
             handlers = groups.setdefault(key, {})
             options_by_key[key] = options
             event_type = info.type or type_name(info.payload_type)
+            if info.type is None and not is_declared(event_type):
+                log.warning(
+                    "%s.%s handles type %r, which no @message_type in this process declares: "
+                    "it only receives events whose CloudEvents type is exactly %r (decorate "
+                    "%s with @message_type(...), or pass @handles(..., type=...)); events of "
+                    "other types on %s are unhandled=%r",
+                    type(self).__name__,
+                    info.attribute,
+                    event_type,
+                    event_type,
+                    getattr(info.payload_type, "__qualname__", info.payload_type),
+                    ", ".join(info.topics),
+                    options.unhandled,
+                )
             if event_type in handlers:
                 raise ConfigurationError(
                     f"{type(self).__name__}: two handlers for {event_type!r} on {info.topics}"
@@ -388,8 +422,20 @@ class Service:
                 call=self._bind_handler(info),
                 name=info.attribute,
             )
-        for (topics, _), handlers in groups.items():
-            self.bus.subscribe(topics, handlers, options_by_key[(topics, _)])
+        seen: dict[tuple[str, str], ConsumerOptions] = {}
+        for key, handlers in groups.items():
+            topics, options = key
+            for topic in topics:
+                other = seen.setdefault((options.group, topic), options)
+                if other != options:
+                    # Two subscriptions in one group would split the topic's partitions between
+                    # them, and each would meet the other's types as unhandled.
+                    raise ConfigurationError(
+                        f"{type(self).__name__}: the handlers of group {options.group!r} on "
+                        f"{topic!r} give different consumer options ({other} and {options}); "
+                        "give them the same options, or another group"
+                    )
+            self.bus.subscribe(topics, handlers, options_by_key[key])
 
     def _bind_handler(self, info: HandlerInfo) -> Callable[[Message[Any]], Awaitable[Any]]:
         method = getattr(self, info.attribute)
@@ -438,7 +484,12 @@ class Service:
                 self._http = None
             raise
         self._ready = True
-        log.info("service %s started", self.name)
+        log.info(
+            "service %s started on %s; consumer groups: %s",
+            self.name,
+            describe_transport(self.bus.transport),
+            ", ".join(sorted({s.group for s in self.bus.subscriptions})) or "none",
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop (see the module docstring). Safe to call twice: a second call
@@ -484,3 +535,13 @@ class Service:
 
     def envelope(self, data: Any, **attributes: Any) -> Envelope[Any]:
         return self.bus.envelope(data, **attributes)
+
+
+def describe_transport(transport: Transport) -> str:
+    """Which transport a process uses, for its start-up log line: `kafka (brokers ...)`."""
+    settings = getattr(transport, "settings", None)
+    brokers = getattr(settings, "bootstrap_servers", None)
+    if brokers is None:
+        return f"the {transport.name} transport (in this process only)"
+    protocol = getattr(settings, "security_protocol", "PLAINTEXT")
+    return f"the {transport.name} transport (brokers {brokers}, {protocol})"

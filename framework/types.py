@@ -124,6 +124,15 @@ class TransportConsumer(Protocol):
     def lag(self) -> Mapping[TopicPartition, int]:
         """Records behind the end of each assigned partition, as last seen."""
 
+    async def end_offsets(
+        self, partitions: Sequence[TopicPartition]
+    ) -> Mapping[TopicPartition, int]:
+        """The end of each partition, asked now: the offset its next record will get.
+
+        The partitions need not be assigned to this consumer; the position does not move.
+        Reading a partition up to the end asked at some moment reads exactly what it held then.
+        """
+
     async def stop(self) -> None: ...
 
 

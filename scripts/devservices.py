@@ -4,6 +4,8 @@
     scripts/devservices down     stop what `up` started (and nothing else)
     scripts/devservices status   one line per server: running/ready or stopped
     scripts/devservices env      the connection URLs as `export NAME=value` lines
+    scripts/devservices up kafka (or down kafka, ...): only that server, e.g. a second, fresh
+                                 broker with its own MSA_RUN_DIR and MSA_KAFKA_PORT
 
 `up` and `env` print the connection settings on stdout, so `eval "$(scripts/devservices up)"`
 leaves them in your shell:
@@ -581,8 +583,9 @@ class FerretDB(Server):
             await client.close()
 
 
-def servers(settings: Settings) -> list[Server]:
-    return [Kafka(settings), Postgres(settings), FerretDB(settings)]
+def servers(settings: Settings, only: str | None = None) -> list[Server]:
+    every: list[Server] = [Kafka(settings), Postgres(settings), FerretDB(settings)]
+    return [s for s in every if only is None or s.name == only]
 
 
 def exports(all_servers: list[Server]) -> str:
@@ -609,8 +612,8 @@ async def wait_all(started: list[Server]) -> None:
         raise DevServiceError("\n\n".join(str(e) for e in errors))
 
 
-def cmd_up(settings: Settings) -> int:
-    all_servers = servers(settings)
+def cmd_up(settings: Settings, only: str | None = None) -> int:
+    all_servers = servers(settings, only)
     settings.run.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     parallel(lambda s: s.install(), all_servers)
@@ -618,14 +621,15 @@ def cmd_up(settings: Settings) -> int:
         if server.start():
             log(f"{server.name}: started (pid {server.pid()}), log {server.log}")
     asyncio.run(wait_all(all_servers))
-    (settings.run / "env").write_text(exports(all_servers) + "\n")
+    if only is None:
+        (settings.run / "env").write_text(exports(all_servers) + "\n")
     log(f"all servers ready in {time.monotonic() - began:.1f}s")
     print(exports(all_servers))
     return 0
 
 
-def cmd_down(settings: Settings) -> int:
-    for server in servers(settings):
+def cmd_down(settings: Settings, only: str | None = None) -> int:
+    for server in servers(settings, only):
         log(f"{server.name}: {'stopped' if server.stop() else 'was not running'}")
     return 0
 
@@ -673,15 +677,15 @@ def main(argv: list[str] | None = None) -> int:
         "server",
         nargs="?",
         choices=["kafka", "postgres", "mongo"],
-        help="with restart: the server to restart on its data",
+        help="with restart: the server to restart on its data; with up/down: only that one",
     )
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     try:
         if args.command == "up":
-            return cmd_up(settings)
+            return cmd_up(settings, args.server)
         if args.command == "down":
-            return cmd_down(settings)
+            return cmd_down(settings, args.server)
         if args.command == "status":
             return cmd_status(settings)
         if args.command == "restart":

@@ -119,11 +119,12 @@ class Analytics(Service):
 
     # -- consuming (in-memory bus) ---------------------------------------------------------------
 
-    @handles(TOPICS.ORDERS_EVENTS)
+    # Sales figures need placed and confirmed orders; the saga's progress events are skipped.
+    @handles(TOPICS.ORDERS_EVENTS, unhandled="skip")
     async def on_order_placed(self, order: OrderPlaced, message: Message[OrderPlaced]) -> None:
         self.ledger.placed(order, message.envelope.time, self.clock())
 
-    @handles(TOPICS.ORDERS_EVENTS)
+    @handles(TOPICS.ORDERS_EVENTS, unhandled="skip")
     async def on_order_confirmed(
         self, order: OrderConfirmed, message: Message[OrderConfirmed]
     ) -> None:

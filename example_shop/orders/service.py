@@ -181,13 +181,14 @@ class Orders(Service):
 
     # -- the price read model -------------------------------------------------------------------
 
-    @handles(TOPICS.CATALOG_EVENTS)
+    # The catalog's topic carries more than prices: the rest is not this read model's business.
+    @handles(TOPICS.CATALOG_EVENTS, unhandled="skip")
     async def on_product_created(
         self, event: ProductCreated, message: Message[ProductCreated]
     ) -> None:
         await self._set_price(message, event.product_id, event.price_cents)
 
-    @handles(TOPICS.CATALOG_EVENTS)
+    @handles(TOPICS.CATALOG_EVENTS, unhandled="skip")
     async def on_price_changed(
         self, event: ProductPriceChanged, message: Message[ProductPriceChanged]
     ) -> None:

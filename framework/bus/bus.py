@@ -23,6 +23,20 @@ next callable, one shape for both directions, and the chains are built once at `
         finally:
             log.info("handled in %.3fs", time.perf_counter() - began)
 
+Hearing of what went wrong: `bus.on_dead_letter` listeners are awaited with each dead letter
+(a `framework.bus.dlq.DeadLetter` of the record as the transport acknowledged it on the
+dead-letter topic), `bus.on_rejected` listeners with each record refused before any handler ran
+(`RejectedRecord`: undecodable, invalid payload, unhandled type). A listener that raises is
+logged and ignored. The testing kit listens this way.
+
+    async def page_on_call(letter: DeadLetter) -> None: ...
+    bus.on_dead_letter.append(page_on_call)
+
+`isolate_groups(suffix)` (before `start()`) makes every subscription consume in a group of this
+bus's own, `<group><suffix>`, from the end of its topics as they are when it starts. The testing
+kit does it on a real broker: a test never joins the group of a deployed instance of the same
+service, and never handles (and acts on) the history of a shared topic.
+
 Request/reply: each Bus instance owns a reply topic `<source>.replies.<instance>` (created on
 the first request, deleted at stop) read without a consumer group from its end. A request is an
 envelope with the `replyto` extension; the reply carries `correlationid` = the request's id and
@@ -39,11 +53,18 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import orjson
 
-from framework.bus.consumer import ConsumerOptions, HandlerSpec, Message, Subscription
+from framework.bus.consumer import (
+    ConsumerOptions,
+    HandlerSpec,
+    Message,
+    RejectedRecord,
+    Subscription,
+)
+from framework.bus.dlq import DeadLetter
 from framework.errors import (
     ConfigurationError,
     MsaError,
@@ -54,14 +75,17 @@ from framework.errors import (
 from framework.messages import Envelope, decode_payload, from_binary, new_id, to_binary, type_name
 from framework.observability.metrics import CounterChild, MetricsRegistry
 from framework.observability.tracing import (
+    TraceContext,
     continue_from,
     current_correlation_id,
     current_trace,
     new_root_header,
+    use_service,
 )
 from framework.types import (
     ConsumeMiddleware,
     PublishMiddleware,
+    Record,
     RecordMetadata,
     TopicPartition,
     TopicSpec,
@@ -69,13 +93,25 @@ from framework.types import (
     TransportConsumer,
 )
 
-__all__ = ["Bus", "BusMetrics", "Outgoing", "current_message"]
+__all__ = [
+    "Bus",
+    "BusMetrics",
+    "DeadLetterListener",
+    "Outgoing",
+    "RejectionListener",
+    "current_message",
+]
 
 R = TypeVar("R")
 log = logging.getLogger("framework.bus")
 
 current_message: ContextVar[Message[Any] | None] = ContextVar("msa_current_message", default=None)
 """The message whose handler is running (None outside handlers)."""
+
+DeadLetterListener: TypeAlias = Callable[[DeadLetter], Awaitable[None]]
+"""Awaited with each dead letter once the transport acknowledged it (`Bus.on_dead_letter`)."""
+RejectionListener: TypeAlias = Callable[[RejectedRecord], Awaitable[None]]
+"""Awaited with each record refused before any handler ran (`Bus.on_rejected`)."""
 
 
 @dataclass(slots=True)
@@ -95,7 +131,7 @@ class BusMetrics:
         self.registry = registry
         self.messages_in = registry.counter(
             "msa_messages_in_total",
-            "Messages consumed, by outcome (ok, error, invalid, ignored).",
+            "Messages consumed, by outcome (ok, error, invalid, unhandled).",
             ("topic", "type", "outcome"),
         )
         self.messages_out = registry.counter(
@@ -141,6 +177,11 @@ class Bus:
         self.transport = transport
         self.source = source
         self.instance_id = instance_id or new_id()[:12]
+        self._group_suffix = ""
+        self.on_dead_letter: list[DeadLetterListener] = []
+        """Awaited with each dead letter this bus's subscriptions published (module docstring)."""
+        self.on_rejected: list[RejectionListener] = []
+        """Awaited with each record its subscriptions refused before any handler ran."""
         self.metrics = BusMetrics(metrics if metrics is not None else MetricsRegistry())
         self._publish_middleware = list(publish_middleware)
         self._consume_middleware = list(consume_middleware)
@@ -156,6 +197,25 @@ class Bus:
         self._out_counters: dict[tuple[str, str], CounterChild] = {}
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def isolate_groups(self, suffix: str) -> None:
+        """Consume in consumer groups of this bus's own: each subscription's group gets `suffix`
+        and starts at the end of its topics as they are when it starts (see
+        `Subscription.isolate`). Before `start()`; for subscriptions made before and after."""
+        if not suffix:
+            raise ConfigurationError("isolate_groups needs a suffix")
+        if self._started:
+            raise ConfigurationError("isolate_groups before the bus starts")
+        if self._group_suffix:
+            raise ConfigurationError(f"the groups are isolated already ({self._group_suffix!r})")
+        self._group_suffix = suffix
+        for subscription in self._subscriptions:  # made before, not started yet
+            subscription.isolate(subscription.group + suffix)
+
+    @property
+    def group_suffix(self) -> str:
+        """The suffix of the isolated groups (`isolate_groups`); "" when they are not."""
+        return self._group_suffix
 
     def add_publish_middleware(self, middleware: PublishMiddleware) -> None:
         self._refuse_after_start("publish middleware")
@@ -196,7 +256,7 @@ class Bus:
         await self.transport.start()
         self._started = True
         for subscription in self._subscriptions:
-            await subscription.start()
+            await self._start_subscription(subscription)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Drain every subscription (see `Subscription.stop`), then close the transport."""
@@ -220,6 +280,10 @@ class Bus:
     @property
     def started(self) -> bool:
         return self._started
+
+    def failed_subscriptions(self) -> list[Subscription]:
+        """Subscriptions that stopped on an unhandled type (`unhandled="fail"`)."""
+        return [s for s in self._subscriptions if s.failure is not None]
 
     @property
     def subscriptions(self) -> list[Subscription]:
@@ -341,7 +405,7 @@ class Bus:
         if not self._started:
             raise NotStartedError("subscribe_running() needs a started bus; use subscribe()")
         subscription = self._add_subscription(topics, handlers, options)
-        await subscription.start()
+        await self._start_subscription(subscription)
         return subscription
 
     def _add_subscription(
@@ -355,25 +419,46 @@ class Bus:
         if not topics:
             raise ConfigurationError("a subscription needs at least one topic")
         subscription = Subscription(self, topics, handlers, options)
+        if self._group_suffix:
+            subscription.isolate(options.group + self._group_suffix)
         self._subscriptions.append(subscription)
-        for topic in topics:
-            self.metrics.lag.labels(group=options.group, topic=topic).set_function(
-                partial(_topic_lag, subscription, topic)
-            )
         return subscription
 
-    async def dispatch(self, handler: HandlerSpec, message: Message[Any]) -> Any:
-        """Run a handler through the consume middleware, inside the message's context."""
+    async def _start_subscription(self, subscription: Subscription) -> None:
+        for topic in subscription.topics:  # its group is final now
+            self.metrics.lag.labels(group=subscription.group, topic=topic).set_function(
+                partial(_topic_lag, subscription, topic)
+            )
+        await subscription.start()
+
+    async def dispatch(
+        self, handler: HandlerSpec, message: Message[Any], *, trace: TraceContext | None = None
+    ) -> Any:
+        """Run a handler through the consume middleware, inside the message's context: its
+        correlation id, and `trace` (the consumer gives each attempt a span of the message's
+        trace) or else a new child span of its `traceparent`."""
         envelope = message.envelope
         message_token = current_message.set(message)
         correlation_token = current_correlation_id.set(envelope.correlationid or envelope.id)
-        trace_token = current_trace.set(continue_from(envelope.traceparent))
+        trace_token = current_trace.set(trace or continue_from(envelope.traceparent))
         try:
             return await self._consume_chain(handler, message)
         finally:
             current_trace.reset(trace_token)
             current_correlation_id.reset(correlation_token)
             current_message.reset(message_token)
+
+    async def announce_dead_letter(self, record: Record) -> None:
+        """Tell the `on_dead_letter` listeners: `record` is a dead letter as acknowledged."""
+        if self.on_dead_letter:
+            letter = DeadLetter.from_record(record)
+            for listener in list(self.on_dead_letter):
+                await _tell(listener, letter)
+
+    async def announce_rejected(self, rejected: RejectedRecord) -> None:
+        """Tell the `on_rejected` listeners: a record was refused before any handler ran."""
+        for listener in list(self.on_rejected):
+            await _tell(listener, rejected)
 
     # -- request/reply --------------------------------------------------------------------------
 
@@ -454,7 +539,8 @@ class Bus:
                 )
                 await consumer.start()
                 self._reply_consumer = consumer
-                self._reply_task = asyncio.create_task(self._read_replies(consumer))
+                with use_service(self.source):
+                    self._reply_task = asyncio.create_task(self._read_replies(consumer))
                 self._reply_topic = topic
         return self._reply_topic
 
@@ -496,6 +582,13 @@ def _wrap(
         return await middleware(item, call_next)
 
     return call
+
+
+async def _tell(listener: Callable[[Any], Awaitable[None]], event: object) -> None:
+    try:
+        await listener(event)
+    except Exception:  # a listener's bug must not stop consuming
+        log.exception("listener %r failed on a %s", listener, type(event).__name__)
 
 
 def _call(handler: HandlerSpec, message: Message[Any]) -> Awaitable[Any]:

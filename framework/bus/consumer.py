@@ -24,10 +24,34 @@ every `commit_interval` seconds, on rebalance (for the partitions being revoked)
   independent records (notifications, analytics). The retry topic is per group so that one
   group's retries never reach another group.
 
+**Unhandled types are never silent.** A record whose CloudEvents `type` no handler of the
+subscription takes (a payload class without `@message_type`, a handler annotated with the wrong
+model, another producer's new event) is, by `ConsumerOptions.unhandled`:
+
+- `"dead-letter"` (default): published to the dead-letter topic with error type `unhandled-type`
+  and a warning naming the type and the types the handlers take;
+- `"skip"`: committed and dropped with a warning (once per type; later ones at debug level), for
+  topics that carry more types than this group wants;
+- `"fail"`: not committed; the subscription stops fetching and the service reports not ready
+  (`/ready` 503), so an orchestrator restarts it and nothing is lost while someone looks.
+
+Every such record counts in `msa_messages_in_total{outcome="unhandled"}`.
+
 **Dead letters.** A payload that fails validation, an envelope that cannot be decoded, a
 `Reject` from the handler, or a record out of attempts is published to `<topic>.dlq` with its
 original key, value and headers, plus `msa-dlq-*` headers: error type, error message, attempts,
-original topic/partition/offset, group and time. `msa dlq replay` publishes them back.
+original topic/partition/offset, group and time. `msa dlq replay` publishes them back. Once the
+transport acknowledged a dead letter, the bus tells its `on_dead_letter` listeners (the testing
+kit's `ServiceHarness.dead_letters` is one); a record refused before any handler ran (it cannot be
+decoded, fails validation, or no handler takes its type) is told to `on_rejected` listeners.
+
+**Attempts and context.** Each attempt gets a `Message` of its own (`attempt` is 1, 2, 3, ...;
+nothing mutates a message a middleware may have kept). All attempts of one message share its
+trace id: that of its `traceparent`, or of one new trace when it has none; each attempt is a
+span of its own. The consumer's own lines about a message (a retry, a dead letter, an unhandled
+type) are logged inside the message's correlation id and trace, like its handler's lines, and
+every task of a subscription runs as its service (`current_service`), so each line says which
+service wrote it.
 
 **Requests.** A record whose envelope has a `replyto` extension is a request: the handler's
 return value is published to that topic as the reply; a failure is replied as an error at once
@@ -45,34 +69,45 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from framework.errors import (
     CommitError,
+    ConfigurationError,
     DecodeError,
     MessageError,
     MsaError,
     Reject,
     RetryLater,
     TransportError,
+    UnknownMessageType,
 )
-from framework.messages import Envelope, decode_payload, from_binary
+from framework.messages import CE_PREFIX, Envelope, decode_payload, from_binary
 from framework.observability.metrics import CounterChild, HistogramChild
+from framework.observability.tracing import (
+    TraceContext,
+    use_correlation_id,
+    use_service,
+    use_trace,
+)
 from framework.tasks import finish_task
-from framework.types import Headers, Record, TopicPartition, TopicSpec
+from framework.types import Headers, Record, RecordMetadata, TopicPartition, TopicSpec
 
 if TYPE_CHECKING:
     from framework.bus.bus import Bus
 
 __all__ = [
+    "UNHANDLED_TYPE",
     "ConsumerOptions",
     "HandlerSpec",
     "Message",
+    "RejectedRecord",
     "RetryPolicy",
     "Subscription",
+    "Unhandled",
 ]
 
 T = TypeVar("T")
@@ -82,6 +117,11 @@ DLQ_PREFIX = "msa-dlq-"
 RETRY_ATTEMPT = "msa-retry-attempt"
 RETRY_NOT_BEFORE = "msa-retry-not-before"
 RETRY_ORIGIN = "msa-retry-original-"
+_TRACEPARENT_HEADER = CE_PREFIX + "traceparent"
+UNHANDLED_TYPE = "unhandled-type"
+"""The `msa-dlq-error-type` of a record whose type no handler of its subscription takes."""
+
+Unhandled = Literal["dead-letter", "skip", "fail"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +150,7 @@ class ConsumerOptions:
     ordering: Literal["key", "partition", "none"] = "key"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     retry_mode: Literal["in_place", "retry_topic"] = "in_place"
+    unhandled: Unhandled = "dead-letter"
     dead_letter: bool = True
     start_from: Literal["earliest", "latest"] = "earliest"
     max_poll_records: int = 500
@@ -126,12 +167,18 @@ class ConsumerOptions:
 
 @dataclass(slots=True, kw_only=True)
 class Message(Generic[T]):
-    """What a handler receives: the typed envelope plus where and how often it was delivered."""
+    """What a handler receives: the typed envelope plus where and how often it was delivered.
+
+    One per attempt: a retry is a new `Message` with the next `attempt`, so one kept by a
+    middleware (or the testing kit) still tells which attempt it was.
+    """
 
     envelope: Envelope[T]
     record: Record
     attempt: int
     group: str
+    handler: str = ""
+    """The name of the handler it is delivered to (for a service's handler, its method)."""
 
     @property
     def data(self) -> T:
@@ -157,6 +204,24 @@ class HandlerSpec:
     payload_type: Any
     call: Callable[[Message[Any]], Awaitable[Any]]
     name: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectedRecord:
+    """A record refused before any handler ran, and why (`error`):
+
+    - `DecodeError`: it is not a CloudEvent the bus can read (`envelope` is None);
+    - `PayloadValidationError`: its data does not validate as the handler's payload type;
+    - `UnknownMessageType`: no handler of the subscription takes its type.
+
+    What happens to it next is the subscription's choice (a dead letter, or for an unhandled type
+    whatever `ConsumerOptions.unhandled` says); `Bus.on_rejected` listeners hear of it either way.
+    """
+
+    record: Record
+    envelope: Envelope[bytes] | None
+    error: MessageError
+    group: str
 
 
 class _PartitionState:
@@ -238,8 +303,28 @@ class Subscription:
         self._m_retries = metrics.retries
         self._m_dlq = metrics.dead_letters
         self._ok_children: dict[tuple[str, str], tuple[CounterChild, HistogramChild]] = {}
+        self._skipped_types: set[str] = set()
+        self._isolated = False
+        self._floors: dict[TopicPartition, int] = {}
+        """Isolated: each partition's end when it started; the records below are not ours."""
+        self.failure: UnknownMessageType | None = None
+        """Set when `unhandled="fail"` stopped this subscription (the service is not ready)."""
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    def isolate(self, group: str) -> None:
+        """Consume as `group`, a consumer group of this instance's own, from the end of the
+        topics as they are when it starts: the records already there belong to the groups that
+        were consuming them (they are passed over and committed, not handled). Before start.
+
+        The testing kit isolates a service's groups on a real broker; see `Bus.isolate_groups`.
+        """
+        if self._consumer is not None:
+            raise ConfigurationError("a running subscription cannot change its group")
+        self.options = replace(self.options, group=group)
+        self.group = group
+        self._retry_origin = {self.options.retry_topic(t): t for t in self.topics}
+        self._isolated = True
 
     def all_topics(self) -> list[str]:
         topics = list(self.topics)
@@ -248,6 +333,10 @@ class Subscription:
         return topics
 
     async def start(self) -> None:
+        with use_service(self.bus.source):  # the tasks made here keep it: their lines name it
+            await self._start()
+
+    async def _start(self) -> None:
         transport = self.bus.transport
         declared = self.all_topics()
         if self.options.dead_letter:
@@ -261,6 +350,13 @@ class Subscription:
             max_poll_records=self.options.max_poll_records,
         )
         await self._consumer.start()
+        if self._isolated:
+            partitions = [
+                TopicPartition(topic, partition)
+                for topic in self.all_topics()
+                for partition in range(await transport.partitions_for(topic))
+            ]
+            self._floors = dict(await self._consumer.end_offsets(partitions))
         self._workers = [
             asyncio.create_task(self._work(), name=f"worker:{self.group}:{n}")
             for n in range(self.options.concurrency)
@@ -272,6 +368,10 @@ class Subscription:
         """Stop fetching, finish running handlers within `grace`, commit, leave the group."""
         if self._consumer is None:
             return
+        with use_service(self.bus.source):
+            await self._stop(grace)
+
+    async def _stop(self, grace: float) -> None:
         self._stopping.set()
         self._draining = True
         self._space.set()
@@ -367,6 +467,9 @@ class Subscription:
         if state is None:
             return
         state.track(record.offset)
+        if self._floors and record.offset < self._floors.get(tp, 0):
+            state.finish(record.offset)  # there before an isolated group started: not its own
+            return
         ordering = self.options.ordering
         lane_key: object
         if ordering == "key":
@@ -463,79 +566,168 @@ class Subscription:
         topic = origin or record.topic
         try:
             envelope = self._envelope(record)
-            handler = self.handlers.get(envelope.type) or self.handlers.get("*")
-            if handler is None:
-                self._m_in.labels(topic=topic, type=envelope.type, outcome="ignored").inc()
-                return True
+        except MessageError as exc:
+            return await self._invalid(record, None, exc, topic, attempt)
+        handler = self.handlers.get(envelope.type) or self.handlers.get("*")
+        if handler is None:
+            return await self._unhandled(record, envelope, topic, attempt)
+        try:
             raw = handler.payload_type is bytes
             data = envelope.data if raw else decode_payload(envelope.data, handler.payload_type)
         except MessageError as exc:
-            self._m_in.labels(topic=topic, type="?", outcome="invalid").inc()
-            log.warning("group %s: dead-lettering %s: %s", self.group, _where(record), exc)
-            return await self._dead_letter(record, exc, attempt)
+            return await self._invalid(record, envelope, exc, topic, attempt)
+        # The sender's span, or one new trace for a message that came without: every attempt
+        # is a child of it, so all attempts share one trace id.
+        sender = TraceContext.parse(envelope.traceparent) or TraceContext.new_root()
         envelope.data = data  # ours, freshly decoded: now typed
         message: Message[Any] = Message(
-            envelope=envelope, record=record, attempt=attempt, group=self.group
+            envelope=envelope,
+            record=record,
+            attempt=attempt,
+            group=self.group,
+            handler=handler.name,
         )
-        return await self._attempts(message, handler, state, topic)
+        return await self._attempt(message, handler, state, topic, sender)
 
-    async def _attempts(
-        self, message: Message[Any], handler: HandlerSpec, state: _PartitionState, topic: str
+    async def _attempt(
+        self,
+        message: Message[Any],
+        handler: HandlerSpec,
+        state: _PartitionState,
+        topic: str,
+        sender: TraceContext,
     ) -> bool | _Deferred:
-        """Run the handler until success, dead letter or a wait (returned as `_Deferred`)."""
-        record = message.record
+        """Run the handler once: to success, a dead letter, or the wait before the next attempt
+        (returned as `_Deferred`). The attempt is a span of its own in the message's trace; what
+        follows it (a reply, a retry, a dead letter) runs in that span and the message's
+        correlation id too, so the lines logged about it carry them as the handler's lines do."""
+        if state.revoked:
+            return False
         envelope = message.envelope
-        attempt = message.attempt
-        while True:
-            if state.revoked:
-                return False
-            async with self._slots:
-                if self._draining:
-                    return False  # waited for a slot while stopping: leave it to redelivery
-                began = time.perf_counter()
-                try:
-                    result = await self.bus.dispatch(handler, message)
-                except Exception as exc:  # the handler's failure decides what happens next
-                    error: BaseException = exc
-                else:
-                    handled, latency = self._ok_metrics(topic, envelope.type)
-                    latency.observe(time.perf_counter() - began)
-                    handled.inc()
-                    if message.reply_to is not None:
+        span = sender.child()
+        async with self._slots:
+            if self._draining:
+                return False  # waited for a slot while stopping: leave it to redelivery
+            began = time.perf_counter()
+            try:
+                result = await self.bus.dispatch(handler, message, trace=span)
+            except Exception as exc:  # the handler's failure decides what happens next
+                error: BaseException = exc
+            else:
+                handled, latency = self._ok_metrics(topic, envelope.type)
+                latency.observe(time.perf_counter() - began)
+                handled.inc()
+                if message.reply_to is not None:
+                    with _message_context(envelope, span):
                         await self.bus.reply(message, result)
-                    return True
-            self._m_in.labels(topic=topic, type=envelope.type, outcome="error").inc()
-            if message.reply_to is not None:
-                await self.bus.reply_error(message, error)
                 return True
-            if isinstance(error, Reject | MessageError):
-                return await self._dead_letter(record, error, attempt)
-            if attempt >= self.options.retry.max_attempts:
-                log.error(
-                    "group %s: %s failed %d time(s), dead-lettering: %r",
-                    self.group,
-                    _where(record),
-                    attempt,
-                    error,
-                    exc_info=error,
-                )
-                return await self._dead_letter(record, error, attempt)
-            delay = self.options.retry.backoff(attempt)
-            if isinstance(error, RetryLater) and error.delay is not None:
-                delay = error.delay
-            self._m_retries.labels(topic=topic, type=envelope.type).inc()
-            if self.options.retry_mode == "retry_topic":
-                return await self._to_retry_topic(record, topic, attempt + 1, delay)
-            log.info(
-                "group %s: %s attempt %d failed (%r); retrying in %.2fs",
+        with _message_context(envelope, span):
+            return await self._failed(message, handler, state, topic, sender, error)
+
+    async def _failed(
+        self,
+        message: Message[Any],
+        handler: HandlerSpec,
+        state: _PartitionState,
+        topic: str,
+        sender: TraceContext,
+        error: BaseException,
+    ) -> bool | _Deferred:
+        """An attempt raised: reply, dead-letter, or retry (now deferred, or via the topic)."""
+        record, envelope, attempt = message.record, message.envelope, message.attempt
+        self._m_in.labels(topic=topic, type=envelope.type, outcome="error").inc()
+        if message.reply_to is not None:
+            await self.bus.reply_error(message, error)
+            return True
+        if isinstance(error, Reject | MessageError):
+            return await self._dead_letter(record, error, attempt)
+        if attempt >= self.options.retry.max_attempts:
+            log.error(
+                "group %s: %s failed %d time(s), dead-lettering: %r",
                 self.group,
                 _where(record),
                 attempt,
                 error,
-                delay,
+                exc_info=error,
             )
-            message.attempt = attempt + 1
-            return _Deferred(delay, partial(self._attempts, message, handler, state, topic))
+            return await self._dead_letter(record, error, attempt)
+        delay = self.options.retry.backoff(attempt)
+        if isinstance(error, RetryLater) and error.delay is not None:
+            delay = error.delay
+        self._m_retries.labels(topic=topic, type=envelope.type).inc()
+        if self.options.retry_mode == "retry_topic":
+            # A message that came without a valid traceparent takes the trace its attempts
+            # here had along, so that its attempts from the retry topic share it too.
+            came_traced = TraceContext.parse(envelope.traceparent) is not None
+            traceparent = None if came_traced else sender.to_header()
+            return await self._to_retry_topic(record, topic, attempt + 1, delay, traceparent)
+        log.info(
+            "group %s: %s attempt %d failed (%r); retrying in %.2fs",
+            self.group,
+            _where(record),
+            attempt,
+            error,
+            delay,
+        )
+        retry = replace(message, attempt=attempt + 1)
+        return _Deferred(delay, partial(self._attempt, retry, handler, state, topic, sender))
+
+    async def _invalid(
+        self,
+        record: Record,
+        envelope: Envelope[bytes] | None,
+        error: MessageError,
+        topic: str,
+        attempt: int,
+    ) -> bool:
+        """A record that cannot be decoded, or whose payload fails validation: dead-letter it."""
+        self._m_in.labels(topic=topic, type="?", outcome="invalid").inc()
+        with _message_context(envelope):
+            log.warning("group %s: dead-lettering %s: %s", self.group, _where(record), error)
+            await self.bus.announce_rejected(
+                RejectedRecord(record=record, envelope=envelope, error=error, group=self.group)
+            )
+            return await self._dead_letter(record, error, attempt)
+
+    async def _unhandled(
+        self, record: Record, envelope: Envelope[bytes], topic: str, attempt: int
+    ) -> bool:
+        """A record no handler takes: dead-letter, skip or fail (`ConsumerOptions.unhandled`)."""
+        self._m_in.labels(topic=topic, type=envelope.type, outcome="unhandled").inc()
+        taken = ", ".join(repr(t) for t in sorted(self.handlers)) or "none"
+        problem = (
+            f"no handler of group {self.group} takes type {envelope.type!r} on {topic} "
+            f"(its handlers take {taken}); a payload class without @message_type is known by "
+            "its class name"
+        )
+        error = UnknownMessageType(problem)
+        with _message_context(envelope):
+            await self.bus.announce_rejected(
+                RejectedRecord(record=record, envelope=envelope, error=error, group=self.group)
+            )
+            mode = self.options.unhandled
+            if mode == "skip":
+                first = envelope.type not in self._skipped_types
+                self._skipped_types.add(envelope.type)
+                log.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "%s: skipping %s (unhandled='skip')",
+                    problem,
+                    _where(record),
+                )
+                return True
+            if mode == "fail":
+                log.error(
+                    "%s: stopping the subscription at %s (unhandled='fail'); the service is not "
+                    "ready until it is restarted",
+                    problem,
+                    _where(record),
+                )
+                self.failure = error
+                self._stopping.set()
+                return False
+            log.warning("%s: dead-lettering %s", problem, _where(record))
+            return await self._dead_letter(record, error, attempt, error_type=UNHANDLED_TYPE)
 
     def _ok_metrics(self, topic: str, event_type: str) -> tuple[CounterChild, HistogramChild]:
         """The success counter and latency histogram children, looked up once per type."""
@@ -574,22 +766,31 @@ class Subscription:
                 await self._stopping.wait()
         return not self._stopping.is_set()
 
-    async def _publish_until_done(self, topic: str, record: Record, headers: Headers) -> bool:
+    async def _publish_until_done(
+        self, topic: str, record: Record, headers: Headers
+    ) -> RecordMetadata | None:
+        """Publish `record`'s key and value with `headers` until acknowledged (None: stopping)."""
         failures = 0
         while True:
             try:
                 future = await self.bus.transport.send(
                     topic, record.value, key=record.key, headers=headers
                 )
-                await future
-                return True
+                return await future
             except MsaError as exc:
                 failures += 1
                 log.warning("group %s: publishing to %s failed (%s)", self.group, topic, exc)
                 if not await self._sleep(min(10.0, 0.2 * 2**failures)):
-                    return False
+                    return None
 
-    async def _dead_letter(self, record: Record, error: BaseException, attempts: int) -> bool:
+    async def _dead_letter(
+        self,
+        record: Record,
+        error: BaseException,
+        attempts: int,
+        *,
+        error_type: str | None = None,
+    ) -> bool:
         origin_topic, origin_partition, origin_offset = _origin(record)
         if not self.options.dead_letter:
             log.error(
@@ -600,24 +801,46 @@ class Subscription:
         headers = _strip(
             record.headers, (DLQ_PREFIX, RETRY_ATTEMPT, RETRY_NOT_BEFORE, RETRY_ORIGIN)
         )
+        failed_at = int(time.time() * 1000)
         headers += (
-            (DLQ_PREFIX + "error-type", _error_type(error).encode()),
+            (DLQ_PREFIX + "error-type", (error_type or _error_type(error)).encode()),
             (DLQ_PREFIX + "error-message", message[:4000].encode(errors="replace")),
             (DLQ_PREFIX + "attempts", str(attempts).encode()),
             (DLQ_PREFIX + "original-topic", origin_topic.encode()),
             (DLQ_PREFIX + "original-partition", str(origin_partition).encode()),
             (DLQ_PREFIX + "original-offset", str(origin_offset).encode()),
             (DLQ_PREFIX + "group", self.group.encode()),
-            (DLQ_PREFIX + "failed-at", str(int(time.time() * 1000)).encode()),
+            (DLQ_PREFIX + "failed-at", str(failed_at).encode()),
         )
-        ok = await self._publish_until_done(self.options.dlq_topic(origin_topic), record, headers)
-        if ok:
-            self._m_dlq.labels(topic=origin_topic).inc()
-        return ok
+        acked = await self._publish_until_done(
+            self.options.dlq_topic(origin_topic), record, headers
+        )
+        if acked is None:
+            return False
+        self._m_dlq.labels(topic=origin_topic).inc()
+        await self.bus.announce_dead_letter(
+            Record(
+                topic=acked.topic,
+                partition=acked.partition,
+                offset=acked.offset,
+                key=record.key,
+                value=record.value,
+                headers=headers,
+                timestamp_ms=failed_at,
+            )
+        )
+        return True
 
-    async def _to_retry_topic(self, record: Record, topic: str, attempt: int, delay: float) -> bool:
+    async def _to_retry_topic(
+        self, record: Record, topic: str, attempt: int, delay: float, traceparent: str | None
+    ) -> bool:
+        """Re-publish `record` for its next attempt; with `traceparent` (for a record that came
+        without a valid one) the retried record carries it."""
         origin_topic, origin_partition, origin_offset = _origin(record)
-        headers = _strip(record.headers, (RETRY_ATTEMPT, RETRY_NOT_BEFORE, RETRY_ORIGIN))
+        strip: tuple[str, ...] = (RETRY_ATTEMPT, RETRY_NOT_BEFORE, RETRY_ORIGIN)
+        if traceparent is not None:
+            strip += (_TRACEPARENT_HEADER,)
+        headers = _strip(record.headers, strip)
         headers += (
             (RETRY_ATTEMPT, str(attempt).encode()),
             (RETRY_NOT_BEFORE, str(int((time.time() + delay) * 1000)).encode()),
@@ -625,7 +848,10 @@ class Subscription:
             (RETRY_ORIGIN + "partition", str(origin_partition).encode()),
             (RETRY_ORIGIN + "offset", str(origin_offset).encode()),
         )
-        return await self._publish_until_done(self.options.retry_topic(topic), record, headers)
+        if traceparent is not None:
+            headers += ((_TRACEPARENT_HEADER, traceparent.encode()),)
+        acked = await self._publish_until_done(self.options.retry_topic(topic), record, headers)
+        return acked is not None
 
     # -- committing -----------------------------------------------------------------------------
 
@@ -654,6 +880,22 @@ class Subscription:
             state = self._partitions.get(tp)
             if state is not None:
                 state.committed = offset
+
+
+@contextlib.contextmanager
+def _message_context(
+    envelope: Envelope[Any] | None, span: TraceContext | None = None
+) -> Iterator[None]:
+    """`envelope`'s correlation id and `span` (else a new span of its trace) for the lines
+    logged about it outside its handler (nothing for a record that is not a CloudEvent)."""
+    if envelope is None:
+        yield
+        return
+    with (
+        use_correlation_id(envelope.correlationid or envelope.id),
+        use_trace(span or TraceContext.continue_from(envelope.traceparent)),
+    ):
+        yield
 
 
 def _where(record: Record) -> str:

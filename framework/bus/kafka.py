@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -95,13 +94,6 @@ try:
         for_code,
     )
     from aiokafka.helpers import create_ssl_context
-    from aiokafka.partitioner import (
-        DefaultPartitioner,
-        murmur2,
-    )
-    from aiokafka.record.default_records import (
-        DefaultRecordBatchBuilder,
-    )
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         'The Kafka transport needs aiokafka: pip install "msa-framework[kafka]"'
@@ -118,6 +110,16 @@ _COMPRESSIONS: Final = frozenset({"gzip", "lz4", "zstd", "snappy"})
 _SECURITY_PROTOCOLS: Final = frozenset({"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"})
 _SASL_MECHANISMS: Final = frozenset({"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"})
 _CODEC_AVAILABLE: Final = {"lz4": has_lz4, "zstd": has_zstd, "snappy": has_snappy}
+
+
+def _malformed_brokers(bootstrap: str) -> list[str]:
+    """The entries of a `host:port[,host:port]` list that are not host:port (IPv6 in [])."""
+    bad = []
+    for entry in (e.strip() for e in bootstrap.split(",")):
+        host, _, port = entry.rpartition(":")
+        if entry and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+            bad.append(entry)
+    return bad
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -165,6 +167,10 @@ class KafkaSettings:
         problems = []
         if not self.bootstrap_servers.strip():
             problems.append("bootstrap_servers is empty")
+        problems += [
+            f"bootstrap_servers: {entry!r} is not host:port (a port from 1 to 65535)"
+            for entry in _malformed_brokers(self.bootstrap_servers)
+        ]
         if self.acks not in ("all", 0, 1):
             problems.append(f"acks must be 'all', 0 or 1, not {self.acks!r}")
         elif self.enable_idempotence and self.acks != "all":
@@ -210,6 +216,13 @@ class KafkaSettings:
             raise ConfigurationError(
                 f"{prefix}BOOTSTRAP is not set: give the Kafka bootstrap servers as "
                 f"host:port[,host:port], e.g. {prefix}BOOTSTRAP=127.0.0.1:9092"
+            )
+        malformed = _malformed_brokers(bootstrap)
+        if malformed:
+            raise ConfigurationError(
+                f"{prefix}BOOTSTRAP={bootstrap!r}: {', '.join(map(repr, malformed))} is not "
+                "host:port (a port from 1 to 65535); give host:port[,host:port], e.g. "
+                f"{prefix}BOOTSTRAP=127.0.0.1:9092"
             )
         options: dict[str, Any] = {"bootstrap_servers": bootstrap}
         if client_id := get("CLIENT_ID"):
@@ -373,77 +386,6 @@ async def _close_all(*closings: Any) -> None:
 # -- the send fast path --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _key_hash(key: bytes) -> int:
-    """The default partitioner's hash of a key (murmur2, as the Java client), cached: a service
-    sends to a bounded set of keys far more often than it sees new ones."""
-    return int(murmur2(key)) & 0x7FFFFFFF
-
-
-class _Appender:
-    """Appends keyed records to one aiokafka producer's batches without `producer.send()`.
-
-    `send()` spends more time than the batch append itself on work our transport has already
-    done or can cache: it waits on topic metadata (we check it once per topic), rebuilds two
-    sets of partition ids and hashes the key in pure Python per record. This does the same
-    steps - size check, the default partitioner's choice, the accumulator append - with the
-    partition count read from the metadata and the key hash cached. Same batches, same
-    idempotent sequence numbers, same futures. It touches aiokafka internals, so `for_producer`
-    checks they are all there and returns None (use `send()`) when they are not, when the
-    producer has a custom partitioner or serializers, or when it is transactional.
-    """
-
-    __slots__ = ("_accumulator", "_max_request_size", "_partitions", "_timeout", "_tps", "producer")
-
-    def __init__(self, producer: Any) -> None:
-        self.producer = producer
-        self._accumulator = producer._message_accumulator
-        self._partitions: dict[str, dict[int, Any]] = producer._metadata._partitions
-        self._timeout: float = producer._request_timeout_ms / 1000
-        self._max_request_size: int = producer._max_request_size
-        self._tps: dict[tuple[str, int], Any] = {}
-
-    @classmethod
-    def for_producer(cls, producer: Any) -> _Appender | None:
-        try:
-            usable = (
-                isinstance(producer._partitioner, DefaultPartitioner)
-                and producer._key_serializer is None
-                and producer._value_serializer is None
-                and (
-                    producer._txn_manager is None or producer._txn_manager.transactional_id is None
-                )
-                and isinstance(producer._metadata._partitions, dict)
-                and callable(producer._message_accumulator.add_message)
-                and isinstance(producer._request_timeout_ms, int)
-                and isinstance(producer._max_request_size, int)
-            )
-        except AttributeError:  # another aiokafka version: use the public send()
-            return None
-        return cls(producer) if usable else None
-
-    async def append(
-        self, topic: str, key: bytes, value: bytes, headers: Headers
-    ) -> asyncio.Future[Any] | None:
-        """The record's delivery future, or None when the topic's metadata is not known yet
-        (then `send()` must wait for it)."""
-        partitions = self._partitions.get(topic)
-        if not partitions:
-            return None
-        header_list = list(headers)  # the C batch builder takes lists only
-        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, header_list)
-        if size > self._max_request_size:
-            return None  # send() raises its MessageSizeTooLargeError, mapped like every error
-        partition = _key_hash(key) % len(partitions)
-        tp = self._tps.get((topic, partition))
-        if tp is None:
-            tp = self._tps[(topic, partition)] = KafkaTopicPartition(topic, partition)
-        delivery: asyncio.Future[Any] = await self._accumulator.add_message(
-            tp, key, value, self._timeout, headers=header_list
-        )
-        return delivery
-
-
 # -- the transport -------------------------------------------------------------------------------
 
 
@@ -467,7 +409,6 @@ class KafkaTransport:
         self._lifecycle = asyncio.Lock()
         self._producer_state_lost = False
         self._urgent_producer: Any = None
-        self._appender: _Appender | None = None
 
     @property
     def started(self) -> bool:
@@ -487,7 +428,7 @@ class KafkaTransport:
             if producer is None:
                 return
             urgent, self._urgent_producer = self._urgent_producer, None
-            self._producer = self._admin = self._appender = None
+            self._producer = self._admin = None
             self._known_topics.clear()
             closings = [producer.stop(), admin.close()]
             if urgent is not None:
@@ -513,16 +454,10 @@ class KafkaTransport:
         try:  # inline rather than `_translating`: this runs once per record
             if partition is not None and partition not in await producer.partitions_for(topic):
                 raise TopicError(f"Topic {topic!r} has no partition {partition}")
-            delivery: asyncio.Future[Any] | None = None
+            delivery: asyncio.Future[Any]
             if immediate:
                 delivery = await self._send_now(producer, topic, value, key, headers, partition)
-            elif key is not None and partition is None:
-                appender = self._appender
-                if appender is None or appender.producer is not producer:
-                    appender = self._appender = _Appender.for_producer(producer)
-                if appender is not None:
-                    delivery = await appender.append(topic, key, value, headers)
-            if delivery is None:
+            else:
                 delivery = await producer.send(
                     topic, value, key=key, partition=partition, headers=list(headers) or None
                 )
@@ -703,14 +638,49 @@ class KafkaTransport:
         with self._translating("creating topics"):
             response = await self._admin.create_topics(new_topics)
         failures = []
+        created = []
         for name, code, *message in response.topic_errors:
             if code in (0, TopicAlreadyExistsError.errno):
-                self._known_topics.add(name)
+                created.append(name)
             else:
                 detail = f" ({message[0]})" if message and message[0] else ""
                 failures.append(f"{name}: {for_code(code).__name__}{detail}")
         if failures:
             raise TopicError("Could not create topics: " + "; ".join(failures))
+        await self._await_leaders(created)
+        self._known_topics.update(created)  # only now: a send may skip the checks above
+
+    async def _await_leaders(self, names: Sequence[str]) -> None:
+        """Wait until every partition of `names` has a leader and our producer knows them.
+
+        A topic the controller has just created may not have leaders yet; a first send to it
+        then meets `NotLeaderForPartition` or `UnknownTopicOrPartition`. Waiting here, within
+        `request_timeout_ms`, means nothing this transport declared is that new when it is used.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout
+        waiting = list(names)
+        while waiting:
+            with self._translating("describing topics"):
+                described = await self._admin.describe_topics(waiting)
+            waiting = [
+                topic["topic"]
+                for topic in described
+                if topic["error_code"] != 0
+                or not topic["partitions"]
+                or any(p["error_code"] != 0 or p["leader"] < 0 for p in topic["partitions"])
+            ]
+            if waiting and loop.time() > deadline:
+                raise TopicError(
+                    f"no leader was elected for every partition of {waiting} within "
+                    f"{self.settings.request_timeout:.0f}s"
+                )
+            if waiting:
+                await asyncio.sleep(0.05)
+        producer = self._running_producer()
+        for name in names:
+            with self._translating(f"looking up topic {name!r}"):
+                await producer.partitions_for(name)
 
     async def _all_partitions(self, topics: Sequence[str]) -> list[Any]:
         producer = self._running_producer()
@@ -873,6 +843,20 @@ class KafkaConsumer:
             if state.highwater is not None and state.has_valid_position:
                 lag[_ours(tp)] = max(0, state.highwater - state.position)
         return lag
+
+    async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The end of each partition (its high watermark), asked of the partition leaders now.
+
+        Raises `TransportError` when they do not answer within `request_timeout_ms` (aiokafka
+        would wait forever for a partition that does not exist).
+        """
+        consumer = self._running()
+        if not partitions:
+            return {}
+        with self._transport._translating("asking for end offsets"):
+            async with asyncio.timeout(self._transport.settings.request_timeout):
+                ends = await consumer.end_offsets([_theirs(tp) for tp in partitions])
+        return {_ours(tp): offset for tp, offset in ends.items()}
 
     async def stop(self) -> None:
         """Announce the partitions still held as revoked (so they can be committed), then leave

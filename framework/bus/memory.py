@@ -245,6 +245,19 @@ class MemoryConsumer:
             for tp, position in self.positions.items()
         }
 
+    async def end_offsets(
+        self, partitions: Sequence[TopicPartition]
+    ) -> Mapping[TopicPartition, int]:
+        if not self.running:
+            raise NotStartedError("consumer is not running")
+        ends = {}
+        for tp in partitions:
+            logs = self.cluster.topic(tp.topic).logs
+            if not 0 <= tp.partition < len(logs):
+                raise TopicError(f"topic {tp.topic!r} has no partition {tp.partition}")
+            ends[tp] = len(logs[tp.partition])
+        return ends
+
     async def stop(self) -> None:
         if not self.running:
             return

@@ -18,6 +18,13 @@ unset; a caller can also pass them in `extra`, which wins. Other `extra` fields 
 are (values orjson cannot encode are written as `str(value)`); they cannot replace the fixed fields
 above. An exception adds `exception` (the formatted traceback), `stack_info` adds `stack`.
 
+`service` is the service whose work is running (`current_service`, which the bus sets for every
+task of its consumers, so a process running several services, like `msa shop`, names the right
+one), else the name given to `configure_logging`. The framework's own lines about a message carry
+the same context as its handler's lines: the consumer logs a retry, a dead letter or an unhandled
+type inside the message's correlation id and trace (the trace id of the message's `traceparent`,
+which all its attempts share).
+
 Formatting reads the contextvars, so it must happen in the thread and task that logged: keep the
 JSON handler synchronous (a `StreamHandler`, as `configure_logging` installs), or stamp records
 with the ids before handing them to a queue.
@@ -34,7 +41,11 @@ from typing import Any, TextIO
 import orjson
 
 from framework.errors import ConfigurationError
-from framework.observability.tracing import current_correlation_id, current_trace
+from framework.observability.tracing import (
+    current_correlation_id,
+    current_service,
+    current_trace,
+)
 
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging"]
 
@@ -77,7 +88,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
-            "service": self.service,
+            "service": current_service.get() or self.service,
         }
         correlation_id = attributes.get("correlation_id") or current_correlation_id.get()
         if correlation_id is not None:
@@ -124,7 +135,7 @@ class TextFormatter(logging.Formatter):
         self.service = service
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        context = self.service
+        context = current_service.get() or self.service
         correlation_id = record.__dict__.get("correlation_id") or current_correlation_id.get()
         if correlation_id is not None:
             context += f" correlation_id={correlation_id}"

@@ -22,8 +22,10 @@ specification asks of parsers, so a newer peer does not restart our traces. Anyt
 parses to None, and the receiver starts a new trace. `tracestate` is not propagated: the framework
 keeps no vendor state.
 
-The module also holds the contextvar of the correlation id of the message or request being
-handled (`use_correlation_id`), which the bus and the HTTP side set and the log formatter reads.
+The module also holds the contextvars of the correlation id of the message or request being
+handled (`use_correlation_id`), which the bus and the HTTP side set, and of the service whose work
+is running (`use_service`), which the bus sets for its consumers' tasks (several services can
+share one process: `msa shop`, tests); the log formatter reads all three.
 
 aiohttp is imported only inside `trace_middleware` (and only when a handler raises), so this
 module works without the `gateway` extra; `inject` takes any mutable mapping of headers.
@@ -48,12 +50,14 @@ __all__ = [
     "TraceContext",
     "continue_from",
     "current_correlation_id",
+    "current_service",
     "current_trace",
     "get_correlation_id",
     "get_trace",
     "inject",
     "trace_middleware",
     "use_correlation_id",
+    "use_service",
     "use_trace",
 ]
 
@@ -151,6 +155,9 @@ current_correlation_id: ContextVar[str | None] = ContextVar(
 )
 """The correlation id of the message or request being handled (None outside one)."""
 
+current_service: ContextVar[str | None] = ContextVar("msa_current_service", default=None)
+"""The name of the service whose work is running (None outside a service's tasks)."""
+
 
 def get_trace() -> TraceContext | None:
     return current_trace.get()
@@ -178,6 +185,16 @@ def use_correlation_id(correlation_id: str | None) -> Iterator[str | None]:
         yield correlation_id
     finally:
         current_correlation_id.reset(token)
+
+
+@contextmanager
+def use_service(name: str | None) -> Iterator[str | None]:
+    """Make `name` the current service inside the block; tasks created inside keep it."""
+    token = current_service.set(name)
+    try:
+        yield name
+    finally:
+        current_service.reset(token)
 
 
 def continue_from(header: str | None) -> TraceContext:

@@ -534,8 +534,11 @@ class SagaOrchestrator:
 
         The group defaults to `<source>.sagas`: a group of its own, because two subscriptions
         of one group on one topic would split its partitions, each ignoring the other's types.
-        `options` are further `ConsumerOptions` fields.
+        `options` are further `ConsumerOptions` fields. Reply topics are usually the
+        participants' event topics, which carry more than replies, so types the sagas do not
+        wait for are skipped (`unhandled="skip"`) unless `options` say otherwise.
         """
+        options.setdefault("unhandled", "skip")
         return bus.subscribe(
             topics,
             self.handlers(),

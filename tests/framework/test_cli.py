@@ -1,10 +1,14 @@
-"""The `msa` command line: help, API documents, target errors, and `msa dlq replay` on Kafka."""
+"""The `msa` command line: help (with the environment `msa run` reads), API documents, targets
+imported from the working directory, target errors, and `msa dlq replay` (on Kafka; refused on
+the in-memory bus)."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +18,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message
 from framework.bus.consumer import DLQ_PREFIX
+from framework.bus.dlq import REPLAY_COUNT
 from framework.bus.kafka import KafkaSettings, KafkaTransport
 from framework.cli import main
 from framework.errors import Reject
 from framework.messages import from_binary
+from framework.service import ServiceSettings
 from framework.types import Record
 from framework.types import TopicPartition as OurTopicPartition
 from tests.framework.sample_services import Number
@@ -33,13 +39,16 @@ class Finished:
     stderr: str
 
 
-async def msa(*args: str, env: dict[str, str] | None = None, within: float = 60) -> Finished:
-    """Run the installed `msa` command and wait for it."""
+async def msa(
+    *args: str, env: dict[str, str] | None = None, within: float = 60, cwd: Path = ROOT
+) -> Finished:
+    """Run the installed `msa` command in `cwd` (without PYTHONPATH) and wait for it."""
+    inherited = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     process = await asyncio.create_subprocess_exec(
         str(MSA),
         *args,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        env={**inherited, **(env or {})},
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -108,6 +117,67 @@ def test_bad_targets_are_explained(
     assert captured.out == ""
     assert captured.err.startswith("msa: error: ")
     assert message in captured.err
+
+
+def variables_read_by_the_settings() -> set[str]:
+    """The environment variables `ServiceSettings.from_env` and `KafkaSettings.from_env` read,
+    found in their source: quoted `MSA_*`/`KAFKA_*` names, and the `get("NAME")` keys Kafka's
+    reads after its `prefix`."""
+    names = set(re.findall(r'"((?:MSA|KAFKA)_[A-Z0-9_]+)"', inspect.getsource(ServiceSettings)))
+    prefix = inspect.signature(KafkaSettings.from_env).parameters["prefix"].default
+    kafka_source = inspect.getsource(KafkaSettings.from_env)
+    names |= {prefix + key for key in re.findall(r'\bget\("([A-Z][A-Z0-9_]*)"\)', kafka_source)}
+    return names
+
+
+def test_run_help_lists_every_environment_variable_the_settings_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    read = variables_read_by_the_settings()
+    assert {"MSA_TRANSPORT", "MSA_HTTP_PORT", "KAFKA_BOOTSTRAP", "KAFKA_SASL_PASSWORD"} <= read
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    listed = set(re.findall(r"^  ((?:MSA|KAFKA)_[A-Z0-9_]+) +\S.*\(default: .+\)$", shown, re.M))
+    assert listed == read, f"missing: {read - listed}, not read: {listed - read}\n{shown}"
+
+
+@pytest.mark.parametrize(
+    ("command", "shows"),
+    [
+        ("asyncapi", '"title": "here"'),
+        ("openapi", '"title": "here"'),
+        ("graph", "here"),
+        ("migrate", "here: no resource with migrations"),
+    ],
+)
+async def test_target_commands_import_modules_from_the_working_directory(
+    command: str, shows: str, tmp_path: Path
+) -> None:
+    (tmp_path / "cwd_notify.py").write_text(
+        "from framework.service import Service\n\n\nclass Here(Service):\n    name = 'here'\n"
+    )
+    done = await msa(command, "cwd_notify:Here", cwd=tmp_path, env={"MSA_TRANSPORT": "memory"})
+    assert done.status == 0, done.stderr
+    assert shows in done.stdout
+
+
+@pytest.mark.parametrize("transport", [None, "memory"])
+def test_dlq_replay_refuses_the_in_memory_bus(
+    transport: str | None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KAFKA_BOOTSTRAP", raising=False)
+    if transport is None:
+        monkeypatch.delenv("MSA_TRANSPORT", raising=False)
+    else:
+        monkeypatch.setenv("MSA_TRANSPORT", transport)
+    assert main(["dlq", "replay", "orders.dlq"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "msa: error: msa dlq replay needs a broker: set MSA_TRANSPORT=kafka and KAFKA_BOOTSTRAP\n"
+    )
 
 
 def test_dlq_replay_without_kafka_settings_says_what_is_missing(
@@ -199,10 +269,10 @@ async def read_all(bootstrap: str, topic: str, *, count: int) -> list[Record]:
 
 
 @pytest.mark.kafka
-async def test_dlq_replay_publishes_dead_letters_back_without_their_dlq_headers(
+async def test_dlq_replay_publishes_dead_letters_back_counted_and_parks_on_request(
     rejected_records: list[Record], kafka_bootstrap: str, topic_name: str
 ) -> None:
-    dlq = f"{topic_name}.dlq"
+    dlq, parked = f"{topic_name}.dlq", f"{topic_name}.dlq.parked"
     env = {"MSA_TRANSPORT": "kafka", "KAFKA_BOOTSTRAP": kafka_bootstrap}
     dead = await read_all(kafka_bootstrap, dlq, count=3)
     assert all(r.header(DLQ_PREFIX + "error-type") == b"framework.errors.Reject" for r in dead)
@@ -215,27 +285,39 @@ async def test_dlq_replay_publishes_dead_letters_back_without_their_dlq_headers(
     assert len(listed) == 3, dry.stdout
     for n in range(3):
         assert any(
-            line.endswith(f"-> {topic_name} (framework.errors.Reject: number {n} is void)")
+            line.endswith(
+                f"-> {topic_name} (replay 1; framework.errors.Reject: number {n} is void)"
+            )
             for line in listed
         ), dry.stdout
-    assert dry.stdout.splitlines()[-1] == f"would replay 3 record(s) from {dlq}"
+    assert dry.stdout.splitlines()[-1] == (
+        f"would replay 3 record(s) from {dlq}; would park 0 in {parked}"
+    )
     assert await end_offsets(kafka_bootstrap, topic_name) == before  # published nothing
+
+    park = await msa("dlq", "replay", dlq, "--limit", "1", "--max-replays", "0", env=env)
+    assert park.status == 0, park.stderr
+    assert park.stdout.splitlines()[0].startswith(f"parked {dlq}["), park.stdout
+    assert park.stdout.splitlines()[-1] == f"replayed 0 record(s) from {dlq}; parked 1 in {parked}"
 
     done = await msa("dlq", "replay", dlq, env=env)
     assert done.status == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == f"replayed 3 record(s) from {dlq}"
+    assert done.stdout.splitlines()[-1] == f"replayed 2 record(s) from {dlq}; parked 0 in {parked}"
 
-    records = await read_all(kafka_bootstrap, topic_name, count=6)
+    records = await read_all(kafka_bootstrap, topic_name, count=5)
     replayed = [r for r in records if r.offset >= before[r.partition]]
-    assert len(replayed) == 3
+    assert len(replayed) == 2
     for record in replayed:
         assert not [name for name, _ in record.headers if name.startswith(DLQ_PREFIX)]
+        assert record.header(REPLAY_COUNT) == b"1"
+    [kept] = await read_all(kafka_bootstrap, parked, count=1)
+    assert kept.header(DLQ_PREFIX + "error-type") == b"framework.errors.Reject"
     originals = {from_binary(r).id: (r.key, r.value) for r in rejected_records}
-    assert {from_binary(r).id: (r.key, r.value) for r in replayed} == originals
+    assert {from_binary(r).id: (r.key, r.value) for r in [*replayed, kept]} == originals
 
     again = await msa("dlq", "replay", dlq, env=env)
     assert again.status == 0, again.stderr
-    assert again.stdout.splitlines()[-1] == f"replayed 0 record(s) from {dlq}"
+    assert again.stdout.splitlines()[-1] == f"replayed 0 record(s) from {dlq}; parked 0 in {parked}"
 
 
 @pytest.mark.postgres

@@ -58,7 +58,7 @@ async def test_alive_and_ready_answer_200_once_started(
     status, _, ready = await get_json(client, base_url(shop.service) + "/ready")
     assert status == 200
     assert ready["status"] == "ready"
-    assert ready["checks"] == {"bus": True}
+    assert ready["checks"] == {"bus": True, "consumers": True}
 
 
 class Gate:

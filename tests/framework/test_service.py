@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from framework.bus import MemoryTransport, Message
 from framework.errors import ConfigurationError, RemoteError
-from framework.messages import message_type
+from framework.messages import Envelope, message_type, to_binary, type_name
 from framework.observability.metrics import Counter, MetricsRegistry
 from framework.observability.tracing import TraceContext
 from framework.service import Service, ServiceSettings, handles
@@ -173,7 +173,12 @@ async def test_without_a_correlation_id_the_incoming_id_becomes_it(
     msa_harness: MakeHarness,
 ) -> None:
     async with msa_harness(Shop) as harness:
-        await harness.publish("sample.orders", order(), key="o-1")
+        # Raw, as a producer that sets neither a correlation id nor a trace would send it
+        # (`harness.publish` sets both, as a service's own publish does).
+        _, value, headers = to_binary(
+            Envelope(type=type_name(OrderPlaced), source="elsewhere", data=order())
+        )
+        await harness.send_raw("sample.orders", value, key=b"o-1", headers=headers)
         [accepted] = await harness.wait_published(OrderAccepted)
         [handled] = harness.handled_log
 

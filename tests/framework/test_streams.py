@@ -122,7 +122,7 @@ async def test_an_agent_gets_typed_cloudevents_and_a_tumbling_table_counts_them(
     async with service:
         status, body = await get_json(service, "/ready")
         assert status == 200
-        assert body["checks"] == {"bus": True, "StreamsResource": True}
+        assert body["checks"] == {"bus": True, "consumers": True, "StreamsResource": True}
         assert service.streams.app.conf.id == f"{service.name}-streams"
         assert service.streams.app.conf.web_enabled is False
 

@@ -184,8 +184,8 @@ async def test_send_failures_become_framework_errors(
 async def test_keyed_sends_land_where_aiokafkas_own_send_puts_them(
     transport: KafkaTransport, topic_name: str
 ) -> None:
-    """Keyed sends skip `producer.send()` (see `_Appender`); they must still land on the
-    partition aiokafka's default partitioner picks, in order, with headers intact."""
+    """Keyed sends land on the partition Kafka's default partitioner (murmur2, as the Java
+    client) picks, so keys partition alike whichever client wrote them."""
     await transport.declare([TopicSpec(name=topic_name, partitions=5)])
     keys = [f"key-{n}".encode() for n in range(40)]
     ours = await asyncio.gather(
@@ -198,35 +198,6 @@ async def test_keyed_sends_land_where_aiokafkas_own_send_puts_them(
     theirs = await asyncio.gather(*[await producer.send(topic_name, b"x", key=key) for key in keys])
     assert [m.partition for m in ours] == [m.partition for m in theirs]
     assert len({m.partition for m in ours}) > 1
-
-
-def test_the_fast_path_steps_aside_for_producers_it_cannot_mirror() -> None:
-    from aiokafka import AIOKafkaProducer
-
-    from framework.bus.kafka import _Appender
-
-    def custom_partitioner(key: bytes, all_partitions: list[int], available: list[int]) -> int:
-        return all_partitions[0]
-
-    async def build() -> tuple[object, object, object]:
-        plain = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
-        custom = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", partitioner=custom_partitioner)
-        serialized = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", value_serializer=bytes)
-        try:
-            return (
-                _Appender.for_producer(plain),
-                _Appender.for_producer(custom),
-                _Appender.for_producer(serialized),
-            )
-        finally:
-            for producer in (plain, custom, serialized):
-                await producer.stop()
-
-    plain, custom, serialized = asyncio.run(build())
-    assert plain is not None
-    assert custom is None
-    assert serialized is None
-    assert _Appender.for_producer(object()) is None  # not an aiokafka producer at all
 
 
 # -- consuming -----------------------------------------------------------------------------------

@@ -14,7 +14,12 @@ import pytest
 
 from framework.errors import ConfigurationError
 from framework.observability.logging import JsonFormatter, TextFormatter, configure_logging
-from framework.observability.tracing import TraceContext, use_correlation_id, use_trace
+from framework.observability.tracing import (
+    TraceContext,
+    use_correlation_id,
+    use_service,
+    use_trace,
+)
 
 TRACE = TraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
 RFC3339_MS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -97,6 +102,17 @@ def test_correlation_and_trace_ids_come_from_the_contextvars(
     assert inside["span_id"] == TRACE.span_id
     for field in ("correlation_id", "trace_id", "span_id"):
         assert field not in outside
+
+
+def test_the_current_service_names_the_line(log: logging.Logger, stream: io.StringIO) -> None:
+    with use_service("payments"):
+        log.info("inside")
+    log.info("outside")
+
+    inside, outside = lines(stream)
+
+    assert inside["service"] == "payments"  # e.g. one of several services of `msa shop`
+    assert outside["service"] == "orders"  # the name the formatter was configured with
 
 
 def test_extra_ids_win_over_the_contextvars(log: logging.Logger, stream: io.StringIO) -> None:
@@ -285,3 +301,13 @@ def test_text_format_carries_the_same_context(root_logger: logging.Logger) -> No
         f"INFO tests.observability.text [orders correlation_id=corr-9 "
         f"trace_id={TRACE.trace_id}] readable\n"
     )
+
+
+def test_text_format_names_the_current_service(root_logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    configure_logging("shop", stream=stream, level="INFO", json=False)
+
+    with use_service("payments"):
+        logging.getLogger("tests.observability.text").info("readable")
+
+    assert stream.getvalue().endswith("INFO tests.observability.text [payments] readable\n")

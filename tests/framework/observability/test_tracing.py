@@ -14,12 +14,14 @@ from framework.observability.tracing import (
     TRACEPARENT,
     TraceContext,
     continue_from,
+    current_service,
     current_trace,
     get_correlation_id,
     get_trace,
     inject,
     trace_middleware,
     use_correlation_id,
+    use_service,
     use_trace,
 )
 
@@ -160,6 +162,16 @@ def test_use_correlation_id_sets_and_restores() -> None:
             assert get_correlation_id() == "c-2"
         assert get_correlation_id() == "c-1"
     assert get_correlation_id() is None
+
+
+def test_use_service_sets_and_restores() -> None:
+    assert current_service.get() is None
+    with use_service("orders") as entered:
+        assert entered == current_service.get() == "orders"
+        with use_service("billing"):
+            assert current_service.get() == "billing"
+        assert current_service.get() == "orders"
+    assert current_service.get() is None
 
 
 def test_inject_writes_a_child_of_the_current_trace() -> None:

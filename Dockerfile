@@ -6,21 +6,22 @@
 #   docker run msa-framework/shop:0.1.0 migrate example_shop.orders:Orders
 #   docker run msa-framework/shop:0.1.0 gateway --config /etc/gateway/web.yaml
 #
-# EXTRAS: the package extras installed. "all,shop" as the project documents; "all" alone is
-# enough for `msa run/migrate/gateway` and leaves out the embedded PostgreSQL server and Locust.
+# Two distributions from this repository go in: the framework (pyproject.toml, `msa-framework`,
+# with every integration: `all`) and the shop (example_shop/pyproject.toml, `msa-example-shop`,
+# which requires `msa-framework[all]` - the one built here - and brings `msa shop` with its
+# embedded PostgreSQL server, in-memory MongoDB engine and Locust).
 # Both stages use the same pinned base: the venv's interpreter links to /usr/local/bin/python3.11.
 
 FROM python:3.11.11-slim-bookworm AS builder
-ARG EXTRAS=all,shop
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Only what the wheel needs (hatchling reads pyproject.toml and README.md).
+# Only what the two wheels need (hatchling reads each pyproject.toml, and the framework's README.md).
 COPY pyproject.toml README.md ./
 COPY framework ./framework
 COPY example_shop ./example_shop
-RUN /opt/venv/bin/pip install ".[${EXTRAS}]" \
+RUN /opt/venv/bin/pip install "./[all]" ./example_shop \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 FROM python:3.11.11-slim-bookworm AS runtime

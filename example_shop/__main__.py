@@ -1,4 +1,4 @@
-"""`python -m example_shop [--real] [--port N]`: the same as `msa shop`."""
+"""`python -m example_shop [load] [--real] [--port N]`: the same as `msa shop`."""
 
 import sys
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from example_shop.common import PORTS
+from example_shop.registry import GATEWAY_CONFIGS, backend_services
 from framework.bus import Bus, MemoryTransport
 from framework.gateway.app import Gateway
 from framework.gateway.config import load_config
@@ -36,7 +37,6 @@ __all__ = ["GATEWAY_CONFIGS", "POSTGRES_SERVICES", "Shop", "service_classes"]
 
 log = logging.getLogger("example_shop")
 
-GATEWAY_CONFIGS = Path(__file__).with_name("gateway")
 POSTGRES_SERVICES = ("identity", "inventory", "orders", "payments")
 MONGO_SERVICES = ("catalog", "shipping")
 START_ORDER = (
@@ -52,26 +52,10 @@ START_ORDER = (
 
 
 def service_classes() -> dict[str, type[Service]]:
-    """Name -> class of every shop service (imported here so each module stays independent)."""
-    from example_shop.analytics import Analytics
-    from example_shop.catalog import Catalog
-    from example_shop.identity import Identity
-    from example_shop.inventory import Inventory
-    from example_shop.orders import Orders
-    from example_shop.payments import Payments
-    from example_shop.shipping import Shipping
+    """Name -> class of every shop service: the backends, then the storefront in front of them."""
     from example_shop.storefront import Storefront
 
-    return {
-        "identity": Identity,
-        "catalog": Catalog,
-        "inventory": Inventory,
-        "orders": Orders,
-        "payments": Payments,
-        "shipping": Shipping,
-        "analytics": Analytics,
-        "storefront": Storefront,
-    }
+    return {**backend_services(), "storefront": Storefront}
 
 
 async def ensure_databases(admin_url: str, names: tuple[str, ...]) -> None:

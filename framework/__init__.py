@@ -11,7 +11,6 @@ from their own modules (`framework.bus.kafka` needs `msa-framework[kafka]`), and
 lazily here with an install hint when the extra is missing.
 """
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from framework.bus import (
@@ -28,7 +27,9 @@ from framework.errors import (
     BusError,
     CommitError,
     ConfigurationError,
+    DatabaseUnavailable,
     DecodeError,
+    FeedClosed,
     HandlerSignal,
     MessageError,
     MsaError,
@@ -40,21 +41,22 @@ from framework.errors import (
     RemoteError,
     RequestTimeout,
     RetryLater,
+    SignatureError,
     TopicError,
     TranslationError,
     TransportError,
     UnknownMessageType,
     UnsafeInputError,
     UnsupportedMediaType,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
 )
 from framework.messages import Envelope, message_type, type_name
 from framework.service import Resource, Service, ServiceSettings, handles, route
 from framework.types import Record, RecordMetadata, TopicPartition, TopicSpec, Transport
-
-try:
-    __version__ = version("msa-framework")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+from framework.version import __version__
 
 _LAZY = {
     "KafkaTransport": ("framework.bus.kafka", "kafka"),
@@ -82,8 +84,10 @@ __all__ = [
     "CommitError",
     "ConfigurationError",
     "ConsumerOptions",
+    "DatabaseUnavailable",
     "DecodeError",
     "Envelope",
+    "FeedClosed",
     "HandlerSignal",
     "HandlerSpec",
     "KafkaSettings",
@@ -107,6 +111,7 @@ __all__ = [
     "RetryPolicy",
     "Service",
     "ServiceSettings",
+    "SignatureError",
     "Subscription",
     "TopicError",
     "TopicPartition",
@@ -117,6 +122,10 @@ __all__ = [
     "UnknownMessageType",
     "UnsafeInputError",
     "UnsupportedMediaType",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "UpstreamUnreachable",
     "__version__",
     "handles",
     "message_type",

@@ -5,30 +5,57 @@ msa asyncapi module:Service            print its AsyncAPI 3.0 document
 msa openapi module:Service             print its OpenAPI 3.1 document
 msa gateway --config gateway.yaml    run the API gateway until SIGTERM (hot-reloads the file)
 msa gateway --check gateway.yaml     validate a gateway config and exit (1 with its problems)
-msa shop [--real] [--port 8000]     run the example shop on one machine (see example_shop.shop)
-msa shop load [--users N] [--duration 30s]
-                                       drive the running shop with Locust, print a summary
 msa graph [module:Service ...] [--gateway FILE ...] [--format mermaid|svg]
-                                       draw the system from its declarations (default: the shop)
+                                       draw the system from its declarations (with neither
+                                       targets nor --gateway: the one an installed command
+                                       registers, e.g. the example shop)
 msa dlq replay TOPIC.dlq [--limit N] [--dry-run] [--max-replays N] [--until-empty [--max-rounds N]]
                                        publish the dead letters there now back to their
                                        original topic; park those replayed N times already
                                        in TOPIC.dlq.parked (see framework.bus.dlq)
+msa shop [--real] [--port 8000]        the example shop on one machine, and `msa shop load`
+                                       to drive it with Locust: added by the shop's
+                                       distribution (msa-example-shop), when installed
 
 The module:Service commands import the target with the working directory first on sys.path (no
 PYTHONPATH=. needed). `msa run --help` lists the environment variables a service reads.
 Commands that need a broker (`msa dlq replay`) refuse the in-memory bus: set MSA_TRANSPORT=kafka
 and KAFKA_BOOTSTRAP. Errors exit 2 with `msa: error: ...` on stderr.
+
+Commands from other distributions: an entry point in the group `msa.commands` adds one. Its name
+is the command's, its object a `Command`: the line `msa --help` shows, a function that sets up
+the command's arguments, the function that runs it, and optionally `graph`, the system `msa
+graph` draws when given neither targets nor --gateway. The example shop adds `msa shop` so
+(example_shop/pyproject.toml and example_shop/cli.py):
+
+    [project.entry-points."msa.commands"]
+    shop = "example_shop.cli:command"
+
+    def _arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("action", nargs="?", choices=["run", "load"], default="run")
+        parser.add_argument("--port", type=int, default=8000)
+
+    def _run(args: argparse.Namespace) -> int:
+        ...  # import what the command needs here, when it runs: not when `msa` starts
+
+    command = Command(
+        help="run the example shop, or load it", arguments=_arguments, run=_run, graph=_graph
+    )
+
+`msa` loads these entry points whenever it starts, so keep their modules light. Where the shop is
+not installed, `msa shop` says how to install it. The framework itself never imports the shop.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import importlib.metadata
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -36,7 +63,17 @@ from framework import __version__
 from framework.errors import ConfigurationError, MsaError
 from framework.types import Record, Transport
 
-__all__ = ["RUN_ENVIRONMENT", "build_parser", "main"]
+if TYPE_CHECKING:
+    from framework.graph import SystemGraph
+
+__all__ = [
+    "COMMANDS_GROUP",
+    "RUN_ENVIRONMENT",
+    "Command",
+    "build_parser",
+    "installed_commands",
+    "main",
+]
 
 RUN_ENVIRONMENT = """\
 environment (read by ServiceSettings.from_env and KafkaSettings.from_env):
@@ -62,6 +99,50 @@ Resources read their own variables from the same environment (e.g. POSTGRES_URL,
 TARGET_COMMANDS = frozenset({"run", "asyncapi", "openapi", "migrate", "graph"})
 """Commands that import `module:Service` targets (from the working directory first)."""
 
+BUILTIN_COMMANDS = frozenset({*TARGET_COMMANDS, "gateway", "dlq"})
+
+COMMANDS_GROUP = "msa.commands"
+"""The entry-point group through which other distributions add commands (see the docstring)."""
+
+NOT_INSTALLED = {
+    "shop": (
+        "the example shop",
+        "pip install msa-example-shop (in a clone of msa-framework: scripts/shop, or "
+        "pip install -e ./example_shop)",
+    ),
+}
+"""Commands that other distributions add: what they are and how to install them, for the
+message `msa <command>` gives where that distribution is missing."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command:
+    """A command another distribution adds to `msa` (entry-point group `msa.commands`).
+
+    `arguments` sets up the command's own parser; `run` gets the parsed arguments and returns
+    the exit status (raise `MsaError` for `msa: error: ...` and status 2); `graph`, if given,
+    returns the system `msa graph` draws when called with neither targets nor --gateway.
+    """
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    graph: Callable[[], SystemGraph] | None = None
+
+
+def installed_commands() -> dict[str, Command]:
+    """The commands installed distributions add, by name (loading their entry points)."""
+    commands: dict[str, Command] = {}
+    for entry in importlib.metadata.entry_points(group=COMMANDS_GROUP):
+        where = f"entry point {entry.name} = {entry.value} (group {COMMANDS_GROUP})"
+        if entry.name in BUILTIN_COMMANDS or entry.name in commands:
+            raise ConfigurationError(f"{where}: msa {entry.name} exists already")
+        command = entry.load()
+        if not isinstance(command, Command):
+            raise ConfigurationError(f"{where}: not a framework.cli.Command")
+        commands[entry.name] = command
+    return commands
+
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -77,7 +158,10 @@ def _not_negative(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(installed: Mapping[str, Command] | None = None) -> argparse.ArgumentParser:
+    """The `msa` parser, with the `installed` commands (default: `installed_commands()`)."""
+    if installed is None:
+        installed = installed_commands()
     parser = argparse.ArgumentParser(
         prog="msa",
         description="msa-framework: run and inspect event-driven microservices.",
@@ -108,17 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--config", help="the gateway's YAML config (reloaded when it changes)")
     mode.add_argument("--check", metavar="CONFIG", help="validate a config and exit")
 
-    shop = commands.add_parser("shop", help="run the example shop, or load it")
-    shop.add_argument("action", nargs="?", choices=["run", "load"], default="run")
-    shop.add_argument("--real", action="store_true", help="Kafka/PostgreSQL/MongoDB from env")
-    shop.add_argument("--port", type=int, default=8000, help="the web gateway's port")
-    shop.add_argument("--users", type=int, default=20, help="load: simulated users")
-    shop.add_argument("--spawn-rate", type=float, default=10, help="load: users started per s")
-    shop.add_argument("--duration", default="30s", help="load: how long (Locust syntax)")
-    shop.add_argument("--host", default=None, help="load: the shop's URL")
-
     graph = commands.add_parser("graph", help="draw services, topics, databases and routes")
-    graph.add_argument("targets", nargs="*", help="module:Service (default: the example shop)")
+    graph.add_argument(
+        "targets",
+        nargs="*",
+        help="module:Service (with no targets and no --gateway: the system an installed "
+        "command registers, e.g. the example shop's)",
+    )
     graph.add_argument("--gateway", action="append", default=[], help="a gateway config")
     graph.add_argument("--format", choices=["mermaid", "svg"], default="mermaid")
 
@@ -155,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --until-empty, stop after N rounds (default: 3)",
     )
+
+    for name, command in installed.items():
+        command.arguments(commands.add_parser(name, help=command.help))
+    for name, (what, _) in NOT_INSTALLED.items():
+        if name not in installed:
+            # Takes every argument as it comes (even --help), to say how to install the command.
+            missing = commands.add_parser(
+                name, help=f"{what} (not installed)", add_help=False, prefix_chars="\0"
+            )
+            missing.add_argument("arguments", nargs="*")
     return parser
 
 
@@ -243,26 +333,27 @@ def _check_gateway(path: str) -> int:
     return 0
 
 
-def _graph(targets: list[str], gateways: list[str], fmt: str) -> int:
+def _graph(
+    targets: list[str], gateways: list[str], fmt: str, installed: Mapping[str, Command]
+) -> int:
     from framework.gateway.config import load_config
     from framework.graph import describe, render_mermaid, render_svg
     from framework.runner import load_service
-    from framework.service import ServiceSettings
 
-    if not targets:
-        from example_shop.shop import GATEWAY_CONFIGS, service_classes
-
-        settings = ServiceSettings(
-            http_port=-1, env={"POSTGRES_URL": "postgresql://x/y", "MONGO_URL": "mongodb://x:27017"}
-        )
-        services = [cls(settings) for cls in service_classes().values()]
-        gateways = gateways or [
-            str(GATEWAY_CONFIGS / f"{n}.yaml") for n in ("web", "mobile", "internal")
-        ]
-    else:
+    if targets or gateways:
         services = [load_service(target) for target in targets]
-    configs = {Path(g).stem: load_config(g, env={}) for g in gateways}
-    graph = describe(services, configs)
+        graph = describe(services, {Path(g).stem: load_config(g, env={}) for g in gateways})
+    else:
+        systems = {name: c.graph for name, c in installed.items() if c.graph is not None}
+        if len(systems) != 1:
+            why = (
+                f"several installed commands register a system: {', '.join(sorted(systems))}"
+                if systems
+                else "no installed command registers a system to draw"
+            )
+            raise ConfigurationError(f"msa graph: name module:Service targets or --gateway ({why})")
+        [draw] = systems.values()
+        graph = draw()
     sys.stdout.write(render_svg(graph) if fmt == "svg" else render_mermaid(graph))
     return 0
 
@@ -289,7 +380,12 @@ async def _migrate(target: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        installed = installed_commands()
+    except MsaError as exc:
+        print(f"msa: error: {exc}", file=sys.stderr)
+        return 2
+    parser = build_parser(installed)
     args = parser.parse_args(argv)
     if args.command in TARGET_COMMANDS:
         from framework.runner import import_from_working_directory
@@ -316,27 +412,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             with asyncio.Runner(loop_factory=_install_uvloop()) as runner:
                 return runner.run(_gateway(args.config))
-        if args.command == "shop":
-            if args.action == "load":
-                from example_shop.load import run_load
-
-                return run_load(
-                    host=args.host or f"http://localhost:{args.port}",
-                    users=args.users,
-                    spawn_rate=args.spawn_rate,
-                    duration=args.duration,
-                )
-            from example_shop.shop import serve
-            from framework.observability.logging import configure_logging
-            from framework.runner import _install_uvloop
-
-            configure_logging("shop", level=os.environ.get("MSA_LOG_LEVEL", "WARNING"))
-            with asyncio.Runner(loop_factory=_install_uvloop()) as runner:
-                return runner.run(serve(args.real, args.port))
         if args.command == "graph":
-            return _graph(args.targets, args.gateway, args.format)
+            return _graph(args.targets, args.gateway, args.format, installed)
         if args.command == "dlq":
             return asyncio.run(_replay(args))
+        if args.command in installed:
+            return installed[args.command].run(args)
+        if args.command in NOT_INSTALLED:
+            what, install = NOT_INSTALLED[args.command]
+            raise ConfigurationError(
+                f"msa {args.command} comes with {what}, which is not installed: {install}"
+            )
     except MsaError as exc:
         print(f"msa: error: {exc}", file=sys.stderr)
         return 2
@@ -345,4 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m framework.cli`: run the imported module's main, so that commands registered
+    # by other packages meet the same `Command` class as `msa` does (not this `__main__` copy).
+    from framework.cli import main as imported_main
+
+    sys.exit(imported_main())

@@ -1,11 +1,11 @@
 """Service-to-service HTTP with the gateway's resilience: `ResilientClient`.
 
 One `UpstreamPool` per named service, so calls between services get what calls through the
-gateway get: load balancing, health checks, passive ejection, timeouts, retries of idempotent
-methods within a retry budget, a circuit breaker and a bulkhead (see
-`framework.gateway.upstreams`). Every call carries the trace on (`traceparent`: a child span of
-the current trace, or the root of a new one) and the correlation id (`x-correlation-id`) of the
-message or request being handled.
+gateway get (the gateway's upstreams are the same pools): load balancing, health checks, passive
+ejection, timeouts, retries of idempotent methods within a retry budget, a circuit breaker and a
+bulkhead (see `framework.resilience.upstreams`). Every call carries the trace on (`traceparent`:
+a child span of the current trace, or the root of a new one) and the correlation id
+(`x-correlation-id`) of the message or request being handled.
 
     class Checkout(Service):
         def __init__(self, settings: ServiceSettings | None = None) -> None:
@@ -21,13 +21,12 @@ message or request being handled.
             quote = await self.http.post("pricing", "/quotes", json={"sku": event.sku})
             if not quote.ok: ...
 
-Errors: a call that gets no answer raises `framework.gateway.types.GatewayError` (an `MsaError`)
-with the status a gateway would answer: 504 (timeout), 502 (unreachable), 503 (circuit open, no
-instance available, at capacity). An answer is never an error, whatever its status: check
-`response.ok` or `response.status`. A service that needs the difference between "the callee said
-no" and "the callee could not be reached" has it in the exception type.
-
-Needs the `gateway` extra (`pip install "msa-framework[gateway]"`) for the upstream config.
+Errors: a call that gets no answer raises an `UpstreamError` (`framework.errors`), with `status`
+the status a gateway would answer: `UpstreamTimeout` (504), `UpstreamUnreachable` (502),
+`UpstreamUnavailable` (503: circuit open, no instance available, at capacity). An answer is never
+an error, whatever its status: check `response.ok` or `response.status`. A service that needs the
+difference between "the callee said no" and "the callee could not be reached" has it in the
+exception type.
 """
 
 from __future__ import annotations
@@ -36,24 +35,17 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeAlias
 
-from framework.errors import ConfigurationError
+from framework.errors import ConfigurationError, UpstreamError
 from framework.messages import encode_payload
 from framework.observability.tracing import TRACEPARENT, current_correlation_id, inject
-
-try:
-    from framework.gateway.config import UpstreamConfig
-    from framework.gateway.types import GatewayError
-    from framework.gateway.upstreams import UpstreamPool, UpstreamResponse
-except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError(
-        'framework.client needs the gateway extra: pip install "msa-framework[gateway]"'
-    ) from exc
+from framework.resilience.upstreams import UpstreamConfig, UpstreamPool, UpstreamResponse
 
 __all__ = [
     "CORRELATION_ID",
-    "GatewayError",
     "ResilientClient",
     "ServiceTargets",
+    "UpstreamConfig",
+    "UpstreamError",
     "UpstreamResponse",
 ]
 

@@ -6,22 +6,35 @@ CloudEvents type, the binary-mode `ce_*` headers, the Kafka key, and the JSON Sc
 payload. `openapi(service_class)` describes its `@route`s plus the built-in `/alive`, `/ready`
 and `/metrics`. `msa asyncapi module:Service` prints the first; every service serves both at
 `/docs/asyncapi.json` and `/docs/openapi.json`.
+
+Both read only what `DocumentedService` names, which `framework.service.Service` provides; this
+module does not import the service module (which serves these documents through
+`framework.http`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Protocol
 
 from pydantic import TypeAdapter
 
-from framework import __version__
 from framework.messages import type_name
+from framework.types import HandlerInfo, RouteInfo
+from framework.version import __version__
 
-if TYPE_CHECKING:
-    from framework.service import Service
+__all__ = ["DocumentedService", "asyncapi", "openapi"]
 
-__all__ = ["asyncapi", "openapi"]
+
+class DocumentedService(Protocol):
+    """What the documents read of a service class (a `framework.service.Service` subclass)."""
+
+    name: ClassVar[str]
+    publishes: ClassVar[Mapping[str, Sequence[type]]]
+    __msa_handlers__: ClassVar[tuple[HandlerInfo, ...]]
+    __msa_routes__: ClassVar[tuple[RouteInfo, ...]]
+
 
 _REF = "#/components/schemas/{model}"
 _CE_HEADERS: dict[str, Any] = {
@@ -55,7 +68,7 @@ def _schema(payload: Any, schemas: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def asyncapi(service: type[Service] | Service) -> dict[str, Any]:
+def asyncapi(service: type[DocumentedService] | DocumentedService) -> dict[str, Any]:
     cls = service if isinstance(service, type) else type(service)
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
@@ -114,7 +127,7 @@ def asyncapi(service: type[Service] | Service) -> dict[str, Any]:
     }
 
 
-def openapi(service: type[Service] | Service) -> dict[str, Any]:
+def openapi(service: type[DocumentedService] | DocumentedService) -> dict[str, Any]:
     cls = service if isinstance(service, type) else type(service)
     schemas: dict[str, Any] = {}
     problem = {"$ref": "#/components/schemas/Problem"}

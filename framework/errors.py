@@ -17,7 +17,14 @@
     │   ├── TopicError                     a topic could not be declared or does not exist
     │   └── RequestTimeout(TimeoutError)   no reply to a request within its timeout
     ├── RemoteError                        a request's handler failed; carries its error type
-    └── PersistenceError                   the database failed (see framework.persistence)
+    ├── PersistenceError                   the database failed (see framework.persistence)
+    │   └── DatabaseUnavailable            unreachable, or the connection was lost; retry
+    ├── UpstreamError                      an HTTP call to another service got no answer
+    │   ├── UpstreamUnreachable            no instance could be reached (a gateway answers 502)
+    │   ├── UpstreamUnavailable            circuit open, no instance, at capacity (503)
+    │   └── UpstreamTimeout(TimeoutError)  no answer within the call's timeout (504)
+    ├── FeedClosed                         an event feed closed a listener (slow client, stopping)
+    └── SignatureError(ValueError)         a signed URL is expired, altered or not signed at all
 
     HandlerSignal                          not errors: raised BY a handler to steer delivery
     ├── RetryLater                         retry this message after a delay (counts an attempt)
@@ -29,13 +36,16 @@ integration, with `raise ... from exc`, so callers never import a driver to catc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
     "BusError",
     "CommitError",
     "ConfigurationError",
+    "DatabaseUnavailable",
     "DecodeError",
+    "FeedClosed",
     "HandlerSignal",
     "MessageError",
     "MsaError",
@@ -47,12 +57,17 @@ __all__ = [
     "RemoteError",
     "RequestTimeout",
     "RetryLater",
+    "SignatureError",
     "TopicError",
     "TranslationError",
     "TransportError",
     "UnknownMessageType",
     "UnsafeInputError",
     "UnsupportedMediaType",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "UpstreamUnreachable",
 ]
 
 
@@ -147,6 +162,59 @@ class RemoteError(MsaError):
 
 class PersistenceError(MsaError):
     """The database failed."""
+
+
+class DatabaseUnavailable(PersistenceError):
+    """The database cannot be reached (or the connection was lost); retrying may help.
+
+    Raised by the PostgreSQL and the MongoDB edges alike (`framework.persistence`)."""
+
+
+class UpstreamError(MsaError):
+    """An HTTP call to another service (`framework.resilience.UpstreamPool`, which
+    `framework.client.ResilientClient` uses) got no answer. An answer, whatever its status, is
+    never this error. `status` and `title` are what a gateway answers for it; `headers` what it
+    adds (`Retry-After`)."""
+
+    status = 502
+    title = "Bad Gateway"
+
+    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No instance of the upstream could be reached (after any retries)."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Refused without trying an instance: the circuit is open, no instance is available, or
+    the pool is at capacity."""
+
+    status = 503
+    title = "Service Unavailable"
+
+
+class UpstreamTimeout(UpstreamError, TimeoutError):
+    """No answer within the call's timeout (retries included)."""
+
+    status = 504
+    title = "Gateway Timeout"
+
+
+class FeedClosed(MsaError):
+    """An event feed closed its listener; `reason` says why (a slow client, the feed stopping).
+    Raised by `framework.translate.FeedListener`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SignatureError(MsaError, ValueError):
+    """A signed URL is expired, altered, or not signed at all (`framework.gateway.signing`)."""
 
 
 class HandlerSignal(Exception):

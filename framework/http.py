@@ -16,22 +16,28 @@ from `X-Correlation-ID` (or the trace id), which log lines then carry.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from framework.docs import asyncapi, openapi
+from framework.docs import DocumentedService, asyncapi, openapi
 from framework.errors import DecodeError, MessageError, PayloadValidationError, TranslationError
-from framework.messages import decode_payload
-from framework.observability.metrics import CONTENT_TYPE
-from framework.observability.tracing import current_trace, trace_middleware, use_correlation_id
+from framework.messages import decode_payload, encode_payload
+from framework.observability.metrics import CONTENT_TYPE, MetricsRegistry
+from framework.observability.tracing import current_trace, use_correlation_id
+from framework.observability.web import trace_middleware
 
-if TYPE_CHECKING:
-    from framework.service import Service
-
-__all__ = ["ServiceHttp", "json_response", "problem", "read_json", "translation_problem"]
+__all__ = [
+    "HttpSettings",
+    "ServedService",
+    "ServiceHttp",
+    "json_response",
+    "problem",
+    "read_json",
+    "translation_problem",
+]
 
 T = TypeVar("T")
 log = logging.getLogger("framework.http")
@@ -42,8 +48,6 @@ def json_response(
     data: Any, *, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     """A JSON response encoded with orjson (pydantic models and dataclasses included)."""
-    from framework.messages import encode_payload
-
     return web.Response(
         body=encode_payload(data), status=status, content_type="application/json", headers=headers
     )
@@ -98,10 +102,39 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             return problem(500, "Internal Server Error", "the service failed to handle the request")
 
 
+class HttpSettings(Protocol):
+    """Where the HTTP side listens (`framework.service.ServiceSettings` is one)."""
+
+    @property
+    def http_host(self) -> str: ...
+
+    @property
+    def http_port(self) -> int: ...
+
+
+class ServedService(DocumentedService, Protocol):
+    """What the HTTP side needs of its service (`framework.service.Service` provides it); a
+    protocol, so that this module does not import the service module, which starts it."""
+
+    @property
+    def settings(self) -> HttpSettings: ...
+
+    @property
+    def metrics(self) -> MetricsRegistry: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    async def check_ready(self) -> dict[str, bool]: ...
+
+
 class ServiceHttp:
     """Serves a service's aiohttp application; started first and stopped last by `Service`."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: ServedService) -> None:
         self.service = service
         self.app = self.build_app()
         self._runner: web.AppRunner | None = None
@@ -144,7 +177,7 @@ class ServiceHttp:
         body = {
             "status": "ready" if ok else "not ready",
             "service": service.name,
-            "stopping": service._stopping,
+            "stopping": service.stopping,
             "checks": checks,
         }
         return json_response(body, status=200 if ok else 503)

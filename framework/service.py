@@ -54,17 +54,19 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, TypeVar, get_type_hints, runtime_checkable
 
-from framework.bus import (
-    Bus,
-    ConsumerOptions,
-    HandlerSpec,
-    MemoryTransport,
-    Message,
-)
+from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message
+from framework.bus.transports import transport_from_env, transport_name
 from framework.errors import ConfigurationError
 from framework.messages import Envelope, is_declared, type_name
 from framework.observability.metrics import MetricsRegistry
-from framework.types import ConsumeMiddleware, PublishMiddleware, RecordMetadata, Transport
+from framework.types import (
+    ConsumeMiddleware,
+    HandlerInfo,
+    PublishMiddleware,
+    RecordMetadata,
+    RouteInfo,
+    Transport,
+)
 
 __all__ = [
     "HandlerInfo",
@@ -95,7 +97,7 @@ class ServiceSettings:
     """How a service runs; `from_env()` reads the environment in one place.
 
     MSA_TRANSPORT (memory | kafka; unset: kafka when KAFKA_BOOTSTRAP is set, else memory),
-    KAFKA_BOOTSTRAP (and the other KAFKA_* of `KafkaSettings`),
+    KAFKA_BOOTSTRAP (and the other KAFKA_* of `KafkaSettings`; see `framework.bus.transports`),
     MSA_HTTP_HOST, MSA_HTTP_PORT (0 picks a free port; -1 turns the HTTP side off),
     MSA_SHUTDOWN_GRACE (seconds), MSA_INSTANCE_ID, MSA_LOG_LEVEL, MSA_LOG_FORMAT.
     """
@@ -128,14 +130,8 @@ class ServiceSettings:
                 what = "a whole number" if kind is int else "a number"
                 raise ConfigurationError(f"{name} must be {what}, not {raw!r}") from None
 
-        default_transport = "kafka" if env.get("KAFKA_BOOTSTRAP", "").strip() else "memory"
-        transport = env.get("MSA_TRANSPORT", "").strip().lower() or default_transport
-        if transport not in ("memory", "kafka"):
-            raise ConfigurationError(
-                f"MSA_TRANSPORT must be 'memory' or 'kafka', not {transport!r}"
-            )
         return cls(
-            transport=transport,
+            transport=transport_name(env),
             http_host=env.get("MSA_HTTP_HOST", "0.0.0.0"),
             http_port=number("MSA_HTTP_PORT", "8080", int),
             shutdown_grace=number("MSA_SHUTDOWN_GRACE", "25", float),
@@ -150,44 +146,8 @@ class ServiceSettings:
         return self.http_port >= 0
 
     def make_transport(self) -> Transport:
-        if self.transport == "memory":
-            return MemoryTransport()
-        if self.transport == "kafka":
-            try:
-                from framework.bus.kafka import KafkaSettings, KafkaTransport
-            except ImportError as exc:  # pragma: no cover - depends on the installed extras
-                raise ConfigurationError(
-                    'the Kafka transport needs aiokafka: pip install "msa-framework[kafka]"'
-                ) from exc
-            return KafkaTransport(KafkaSettings.from_env(environ=self.env))
-        raise ConfigurationError(
-            f"MSA_TRANSPORT must be 'memory' or 'kafka', not {self.transport!r}"
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class HandlerInfo:
-    """What `@handles` recorded on a method."""
-
-    topics: tuple[str, ...]
-    type: str | None
-    group: str | None
-    options: Mapping[str, Any]
-    payload_type: Any = None
-    wants_message: bool = False
-    attribute: str = ""
-
-
-@dataclass(frozen=True, kw_only=True)
-class RouteInfo:
-    """What `@route` recorded on a method."""
-
-    method: str
-    path: str
-    summary: str = ""
-    body: Any = None
-    response: Any = None
-    attribute: str = ""
+        """A new transport: `transport`, set up from `env` (`framework.bus.transport_from_env`)."""
+        return transport_from_env(self.env, name=self.transport)
 
 
 def handles(
@@ -338,6 +298,11 @@ class Service:
         return self._ready and not self._stopping
 
     @property
+    def stopping(self) -> bool:
+        """True from the moment `stop()` or `kill()` began (`/ready` answers 503)."""
+        return self._stopping
+
+    @property
     def http_port(self) -> int | None:
         """The port the HTTP side listens on (after start), or None."""
         return self._http.port if self._http is not None else None
@@ -458,6 +423,8 @@ class Service:
             self._subscribe_handlers()
             self._subscribed = True
         if self.settings.http_enabled and self._http is None:
+            # Imported here so that `import framework` does not import aiohttp (a process that
+            # only consumes never needs it); framework.http does not import this module.
             from framework.http import ServiceHttp
 
             http = ServiceHttp(self)

@@ -17,11 +17,13 @@ from typing import Any, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 __all__ = [
     "Codec",
     "ConsumeMiddleware",
+    "HandlerInfo",
     "Headers",
     "PublishMiddleware",
     "RebalanceListener",
     "Record",
     "RecordMetadata",
+    "RouteInfo",
     "StartFrom",
     "TopicPartition",
     "TopicSpec",
@@ -203,3 +205,30 @@ class Codec(Protocol):
     def decode(self, body: bytes) -> Any: ...
 
     def encode(self, value: Any) -> bytes: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class HandlerInfo:
+    """What `@handles` recorded on a method (`framework.service`); the AsyncAPI document and
+    the subscriptions are made from it."""
+
+    topics: tuple[str, ...]
+    type: str | None
+    group: str | None
+    options: Mapping[str, Any]
+    payload_type: Any = None
+    wants_message: bool = False
+    attribute: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteInfo:
+    """What `@route` recorded on a method (`framework.service`); the HTTP side and the OpenAPI
+    document are made from it."""
+
+    method: str
+    path: str
+    summary: str = ""
+    body: Any = None
+    response: Any = None
+    attribute: str = ""

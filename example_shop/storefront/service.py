@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from example_shop.common import PORTS, default_settings
+from example_shop.registry import backend_services, system_graph
 from framework.graph import SystemGraph
 from framework.service import Service, ServiceSettings, route
 from framework.types import Transport
@@ -108,16 +109,5 @@ class Storefront(Service):
 
 
 def _shop_graph() -> SystemGraph:
-    from example_shop.shop import GATEWAY_CONFIGS, service_classes
-    from framework.gateway.config import load_config
-    from framework.graph import describe
-
-    settings = ServiceSettings(
-        http_port=-1,
-        env={"POSTGRES_URL": "postgresql://graph/graph", "MONGO_URL": "mongodb://graph:27017"},
-    )
-    services = [cls(settings) for name, cls in service_classes().items() if name != "storefront"]
-    gateways = {
-        n: load_config(GATEWAY_CONFIGS / f"{n}.yaml", env={}) for n in ("web", "mobile", "internal")
-    }
-    return describe(services, gateways)
+    """The services behind the storefront and the gateways in front of them."""
+    return system_graph(backend_services().values())

@@ -5,11 +5,14 @@
   (framework.bus.consumer): ordered concurrency, at-least-once commits, retries, dead letters.
 - `MemoryTransport` (framework.bus.memory): Kafka-like, in process.
 - `KafkaTransport`, `KafkaSettings` (framework.bus.kafka, extra `kafka`): Apache Kafka via aiokafka.
+- `transport_from_env` (framework.bus.transports): the transport `MSA_TRANSPORT` and the
+  `KAFKA_*` variables describe; services, the gateway and the CLI build theirs with it.
 """
 
 from framework.bus.bus import Bus, BusMetrics, Outgoing, current_message
 from framework.bus.consumer import ConsumerOptions, HandlerSpec, Message, RetryPolicy, Subscription
 from framework.bus.memory import MemoryTransport
+from framework.bus.transports import transport_from_env
 
 __all__ = [
     "Bus",
@@ -22,4 +25,5 @@ __all__ = [
     "RetryPolicy",
     "Subscription",
     "current_message",
+    "transport_from_env",
 ]

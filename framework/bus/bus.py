@@ -65,6 +65,7 @@ from framework.bus.consumer import (
     Subscription,
 )
 from framework.bus.dlq import DeadLetter
+from framework.bus.metrics import BusMetrics
 from framework.errors import (
     ConfigurationError,
     MsaError,
@@ -122,35 +123,6 @@ class Outgoing:
     envelope: Envelope[Any]
     confirm: bool = True
     immediate: bool = False
-
-
-class BusMetrics:
-    """The bus's Prometheus metrics, registered once per registry."""
-
-    def __init__(self, registry: MetricsRegistry) -> None:
-        self.registry = registry
-        self.messages_in = registry.counter(
-            "msa_messages_in_total",
-            "Messages consumed, by outcome (ok, error, invalid, unhandled).",
-            ("topic", "type", "outcome"),
-        )
-        self.messages_out = registry.counter(
-            "msa_messages_out_total", "Messages published.", ("topic", "type")
-        )
-        self.handler_seconds = registry.histogram(
-            "msa_handler_seconds", "Handler latency of successful handling.", ("topic", "type")
-        )
-        self.retries = registry.counter(
-            "msa_retries_total", "Handler attempts that failed and were retried.", ("topic", "type")
-        )
-        self.dead_letters = registry.counter(
-            "msa_dead_letters_total", "Messages sent to a dead-letter topic.", ("topic",)
-        )
-        self.lag = registry.gauge(
-            "msa_consumer_lag",
-            "Records behind the end of the assigned partitions.",
-            ("group", "topic"),
-        )
 
 
 class _ReplyListener:
@@ -355,6 +327,28 @@ class Bus:
             "RecordMetadata | asyncio.Future[RecordMetadata]",
             await self._publish_chain(Outgoing(topic, envelope, confirm, immediate)),
         )
+
+    async def publish_stored(
+        self, topic: str, value: bytes, *, key: bytes | None, headers: Sequence[tuple[str, bytes]]
+    ) -> asyncio.Future[RecordMetadata]:
+        """Publish a record stored earlier in the binary content mode (an outbox row, a saga's
+        command) through the publish middleware, counted like any publish; returns the
+        acknowledgement future once the record is in the send buffer, so that a relay sends a
+        batch in order and then awaits every acknowledgement.
+
+        The stored event keeps its id, attributes, key and payload bytes; a middleware sees it
+        as an `Outgoing` whose `envelope.data` is those bytes and may add to it (an extension
+        becomes a header). A stored value that is not a CloudEvent raises `DecodeError`.
+        """
+        stored = Record(
+            topic=topic, partition=-1, offset=-1, key=key, value=value, headers=tuple(headers)
+        )
+        sent = await self.publish_envelope(topic, from_binary(stored), confirm=False)
+        if isinstance(sent, asyncio.Future):
+            return sent
+        acknowledged: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
+        acknowledged.set_result(sent)  # a middleware awaited the acknowledgement itself
+        return acknowledged
 
     async def _send(self, outgoing: Outgoing) -> RecordMetadata | asyncio.Future[RecordMetadata]:
         return await self._send_envelope(

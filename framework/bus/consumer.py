@@ -72,8 +72,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from framework.bus.metrics import BusMetrics
 from framework.errors import (
     CommitError,
     ConfigurationError,
@@ -93,11 +94,9 @@ from framework.observability.tracing import (
     use_service,
     use_trace,
 )
+from framework.resilience import Backoff
 from framework.tasks import finish_task
-from framework.types import Headers, Record, RecordMetadata, TopicPartition, TopicSpec
-
-if TYPE_CHECKING:
-    from framework.bus.bus import Bus
+from framework.types import Headers, Record, RecordMetadata, TopicPartition, TopicSpec, Transport
 
 __all__ = [
     "UNHANDLED_TYPE",
@@ -107,6 +106,7 @@ __all__ = [
     "RejectedRecord",
     "RetryPolicy",
     "Subscription",
+    "SubscriptionBus",
     "Unhandled",
 ]
 
@@ -118,6 +118,10 @@ RETRY_ATTEMPT = "msa-retry-attempt"
 RETRY_NOT_BEFORE = "msa-retry-not-before"
 RETRY_ORIGIN = "msa-retry-original-"
 _TRACEPARENT_HEADER = CE_PREFIX + "traceparent"
+FETCH_BACKOFF = Backoff(initial=0.2, maximum=5.0)
+"""Between fetches that failed (the broker is away): the group waits, then asks again."""
+PUBLISH_BACKOFF = Backoff(initial=0.4, maximum=10.0)
+"""Between attempts to publish a dead letter or a retry record; the offset waits for it."""
 UNHANDLED_TYPE = "unhandled-type"
 """The `msa-dlq-error-type` of a record whose type no handler of its subscription takes."""
 
@@ -267,12 +271,40 @@ class _Deferred:
     resume: Callable[[], Awaitable[bool | _Deferred]]
 
 
+class SubscriptionBus(Protocol):
+    """What a `Subscription` needs of the bus that made it (`framework.bus.Bus` is the one);
+    a protocol, so that this module does not import the bus module, which imports it."""
+
+    @property
+    def transport(self) -> Transport: ...
+
+    @property
+    def source(self) -> str:
+        """The service the subscription's work runs as (its log lines name it)."""
+
+    @property
+    def metrics(self) -> BusMetrics: ...
+
+    async def dispatch(
+        self, handler: HandlerSpec, message: Message[Any], *, trace: TraceContext | None = None
+    ) -> Any:
+        """Run `handler` on `message` through the consume middleware, in its context."""
+
+    async def reply(self, message: Message[Any], result: Any) -> None: ...
+
+    async def reply_error(self, message: Message[Any], error: BaseException) -> None: ...
+
+    async def announce_dead_letter(self, record: Record) -> None: ...
+
+    async def announce_rejected(self, rejected: RejectedRecord) -> None: ...
+
+
 class Subscription:
     """A running consumer-group member. Created and started by `Bus.subscribe`."""
 
     def __init__(
         self,
-        bus: Bus,
+        bus: SubscriptionBus,
         topics: Sequence[str],
         handlers: Mapping[str, HandlerSpec],
         options: ConsumerOptions,
@@ -454,7 +486,7 @@ class Subscription:
             except TransportError as exc:
                 failures += 1
                 log.warning("group %s: fetch failed (%s); retrying", self.group, exc)
-                await self._sleep(min(5.0, 0.1 * 2**failures))
+                await self._sleep(FETCH_BACKOFF.delay(failures))
                 continue
             if self._stopping.is_set():
                 break  # not started: the group's committed offset still points before them
@@ -780,7 +812,7 @@ class Subscription:
             except MsaError as exc:
                 failures += 1
                 log.warning("group %s: publishing to %s failed (%s)", self.group, topic, exc)
-                if not await self._sleep(min(10.0, 0.2 * 2**failures)):
+                if not await self._sleep(PUBLISH_BACKOFF.delay(failures)):
                     return None
 
     async def _dead_letter(

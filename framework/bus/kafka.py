@@ -84,6 +84,7 @@ try:
     from aiokafka.errors import (
         CommitFailedError,
         ConsumerStoppedError,
+        IllegalStateError,
         InvalidProducerEpoch,
         KafkaError,
         OutOfOrderSequenceNumber,
@@ -742,6 +743,7 @@ class KafkaConsumer:
         self._transport = transport
         self._consumer: Any = None
         self._stopping = False
+        self._lag: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
         if self._consumer is not None:
@@ -791,6 +793,7 @@ class KafkaConsumer:
             batches = await consumer.getmany(
                 timeout_ms=max(0, round(timeout * 1000)), max_records=max_records
             )
+        await self._note_lag(consumer)
         return [
             _record(message)
             for tp in sorted(batches, key=lambda tp: (tp.topic, tp.partition))
@@ -828,21 +831,30 @@ class KafkaConsumer:
 
     def lag(self) -> dict[TopicPartition, int]:
         """Records between the position and the end of each assigned partition, as of the last
-        fetch response; partitions not fetched yet are left out. No network call."""
+        `fetch`; partitions no fetch response covered yet are left out. No network call."""
         if self._consumer is None:
             return {}
-        # aiokafka exposes the position only through an async call that may go to the broker;
-        # the numbers it already has live in the assignment's partition states.
-        subscription = self._consumer._subscription.subscription
-        assignment = subscription.assignment if subscription is not None else None
-        if assignment is None:
-            return {}
-        lag = {}
-        for tp in assignment.tps:
-            state = assignment.state_value(tp)
-            if state.highwater is not None and state.has_valid_position:
-                lag[_ours(tp)] = max(0, state.highwater - state.position)
-        return lag
+        assigned = self.assignment()
+        return {tp: lag for tp, lag in self._lag.items() if tp in assigned}
+
+    async def _note_lag(self, consumer: Any) -> None:
+        """Remember each assigned partition's lag for `lag()`, which must not wait: the end the
+        last fetch response reported (`highwater`) less the `position`. A partition with a known
+        end has been fetched from, so its position is valid and `position` answers at once; the
+        wait is bounded all the same (the position of a partition being reset is unknown)."""
+        ends = {tp: consumer.highwater(tp) for tp in consumer.assignment()}
+        lag: dict[TopicPartition, int] = {}
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._transport.settings.request_timeout):
+                for tp, end in ends.items():
+                    if end is None:
+                        continue
+                    try:
+                        position = await consumer.position(tp)
+                    except IllegalStateError:  # revoked by a rebalance meanwhile
+                        continue
+                    lag[_ours(tp)] = max(0, end - position)
+        self._lag = lag
 
     async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         """The end of each partition (its high watermark), asked of the partition leaders now.
@@ -871,6 +883,7 @@ class KafkaConsumer:
                 await self.listener.on_revoked(held)
         finally:
             self._consumer = None
+            self._lag = {}
             with self._transport._translating("stopping a consumer"):
                 await consumer.stop()
 

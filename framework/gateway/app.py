@@ -40,7 +40,7 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from framework.bus import Bus, MemoryTransport, Subscription
+from framework.bus import Bus, Subscription, transport_from_env
 from framework.errors import TranslationError
 from framework.gateway.aggregate import Aggregator
 from framework.gateway.auth import Authenticator, authorize, forwarded_headers, strip_forwarded
@@ -474,8 +474,11 @@ class Gateway:
         metrics: MetricsRegistry | None = None,
         watch_interval: float = 1.0,
         drain_timeout: float = 30.0,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config_path = Path(config_path) if config_path is not None else None
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        """Where the bus's `KAFKA_*` settings are read (`os.environ` unless given)."""
         self.metrics = metrics or MetricsRegistry()
         self.meter = Meter(self.metrics)
         self.watch_interval = watch_interval
@@ -506,7 +509,13 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._bus = self._given_bus or await self._start_bus(self._config.bus)
+        if self._given_bus is not None:
+            self._bus = self._given_bus
+        else:
+            self._bus = self.make_bus()
+            if self._bus is not None:
+                await self._bus.start()
+                self._owns_bus = True
         runtime = self._build(self._config)
         await runtime.start()
         self._runtime = runtime
@@ -527,9 +536,8 @@ class Gateway:
             site = web.TCPSite(runner, listen[0], listen[1], reuse_address=True)
             await site.start()
             self._runners.append(runner)
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
-            setattr(self, attribute, sockets[0].getsockname()[1] if sockets else listen[1])
+            addresses = runner.addresses  # the runner's only site: the port it listens on
+            setattr(self, attribute, int(addresses[0][1]) if addresses else listen[1])
         if self.config_path is not None and self.watch_interval > 0:
             self._watch_task = asyncio.create_task(self._watch(), name="gateway:watch")
         log.info(
@@ -568,25 +576,22 @@ class Gateway:
             for feed in runtime.feeds.values():
                 await feed.stop()
 
-    async def _start_bus(self, config: BusConfig) -> Bus | None:
+    def make_bus(self) -> Bus | None:
+        """The bus the config's `bus` section describes, not started; None when no route needs
+        one. Its transport is `bus.transport`, set up from `environ` as a service's is
+        (`framework.bus.transport_from_env`: `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*`, ...),
+        with `bus.bootstrap_servers`, when given, in place of `KAFKA_BOOTSTRAP`."""
+        config: BusConfig = self._config.bus
         if not any(r.publish or r.request or r.drain or r.stream for r in self._config.routes):
             return None
-        if config.transport == "kafka":
-            from framework.bus.kafka import KafkaSettings, KafkaTransport
-
-            bootstrap = config.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP")
-            if not bootstrap:
-                raise GatewayConfigError(
-                    "<config>", ["bus.bootstrap_servers (or KAFKA_BOOTSTRAP) is needed"]
-                )
-            bus = Bus(
-                KafkaTransport(KafkaSettings(bootstrap_servers=bootstrap)), source=config.source
+        env = dict(self.environ)
+        if config.bootstrap_servers:
+            env["KAFKA_BOOTSTRAP"] = config.bootstrap_servers
+        if config.transport == "kafka" and not env.get("KAFKA_BOOTSTRAP", "").strip():
+            raise GatewayConfigError(
+                "<config>", ["bus.bootstrap_servers (or KAFKA_BOOTSTRAP) is needed"]
             )
-        else:
-            bus = Bus(MemoryTransport(), source=config.source)
-        await bus.start()
-        self._owns_bus = True
-        return bus
+        return Bus(transport_from_env(env, name=config.transport), source=config.source)
 
     def _build(self, config: GatewayConfig) -> _Runtime:
         try:

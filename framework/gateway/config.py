@@ -34,6 +34,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from framework.errors import ConfigurationError
+from framework.resilience.breaker import BreakerConfig
+from framework.resilience.upstreams import (
+    EjectionConfig,
+    HealthCheckConfig,
+    RetryConfig,
+    UpstreamConfig,
+)
 
 __all__ = [
     "AdminConfig",
@@ -208,66 +215,8 @@ class TierConfig(_Strict):
     daily_quota: int | None = Field(default=None, ge=1)
 
 
-# -- upstreams -----------------------------------------------------------------------------------
-
-
-class HealthCheckConfig(_Strict):
-    path: str = "/ready"
-    interval: float = Field(default=5.0, gt=0)
-    timeout: float = Field(default=1.0, gt=0)
-    healthy_after: int = Field(default=2, ge=1)
-    unhealthy_after: int = Field(default=2, ge=1)
-
-
-class EjectionConfig(_Strict):
-    """Passive ejection: an instance failing or slow on live traffic is taken out for a while."""
-
-    consecutive_failures: int = Field(default=5, ge=1)
-    slow_ms: float | None = Field(default=None, gt=0)
-    """Eject when the moving average latency exceeds this (None: latency is not judged)."""
-    eject_for: float = Field(default=30.0, gt=0)
-    max_ejected_percent: int = Field(default=50, ge=0, le=100)
-
-
-class RetryConfig(_Strict):
-    attempts: int = Field(default=2, ge=1)
-    """Tries in all, on another instance each time; only idempotent methods are retried."""
-    budget: float = Field(default=0.2, ge=0, le=1)
-    """Retries may add at most this share of the pool's recent requests."""
-    on_status: tuple[int, ...] = (502, 503, 504)
-    backoff: float = Field(default=0.025, ge=0)
-
-
-class BreakerConfig(_Strict):
-    failures: int = Field(default=5, ge=1)
-    """Failures in `window` seconds that open the breaker."""
-    window: float = Field(default=10.0, gt=0)
-    open_for: float = Field(default=10.0, gt=0)
-    half_open_requests: int = Field(default=1, ge=1)
-
-
-class UpstreamConfig(_Strict):
-    targets: tuple[str, ...] = ()
-    """Base URLs (`http://10.0.0.5:8080`)."""
-    dns: str | None = None
-    """`host:port` resolved to every address (a Kubernetes headless Service), re-resolved every
-    `dns_refresh` seconds."""
-    dns_refresh: float = Field(default=10.0, gt=0)
-    scheme: Literal["http", "https"] = "http"
-    balance: Literal["round_robin", "least_outstanding"] = "round_robin"
-    health: HealthCheckConfig | None = None
-    eject: EjectionConfig = EjectionConfig()
-    retry: RetryConfig = RetryConfig()
-    breaker: BreakerConfig = BreakerConfig()
-    timeout: float | None = Field(default=None, gt=0)
-    max_connections: int = Field(default=100, ge=1)
-    """Bulkhead: connections (and so concurrent requests) to this pool."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> UpstreamConfig:
-        if bool(self.targets) == bool(self.dns):
-            raise ValueError("give either targets or dns")
-        return self
+# The `upstreams` section's models (UpstreamConfig, RetryConfig, BreakerConfig, EjectionConfig,
+# HealthCheckConfig) live with the pools in framework.resilience, shared with the HTTP client.
 
 
 # -- the bus (protocol translation) -------------------------------------------------------------

@@ -50,6 +50,7 @@ from aiohttp import web
 from framework.errors import ConfigurationError
 from framework.gateway.config import TierConfig
 from framework.gateway.types import Exchange, GatewayError, GatewayHandler, GatewayMiddleware
+from framework.resilience import TokenBucket
 
 __all__ = [
     "ConcurrencyLimiter",
@@ -85,11 +86,10 @@ _UNLIMITED = Decision(allowed=True)
 
 
 class _ClientState:
-    __slots__ = ("day", "last", "tokens", "used")
+    __slots__ = ("bucket", "day", "used")
 
-    def __init__(self, tokens: float, last: float, day: int) -> None:
-        self.tokens = tokens
-        self.last = last
+    def __init__(self, bucket: TokenBucket, day: int) -> None:
+        self.bucket = bucket
         self.day = day
         self.used = 0
 
@@ -155,24 +155,23 @@ class RateLimiter:
         if name is None:
             return _UNLIMITED
         config = self.tiers[name]
-        now = self._time()
         wall = self._day()
         day = int(wall // _DAY)
         state = self._clients.get(client_id)
         if state is None:
-            state = _ClientState(float(config.burst), now, day)
+            state = _ClientState(TokenBucket(config.rate, config.burst, clock=self._time), day)
             self._clients[client_id] = state
             if len(self._clients) > self.max_clients:
                 self._clients.popitem(last=False)
         else:
             self._clients.move_to_end(client_id)
-            # A client whose tier changed is refilled (and capped) by its new tier from now on.
-            elapsed = max(0.0, now - state.last)
-            state.tokens = min(float(config.burst), state.tokens + elapsed * config.rate)
-            state.last = now
             if state.day != day:
                 state.day = day
                 state.used = 0
+        bucket = state.bucket
+        # A client whose tier changed is refilled (and capped) by its new tier from now on.
+        bucket.rate, bucket.burst = config.rate, config.burst
+        tokens = bucket.refill()
 
         quota = config.daily_quota
         if quota is not None and state.used >= quota:
@@ -180,26 +179,26 @@ class RateLimiter:
                 allowed=False,
                 retry_after=_DAY - (wall % _DAY),
                 limit=config.burst,
-                remaining=int(state.tokens),
+                remaining=int(tokens),
                 quota=quota,
                 quota_remaining=0,
                 quota_exhausted=True,
             )
-        if state.tokens < 1.0:
+        wait = bucket.try_take()
+        if wait > 0:
             return Decision(
                 allowed=False,
-                retry_after=(1.0 - state.tokens) / config.rate,
+                retry_after=wait,
                 limit=config.burst,
                 remaining=0,
                 quota=quota,
                 quota_remaining=None if quota is None else quota - state.used,
             )
-        state.tokens -= 1.0
         state.used += 1
         return Decision(
             allowed=True,
             limit=config.burst,
-            remaining=int(state.tokens),
+            remaining=int(bucket.tokens),
             quota=quota,
             quota_remaining=None if quota is None else quota - state.used,
         )

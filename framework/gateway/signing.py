@@ -18,11 +18,9 @@ import time
 from collections.abc import Mapping
 from urllib.parse import quote, urlencode
 
+from framework.errors import SignatureError
+
 __all__ = ["SignatureError", "sign_url", "verify_signed_path"]
-
-
-class SignatureError(ValueError):
-    """The signed URL is expired, altered, or not signed at all."""
 
 
 def _mac(key: str, method: str, path: str, expires: int) -> str:

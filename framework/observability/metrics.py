@@ -1,8 +1,9 @@
-"""Prometheus metrics without a global registry: counters, gauges, histograms, text exposition.
+"""Prometheus metrics on `prometheus_client`, with one registry per service and no global state.
 
-A `MetricsRegistry` belongs to whoever creates it (a service, the gateway, a test), so two services
-in one process (the modular monolith) never share or clash over metric state. It renders the
-Prometheus text exposition format 0.0.4, which every Prometheus-compatible scraper reads:
+A `MetricsRegistry` belongs to whoever creates it (a service, the gateway, a test) and holds its
+own `prometheus_client.CollectorRegistry`, so two services in one process (the modular monolith)
+never share or clash over metric state, and nothing lands in prometheus_client's global
+`REGISTRY`. `render()` is `generate_latest` of that registry: the Prometheus text format 0.0.4.
 
     >>> registry = MetricsRegistry()
     >>> handled = registry.counter(
@@ -17,33 +18,41 @@ Prometheus text exposition format 0.0.4, which every Prometheus-compatible scrap
     >>> print(registry.render().decode())  # doctest: +ELLIPSIS
     # HELP msa_messages_handled_total Messages handled, by topic and outcome.
     # TYPE msa_messages_handled_total counter
-    msa_messages_handled_total{topic="orders",outcome="ok"} 1
+    msa_messages_handled_total{outcome="ok",topic="orders"} 1.0
     ...
 
-Hot path: `metric.labels(...)` returns a child cached per tuple of label values, so after the first
-call no child is created again; code on a hot path resolves its children once and then only calls
-`inc`/`set`/`observe`, which update a float (or one bucket slot) in place. A histogram stores
-per-bucket counts and makes them cumulative only when rendered.
+What this module adds to prometheus_client, and why it wraps rather than re-exports:
 
-Values computed at scrape time (consumer lag, pool sizes) come from `Gauge.set_function` (one
-value) or `Gauge.set_samples_function` (a set of labelled values that changes over time, such as
-the lag of each partition currently assigned). A function that raises while being rendered is
-logged and its samples are left out, so one broken callback does not take `/metrics` down.
+- `labels(**values)` takes keywords only and returns a child cached per tuple of label values, so
+  code on a hot path resolves its children once and then only calls `inc`/`set`/`observe`.
+- Misuse (bad names, wrong labels, a negative increment, re-registering a name as another kind)
+  is a `ConfigurationError`, raised when the metric is declared or used, not at scrape time.
+- Asking again for a registered name returns the same metric, so independent components can
+  declare the metrics they share.
+- Counters and histograms are exposed without prometheus_client's `_created` series, so
+  `/metrics` shows the families it showed before this module used prometheus_client.
+- A gauge's value can be computed at scrape time (`set_function`, or `set_samples_function` for a
+  set of labelled series that changes on its own, such as the lag of each partition assigned); a
+  function that raises is logged and its samples are left out, so one broken callback does not
+  take `/metrics` down.
+- `child.value` (and a histogram child's `count` and `sum`) read a series back through
+  prometheus_client's public `collect()`, for tests and readiness checks.
 
-Counters are exposed as `<name>_total` (the suffix is added when the given name lacks it). Updates
-are meant to come from the event loop's thread; increments from several threads at once may be
-lost, as with any unlocked `+=`.
+Counters are exposed as `<name>_total` (the suffix is added when the given name lacks it).
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar, Generic, TypeVar
+
+import prometheus_client as prom
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from framework.errors import ConfigurationError
 
@@ -60,7 +69,11 @@ __all__ = [
 ]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-"""The `Content-Type` of `MetricsRegistry.render()`'s output."""
+"""The `Content-Type` of `MetricsRegistry.render()`'s output.
+
+Not `prometheus_client.CONTENT_TYPE_LATEST`, which newer releases set to the 1.0.0 text format
+(UTF-8 names) that Prometheus 2 does not know; our names are checked to be classic ones, so the
+output is valid 0.0.4 text and every Prometheus-compatible scraper reads it."""
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.0005,
@@ -82,40 +95,20 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 
 _log = logging.getLogger(__name__)
 
+# The classic names only: recent prometheus_client releases also accept UTF-8 names, which the
+# 0.0.4 text format cannot carry.
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
-def _format_value(value: float) -> str:
-    """A sample value as Prometheus reads it (integral values without a trailing `.0`)."""
-    value = float(value)  # `set(3)` stores an int
-    if value.is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
-
-
-def _format_bound(bound: float) -> str:
-    """A bucket's `le` label, written as the Prometheus clients write it (`0.5`, `1.0`, `+Inf`)."""
-    return "+Inf" if math.isinf(bound) else repr(float(bound))
-
-
-def _escape_label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _label_pairs(names: Sequence[str], values: Sequence[str]) -> str:
-    """`a="x",b="y"`: the rendered label set of a child, computed once when it is created."""
-    return ",".join(
-        f'{name}="{_escape_label_value(value)}"' for name, value in zip(names, values, strict=True)
-    )
+def _read(series: MetricWrapperBase, suffix: str = "") -> float:
+    """The value of one series' `<name><suffix>` sample, read through its public `collect()`."""
+    for family in series.collect():
+        name = family.name + suffix
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise LookupError(f"no {suffix or 'value'} sample in {series!r}")
 
 
 # -- children: what the hot path touches ---------------------------------------------------------
@@ -124,38 +117,38 @@ def _label_pairs(names: Sequence[str], values: Sequence[str]) -> str:
 class CounterChild:
     """One labelled series of a counter: a value that only goes up."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_series",)
 
-    def __init__(self) -> None:
-        self._value = 0.0
+    def __init__(self, series: prom.Counter) -> None:
+        self._series = series
 
     def inc(self, amount: float = 1) -> None:
         if amount < 0:
             raise ConfigurationError(f"a counter only goes up; cannot add {amount}")
-        self._value += amount
+        self._series.inc(amount)
 
     @property
     def value(self) -> float:
-        return self._value
+        return _read(self._series, "_total")
 
 
 class GaugeChild:
     """One labelled series of a gauge: a value that goes up and down, or is computed on scrape."""
 
-    __slots__ = ("_function", "_value")
+    __slots__ = ("_function", "_series")
 
-    def __init__(self) -> None:
-        self._value = 0.0
+    def __init__(self, series: prom.Gauge) -> None:
+        self._series = series
         self._function: Callable[[], float] | None = None
 
     def set(self, value: float) -> None:
-        self._value = value
+        self._series.set(value)
 
     def inc(self, amount: float = 1) -> None:
-        self._value += amount
+        self._series.inc(amount)
 
     def dec(self, amount: float = 1) -> None:
-        self._value -= amount
+        self._series.dec(amount)
 
     def set_function(self, function: Callable[[], float] | None) -> None:
         """Compute the value with `function()` at each scrape (None: back to the stored value)."""
@@ -166,49 +159,40 @@ class GaugeChild:
         """The current value; calls the scrape-time function if one is set."""
         if self._function is not None:
             return float(self._function())
-        return self._value
+        return _read(self._series)
 
 
 class HistogramChild:
     """One labelled series of a histogram: observation counts per bucket, their sum and count."""
 
-    __slots__ = ("_bounds", "_counts", "_sum")
+    __slots__ = ("_series",)
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self._bounds = bounds  # ascending, ends with +Inf
-        self._counts = [0] * len(bounds)  # per bucket, not cumulative
-        self._sum = 0.0
+    def __init__(self, series: prom.Histogram) -> None:
+        self._series = series
 
     def observe(self, value: float) -> None:
-        # The first bound >= value is the bucket whose `le` covers it; the last bound is +Inf.
-        self._counts[bisect.bisect_left(self._bounds, value)] += 1
-        self._sum += value
+        self._series.observe(value)
 
     @property
     def count(self) -> int:
-        return sum(self._counts)
+        return int(_read(self._series, "_count"))
 
     @property
     def sum(self) -> float:
-        return self._sum
-
-    def cumulative_counts(self) -> list[tuple[float, int]]:
-        """`(upper bound, observations <= bound)` for every bucket, ending with +Inf."""
-        running = 0
-        out = []
-        for bound, count in zip(self._bounds, self._counts, strict=True):
-            running += count
-            out.append((bound, running))
-        return out
+        return _read(self._series, "_sum")
 
 
+SeriesT = TypeVar("SeriesT", bound=MetricWrapperBase)
 ChildT = TypeVar("ChildT", CounterChild, GaugeChild, HistogramChild)
 
 
 # -- metrics: a name, a help text, label names and the children --------------------------------
 
 
-class _Metric(Generic[ChildT]):
+class _Metric(Generic[SeriesT, ChildT]):
+    """A prometheus_client metric (`_series`) and our children of it; a prometheus_client
+    `Collector` itself, registered in its `MetricsRegistry`'s `CollectorRegistry`."""
+
     kind: ClassVar[str]
 
     def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
@@ -223,33 +207,33 @@ class _Metric(Generic[ChildT]):
         self.name = name
         self.help = help
         self.labelnames: tuple[str, ...] = labelnames
+        self._series = self._new_series()
         self._children: dict[tuple[str, ...], ChildT] = {}
-        self._rendered_labels: dict[tuple[str, ...], str] = {}
         self._default: ChildT | None = None
         if not labelnames:  # an unlabelled metric is exposed (at zero) from the start
-            self._default = self._child(())
+            self._default = self._children[()] = self._new_child(self._series)
 
-    def _new_child(self) -> ChildT:
+    def _new_series(self) -> SeriesT:
         raise NotImplementedError
 
-    def _child(self, key: tuple[str, ...]) -> ChildT:
-        child = self._children.get(key)
-        if child is None:
-            child = self._children.setdefault(key, self._new_child())
-            self._rendered_labels.setdefault(key, _label_pairs(self.labelnames, key))
-        return child
+    def _new_child(self, series: SeriesT) -> ChildT:
+        raise NotImplementedError
 
     def labels(self, **values: str) -> ChildT:
         """The child for these label values (created on first use, then reused)."""
         key = self._key(values)
         child = self._children.get(key)
-        return child if child is not None else self._child(key)
+        if child is None:
+            child = self._children.setdefault(key, self._new_child(self._series.labels(*key)))
+        return child
 
     def remove(self, **values: str) -> None:
         """Forget the child for these label values (e.g. a partition that was revoked)."""
+        if not self.labelnames:
+            raise ConfigurationError(f"metric {self.name!r} has no labels to remove")
         key = self._key(values)
         self._children.pop(key, None)
-        self._rendered_labels.pop(key, None)
+        self._series.remove(*key)
 
     def _key(self, values: dict[str, str]) -> tuple[str, ...]:
         try:
@@ -269,20 +253,16 @@ class _Metric(Generic[ChildT]):
             )
         return self._default
 
-    def _render(self, out: list[str]) -> None:
-        out.append(f"# HELP {self.name} {_escape_help(self.help)}\n")
-        out.append(f"# TYPE {self.name} {self.kind}\n")
-        self._render_samples(out)
-
-    def _render_samples(self, out: list[str]) -> None:
-        raise NotImplementedError
-
-
-def _braced(pairs: str) -> str:
-    return f"{{{pairs}}}" if pairs else ""
+    def collect(self) -> Iterable[Metric]:
+        """prometheus_client's samples of this metric, without the `_created` series."""
+        families = list(self._series.collect())
+        for family in families:
+            created = family.name + "_created"
+            family.samples = [s for s in family.samples if s.name != created]
+        return families
 
 
-class Counter(_Metric[CounterChild]):
+class Counter(_Metric[prom.Counter, CounterChild]):
     """A count that only goes up, exposed as `<name>_total`."""
 
     kind = "counter"
@@ -290,20 +270,18 @@ class Counter(_Metric[CounterChild]):
     def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
         super().__init__(name if name.endswith("_total") else name + "_total", help, labelnames)
 
-    def _new_child(self) -> CounterChild:
-        return CounterChild()
+    def _new_series(self) -> prom.Counter:
+        return prom.Counter(self.name, self.help, self.labelnames, registry=None)
+
+    def _new_child(self, series: prom.Counter) -> CounterChild:
+        return CounterChild(series)
 
     def inc(self, amount: float = 1) -> None:
         """Increment an unlabelled counter."""
         self._unlabelled().inc(amount)
 
-    def _render_samples(self, out: list[str]) -> None:
-        labels = self._rendered_labels
-        for key, child in list(self._children.items()):
-            out.append(f"{self.name}{_braced(labels[key])} {_format_value(child.value)}\n")
 
-
-class Gauge(_Metric[GaugeChild]):
+class Gauge(_Metric[prom.Gauge, GaugeChild]):
     """A value that goes up and down, set directly or computed at scrape time."""
 
     kind = "gauge"
@@ -312,8 +290,11 @@ class Gauge(_Metric[GaugeChild]):
         super().__init__(name, help, labelnames)
         self._samples_function: Callable[[], Iterable[tuple[Sequence[str], float]]] | None = None
 
-    def _new_child(self) -> GaugeChild:
-        return GaugeChild()
+    def _new_series(self) -> prom.Gauge:
+        return prom.Gauge(self.name, self.help, self.labelnames, registry=None)
+
+    def _new_child(self, series: prom.Gauge) -> GaugeChild:
+        return GaugeChild(series)
 
     def set(self, value: float) -> None:
         self._unlabelled().set(value)
@@ -348,30 +329,32 @@ class Gauge(_Metric[GaugeChild]):
         """
         self._samples_function = function
 
-    def _render_samples(self, out: list[str]) -> None:
+    def collect(self) -> Iterable[Metric]:
+        """The children's values, or the samples function's; what raises is logged and left out."""
+        family = GaugeMetricFamily(self.name, self.help, labels=self.labelnames)
         if self._samples_function is not None:
             try:
                 samples = [
-                    (_label_pairs(self.labelnames, [str(v) for v in values]), float(value))
+                    ([str(v) for v in values], float(value))
                     for values, value in self._samples_function()
                 ]
             except Exception:
                 _log.exception("the samples function of gauge %s failed; skipped", self.name)
-                return
-            for pairs, value in samples:
-                out.append(f"{self.name}{_braced(pairs)} {_format_value(value)}\n")
-            return
-        labels = self._rendered_labels
+                samples = []
+            for labels, value in samples:
+                family.add_metric(labels, value)
+            return [family]
         for key, child in list(self._children.items()):
             try:
                 value = child.value
             except Exception:
                 _log.exception("the function of gauge %s%s failed; skipped", self.name, key)
                 continue
-            out.append(f"{self.name}{_braced(labels[key])} {_format_value(value)}\n")
+            family.add_metric(key, value)
+        return [family]
 
 
-class Histogram(_Metric[HistogramChild]):
+class Histogram(_Metric[prom.Histogram, HistogramChild]):
     """Observations counted in buckets (`_bucket{le=...}`), with their `_sum` and `_count`."""
 
     kind = "histogram"
@@ -391,28 +374,18 @@ class Histogram(_Metric[HistogramChild]):
         if not math.isinf(bounds[-1]):
             bounds.append(math.inf)
         self.buckets: tuple[float, ...] = tuple(bounds)
-        self._le = tuple(f'le="{_format_bound(b)}"' for b in self.buckets)
         super().__init__(name, help, labelnames)
 
-    def _new_child(self) -> HistogramChild:
-        return HistogramChild(self.buckets)
+    def _new_series(self) -> prom.Histogram:
+        return prom.Histogram(
+            self.name, self.help, self.labelnames, registry=None, buckets=self.buckets
+        )
+
+    def _new_child(self, series: prom.Histogram) -> HistogramChild:
+        return HistogramChild(series)
 
     def observe(self, value: float) -> None:
         self._unlabelled().observe(value)
-
-    def _render_samples(self, out: list[str]) -> None:
-        labels = self._rendered_labels
-        name = self.name
-        for key, child in list(self._children.items()):
-            pairs = labels[key]
-            prefix = pairs + "," if pairs else ""
-            running = 0
-            for le, count in zip(self._le, child._counts, strict=True):
-                running += count
-                out.append(f"{name}_bucket{{{prefix}{le}}} {running}\n")
-            braced = _braced(pairs)
-            out.append(f"{name}_sum{braced} {_format_value(child.sum)}\n")
-            out.append(f"{name}_count{braced} {running}\n")
 
 
 # -- the registry --------------------------------------------------------------------------------
@@ -426,10 +399,12 @@ class MetricsRegistry:
 
     Asking again for a name already registered returns the same metric when kind and label names
     match, so independent components can declare the metrics they share; any mismatch is a
-    `ConfigurationError`.
+    `ConfigurationError`. `collector_registry` is the prometheus_client registry behind it, for
+    prometheus_client's own tools (`push_to_gateway`, `make_aiohttp_handler`, more collectors).
     """
 
     def __init__(self) -> None:
+        self.collector_registry = prom.CollectorRegistry()
         self._metrics: dict[str, _AnyMetric] = {}
 
     def counter(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Counter:
@@ -451,6 +426,7 @@ class MetricsRegistry:
         existing = self._metrics.get(metric.name)
         if existing is None:
             self._metrics[metric.name] = metric
+            self.collector_registry.register(metric)
             return metric
         if not isinstance(existing, kind):
             raise ConfigurationError(
@@ -484,7 +460,4 @@ class MetricsRegistry:
 
     def render(self) -> bytes:
         """Every metric in the Prometheus text exposition format 0.0.4 (see `CONTENT_TYPE`)."""
-        out: list[str] = []
-        for metric in list(self._metrics.values()):
-            metric._render(out)
-        return "".join(out).encode()
+        return prom.generate_latest(self.collector_registry)

@@ -27,8 +27,9 @@ handled (`use_correlation_id`), which the bus and the HTTP side set, and of the 
 is running (`use_service`), which the bus sets for its consumers' tasks (several services can
 share one process: `msa shop`, tests); the log formatter reads all three.
 
-aiohttp is imported only inside `trace_middleware` (and only when a handler raises), so this
-module works without the `gateway` extra; `inject` takes any mutable mapping of headers.
+This module does not import aiohttp: `inject` takes any mutable mapping of headers, and the
+aiohttp middleware that continues a caller's trace is `framework.observability.web`'s
+`trace_middleware`.
 """
 
 from __future__ import annotations
@@ -39,11 +40,6 @@ from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from aiohttp import web
-    from aiohttp.typedefs import Handler
 
 __all__ = [
     "TRACEPARENT",
@@ -55,7 +51,6 @@ __all__ = [
     "get_correlation_id",
     "get_trace",
     "inject",
-    "trace_middleware",
     "use_correlation_id",
     "use_service",
     "use_trace",
@@ -218,34 +213,3 @@ def inject(headers: MutableMapping[str, str]) -> TraceContext:
     span = current.child() if current is not None else TraceContext.new_root()
     headers[TRACEPARENT] = span.to_header()
     return span
-
-
-async def trace_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp middleware: continue the caller's trace around the handler.
-
-    The request's `traceparent` is continued with a child span (a new trace when it is missing or
-    invalid), which is current while the handler runs and is returned to the caller in the
-    response's `traceparent` header, also on `web.HTTPException` responses:
-
-        app = web.Application(middlewares=[trace_middleware])
-    """
-    span = continue_from(request.headers.get(TRACEPARENT))
-    header = span.to_header()
-    token = current_trace.set(span)
-    try:
-        response = await handler(request)
-    except Exception as exc:
-        from aiohttp import web
-
-        if isinstance(exc, web.HTTPException):
-            exc.headers[TRACEPARENT] = header
-        raise
-    finally:
-        current_trace.reset(token)
-    if not response.prepared:  # a streamed response or websocket already sent its headers
-        response.headers[TRACEPARENT] = header
-    return response
-
-
-# What `@web.middleware` does, without importing aiohttp here: mark a new-style middleware.
-trace_middleware.__middleware_version__ = 1  # type: ignore[attr-defined]

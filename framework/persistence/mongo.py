@@ -5,6 +5,7 @@
     }))
     outbox = service.use(MongoOutbox(db, service.bus, collections=["orders"]))
     inbox = MongoInbox(db)
+    sagas = service.use(SagaOrchestrator(db, outbox, inbox, definitions=[...]))  # optional
 
 Without multi-document transactions there is one unit of atomicity: the document. So the
 events a state change emits live *inside the aggregate document* until the relay published them,
@@ -34,8 +35,10 @@ The relay (a resource: `start`/`stop`; every replica runs one) repeatedly
 2. *claims* them by inserting `{_id: {collection, id}, owner, token, until}` into
    `msa_outbox_claims`: a duplicate `_id` means another relay holds the document. Claims older
    than their lease (`until`) are deleted first, so a crashed relay's documents are taken over;
-3. re-reads the claimed documents and publishes their entries in array order (per-aggregate
-   order; pipelined, then awaits every broker acknowledgement, bounded by half the lease);
+3. re-reads the claimed documents and publishes their entries in array order through the bus
+   (`Bus.publish_stored`: the publish middleware sees each event, the bus's metrics count it;
+   per-aggregate order; pipelined, then awaits every broker acknowledgement, bounded by half
+   the lease);
 4. for each document whose entries were all acknowledged, removes exactly those entries: one
    update with the exact array as filter that unsets `msa_outbox` and the marker, or, when new
    entries arrived meanwhile, a `$pullAll` of the published ones (the marker stays);
@@ -45,6 +48,25 @@ A crash anywhere leaves the entries in place for the next claim: duplicates on t
 possible, lost events are not (the stable CloudEvents `id` and the inbox make duplicates
 harmless). `poll_interval` is the fallback; `outbox.update_one`/`insert_one` and `wake()` start
 a round at once.
+
+**One document's change as a transaction.** `DocumentChange` collects what several hands add
+to one document (fields, outbox entries, the inbox's record of a message) and writes it in one
+update (or one insert): it is the `tx` the outbox's `add` and the inbox's `record` take, as a
+PostgreSQL connection is theirs (`framework.persistence.contracts`). The saga orchestrator
+moves a saga this way (`framework.persistence.saga_mongo`).
+
+    order = await db.collection("orders").find_one({"_id": oid})
+    change = DocumentChange(db.collection("orders"), order, guard={"status": "new"})
+    if not await inbox.record(change, message):
+        return                                       # a redelivery: the effect happened already
+    change.set({"status": "paid"})
+    await outbox.add(change, "orders", OrderPaid(order_id=oid), key=oid)
+    await change.commit()                            # one update; wakes the relay
+
+**Holding a document.** A read-modify-write of a document the relay also writes (a saga's:
+the orchestrator reads it, decides, writes it) holds it with `async with outbox.holding(name,
+doc_id)`: a claim like the relay's own, so that the relay's removal of published entries and
+the write never overlap (see FerretDB below).
 
 **Inbox.** `await inbox.apply(collection, doc_id, message, update)` runs `update` on the document
 only if the message's id is not among the last `keep` (default 1000) recorded in its
@@ -90,30 +112,33 @@ guard into an update of your own: `filter, update = inbox.guard(message, filter,
   upserts with `$setOnInsert`, `$exists` on `field.0`, `$size` in filters, exact-array equality,
   sort + limit, `insert_many(ordered=False)` write errors, `$match`/`$unwind`/`$count`.
 
-pymongo errors are translated to `PersistenceError` subclasses at this one edge (`translate`).
-`DuplicateKey` and `DatabaseUnavailable` are defined here (not imported from the PostgreSQL
-module) so that MongoDB users do not need asyncpg.
+pymongo errors are translated to `PersistenceError` subclasses at this one edge (`translate`):
+`DatabaseUnavailable` (from `framework.errors`, shared with PostgreSQL), and `DuplicateKey` and
+`DocumentNotFound`, defined here so that MongoDB users do not need asyncpg.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from framework.errors import (
     ConfigurationError,
+    DatabaseUnavailable,
     MsaError,
     NotStartedError,
     PersistenceError,
     PublishError,
 )
 from framework.messages import Envelope, new_id, to_binary
+from framework.resilience import Backoff
 from framework.tasks import finish_task
 
 try:
@@ -132,6 +157,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DatabaseUnavailable",
+    "DocumentChange",
     "DocumentNotFound",
     "DuplicateKey",
     "IndexSpec",
@@ -149,10 +175,10 @@ PENDING_FIELD = "msa_pending"
 INBOX_FIELD = "msa_inbox"
 CLAIMS_COLLECTION = "msa_outbox_claims"
 _DUPLICATE_KEY = 11000
-
-
-class DatabaseUnavailable(PersistenceError):
-    """MongoDB cannot be reached (or the connection was lost); retrying may help."""
+RELAY_RETRY = Backoff(initial=0.1, maximum=5.0)
+"""Between relay rounds that failed (the database or the broker)."""
+HOLD_RETRY = Backoff(initial=0.005, maximum=0.2)
+"""Between attempts to hold a document that someone else holds (`MongoOutbox.holding`)."""
 
 
 class DuplicateKey(PersistenceError):
@@ -345,12 +371,144 @@ async def _to_list(cursor: Any) -> list[Document]:
     return cast("list[Document]", await cursor.to_list(None))
 
 
+class DocumentChange:
+    """One document's change, collected from several hands and written in ONE update: on
+    MongoDB without multi-document transactions, what a transaction is on PostgreSQL. It is
+    the `tx` of `MongoOutbox.add` / `add_envelope` and `MongoInbox.record` (module docstring).
+
+    `document` is the document as read (the inbox looks for the message's id in it); `guard`
+    adds conditions to the `_id` filter (`{"version": 3}`), so that the update applies only to
+    the state that was read: `commit()` returns False when it did not match. With `new=True`
+    the document does not exist yet and `commit()` inserts it (`DuplicateKey` if its `_id` is
+    taken). Callbacks registered with `after_commit` (waking the relay, trimming the inbox) run
+    once the write succeeded.
+    """
+
+    def __init__(
+        self,
+        collection: AsyncCollection[Document],
+        document: Mapping[str, Any],
+        *,
+        guard: Mapping[str, Any] | None = None,
+        new: bool = False,
+    ) -> None:
+        if "_id" not in document:
+            raise ConfigurationError("a DocumentChange needs the document with its _id")
+        self.collection = collection
+        self.document = document
+        self.new = new
+        self.filter: Document = {"_id": document["_id"], **(guard or {})}
+        self._set: Document = {}
+        self._unset: list[str] = []
+        self._push: dict[str, tuple[list[Any], int | None]] = {}
+        self._min: Document = {}
+        self._after_commit: list[Callable[[], Awaitable[None] | None]] = []
+
+    @property
+    def id(self) -> Any:
+        return self.document["_id"]
+
+    def set(self, fields: Mapping[str, Any]) -> None:
+        """`$set` these fields."""
+        self._set.update(fields)
+        self._unset = [name for name in self._unset if name not in fields]
+
+    def unset(self, *names: str) -> None:
+        """`$unset` these fields."""
+        for name in names:
+            self._set.pop(name, None)
+            if name not in self._unset:
+                self._unset.append(name)
+
+    def push(self, field: str, *values: Any, keep: int | None = None) -> None:
+        """Append `values` to the array `field` (after what was pushed before); with `keep`,
+        only the last `keep` elements stay (`$slice`, which FerretDB ignores)."""
+        pushed, known = self._push.get(field, ([], None))
+        self._push[field] = ([*pushed, *values], keep if keep is not None else known)
+
+    def set_min(self, field: str, value: Any) -> None:
+        """`$min`: set `field` to `value` unless it holds a smaller one."""
+        known = self._min.get(field)
+        self._min[field] = value if known is None else min(known, value)
+
+    def require(self, field: str, condition: Any) -> None:
+        """Apply the change only if `field` matches `condition` (a filter on the document)."""
+        if field in self.filter:
+            raise ConfigurationError(f"the change already requires {field!r}")
+        self.filter[field] = condition
+
+    def after_commit(self, callback: Callable[[], Awaitable[None] | None]) -> None:
+        self._after_commit.append(callback)
+
+    def update(self) -> Document:
+        """The update operators of everything added so far."""
+        update: Document = {}
+        if self._set:
+            update["$set"] = dict(self._set)
+        if self._unset:
+            update["$unset"] = dict.fromkeys(self._unset, "")
+        if self._push:
+            pushes: Document = {}
+            for field, (values, keep) in self._push.items():
+                pushes[field] = {"$each": values}
+                if keep is not None:
+                    pushes[field]["$slice"] = -keep
+            update["$push"] = pushes
+        if self._min:
+            update["$min"] = dict(self._min)
+        return update
+
+    def inserted(self) -> Document:
+        """The new document with everything added (for `new=True`)."""
+        created = dict(self.document)
+        created.update(self._set)
+        for name in self._unset:
+            created.pop(name, None)
+        for field, (values, keep) in self._push.items():
+            merged = [*created.get(field, ()), *values]
+            created[field] = merged[-keep:] if keep is not None else merged
+        for field, value in self._min.items():
+            known = created.get(field)
+            created[field] = value if known is None else min(known, value)
+        return created
+
+    async def write(self) -> bool:
+        """Write the change without running the callbacks; False when the filter did not match.
+        A change with nothing to write counts as written."""
+        with translate():
+            if self.new:
+                await self.collection.insert_one(self.inserted())
+                return True
+            update = self.update()
+            if not update:
+                return True
+            result = await self.collection.update_one(self.filter, update)
+        return bool(result.matched_count)
+
+    async def committed(self) -> None:
+        """Run the `after_commit` callbacks (once the change was written)."""
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            outcome = callback()
+            if outcome is not None:
+                await outcome
+
+    async def commit(self) -> bool:
+        """`write()`, then the callbacks when it applied; False when the filter did not match."""
+        if not await self.write():
+            return False
+        await self.committed()
+        return True
+
+
 class MongoOutbox:
     """Pending events inside aggregate documents, and the relay that publishes them.
 
-    See the module docstring for the write pattern and the relay's rounds. `batch_size` is the
-    number of documents a relay claims per collection and round; `lease` how long a claim holds
-    before another relay may take the documents over (publishing is bounded by half of it).
+    See the module docstring for the write pattern and the relay's rounds. `collections` are
+    those whose documents carry events (`add_collection` adds more before the start; a saga
+    orchestrator adds its own). `batch_size` is the number of documents a relay claims per
+    collection and round; `lease` how long a claim holds before another relay may take the
+    documents over (publishing is bounded by half of it).
     """
 
     def __init__(
@@ -358,20 +516,20 @@ class MongoOutbox:
         resource: MongoResource,
         bus: Bus,
         *,
-        collections: Sequence[str],
+        collections: Sequence[str] = (),
         relay: bool = True,
         poll_interval: float = 0.1,
         lease: float = 30.0,
         batch_size: int = 100,
         claims_collection: str = CLAIMS_COLLECTION,
     ) -> None:
-        if isinstance(collections, str) or not collections:
+        if isinstance(collections, str):
             raise ConfigurationError("MongoOutbox needs the list of collections holding events")
         if lease <= 0 or poll_interval <= 0 or batch_size < 1:
             raise ConfigurationError("lease and poll_interval must be > 0, batch_size >= 1")
         self.resource = resource
         self.bus = bus
-        self.collections = tuple(collections)
+        self.collections: tuple[str, ...] = ()
         self.relay_enabled = relay
         self.poll_interval = poll_interval
         self.lease = lease
@@ -384,12 +542,12 @@ class MongoOutbox:
         """Relay rounds finished, whether they published, found nothing or failed. The round
         under way when this is read may have begun earlier; once it grew by two, the relay has
         looked at everything written before it was read (tests await that, not a sleep)."""
-        for name in self.collections:
-            resource.add_indexes(name, [IndexSpec(PENDING_FIELD, name=PENDING_FIELD, sparse=True)])
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._saturated = False
+        for name in collections:
+            self.add_collection(name)
         metrics = bus.metrics.registry
         self._m_published = metrics.counter(
             "msa_outbox_published_total", "Outbox events published by the relay.", ("topic",)
@@ -399,7 +557,43 @@ class MongoOutbox:
             "Time from the outbox row's creation to the broker's acknowledgement.",
         )
 
+    def add_collection(self, name: str) -> None:
+        """Relay the events of the documents of collection `name` too (before `start`)."""
+        if name in self.collections:
+            return
+        if self._task is not None:
+            raise ConfigurationError("add collections to the outbox before it starts")
+        self.resource.add_indexes(name, [IndexSpec(PENDING_FIELD, name=PENDING_FIELD, sparse=True)])
+        self.collections = (*self.collections, name)
+
     # -- writing events ---------------------------------------------------------------------------
+
+    async def add(
+        self,
+        tx: DocumentChange,
+        topic: str,
+        data: Any,
+        *,
+        key: str | None = None,
+        type: str | None = None,
+        subject: str | None = None,
+    ) -> Envelope[Any]:
+        """Add an event to the document that `tx` changes, written with it; returns its envelope."""
+        envelope = self.bus.envelope(data, key=key, type=type, subject=subject)
+        await self.add_envelope(tx, topic, envelope)
+        return envelope
+
+    async def add_envelope(self, tx: DocumentChange, topic: str, envelope: Envelope[Any]) -> None:
+        """Add an envelope built elsewhere to the document that `tx` changes."""
+        if tx.collection.name not in self.collections:
+            raise ConfigurationError(
+                f"the outbox relays no events of collection {tx.collection.name!r}: "
+                "add it to MongoOutbox(collections=...)"
+            )
+        entry = self.entry(topic, envelope)
+        tx.push(OUTBOX_FIELD, entry)
+        tx.set_min(PENDING_FIELD, entry["created_at"])
+        tx.after_commit(self.wake)
 
     def event(
         self,
@@ -488,8 +682,44 @@ class MongoOutbox:
 
     # -- the relay ---------------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def holding(
+        self, collection: str, doc_id: Any, *, wait: bool = True
+    ) -> AsyncIterator[bool]:
+        """Hold document `doc_id` of `collection` as a relay holds the documents it publishes
+        from: until the block ends no relay removes entries from it, and no other holder
+        holds it. For a read-modify-write of a document the relay also writes (FerretDB does
+        not isolate updates: module docstring).
+
+        Waits while another holds it (backing off), at most `lease` seconds, then raises
+        `PersistenceError`; with `wait=False` the block gets False at once instead (and holds
+        nothing). The hold lasts at most `lease` seconds. Its end wakes the relay, which
+        skipped the document meanwhile.
+        """
+        token = new_id()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.lease
+        attempts = 0
+        while not await self._claim(collection, [doc_id], token):
+            if not wait:
+                yield False
+                return
+            attempts += 1
+            if loop.time() >= give_up:
+                raise PersistenceError(
+                    f"document {doc_id!r} of {collection!r} was held by another for {self.lease}s"
+                )
+            await asyncio.sleep(HOLD_RETRY.delay(attempts))
+        try:
+            yield True
+        finally:
+            await self._release(collection, [doc_id], token)
+            self.wake()
+
     async def start(self) -> None:
         if self.relay_enabled and self._task is None:
+            if not self.collections:
+                raise ConfigurationError("MongoOutbox has no collections to relay events from")
             self._stopping.clear()
             self._task = asyncio.create_task(self._relay(), name="mongo-outbox-relay")
 
@@ -502,6 +732,9 @@ class MongoOutbox:
     async def _relay(self) -> None:
         failures = 0
         while not self._stopping.is_set():
+            if not self.bus.started:  # a Service starts its resources before its bus
+                await self._pause(0.05)  # and stops them after it: nothing to publish with
+                continue
             self._wake.clear()
             try:
                 await self.publish_once()
@@ -514,7 +747,7 @@ class MongoOutbox:
                 log.exception("mongo outbox relay failed; retrying")
             self.rounds += 1
             if failures:
-                await self._pause(min(5.0, 0.05 * 2**failures))
+                await self._pause(RELAY_RETRY.delay(failures))
             elif not self._saturated:
                 await self._pause(self.poll_interval, wake=True)
 
@@ -620,7 +853,6 @@ class MongoOutbox:
 
     async def _publish(self, docs: list[Document]) -> tuple[list[Document], BaseException | None]:
         """Send every document's entries in order; the documents fully acknowledged."""
-        transport = self.bus.transport
         sent: list[tuple[Document, list[asyncio.Future[Any]]]] = []
         failure: BaseException | None = None
         acknowledged: list[Document] = []
@@ -634,7 +866,7 @@ class MongoOutbox:
                                 (h["name"], h["value"].encode()) for h in entry["headers"]
                             )
                             futures.append(
-                                await transport.send(
+                                await self.bus.publish_stored(
                                     entry["topic"],
                                     entry["value"],
                                     key=entry["key"],
@@ -703,6 +935,19 @@ class MongoInbox:
     def entry(message: Message[Any]) -> str:
         """What the inbox records for `message`: its consumer group and CloudEvents id."""
         return f"{message.group}:{message.envelope.id}"
+
+    async def record(self, tx: DocumentChange, message: Message[Any]) -> bool:
+        """Record `message` in the document that `tx` changes; False if the document (as `tx`
+        read it) recorded it before. The change then applies only while it still has not (one
+        message per change)."""
+        entry = self.entry(message)
+        if entry in (tx.document.get(INBOX_FIELD) or ()):
+            return False
+        tx.require(INBOX_FIELD, {"$ne": entry})
+        tx.push(INBOX_FIELD, entry, keep=self.keep)
+        if not tx.new:
+            tx.after_commit(functools.partial(self.trim, tx.collection, tx.id))
+        return True
 
     def guard(
         self, message: Message[Any], filter: Mapping[str, Any], update: Mapping[str, Any]

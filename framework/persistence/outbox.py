@@ -5,10 +5,11 @@ CloudEvents record, into `msa_outbox` inside the caller's transaction: the state
 event commit together or not at all. The relay publishes what committed:
 
 - it claims the oldest rows with `SELECT ... ORDER BY id FOR UPDATE SKIP LOCKED`, publishes them
-  (pipelined, idempotent producer, acks=all), and deletes them in the same transaction once the
-  broker acknowledged every one. A crash between the broker's ack and the delete republishes the
-  rows later: duplicates on the bus are possible, lost events are not; the inbox (and the stable
-  CloudEvents `id`) makes the duplicates harmless.
+  through the bus (`Bus.publish_stored`: the publish middleware sees each event and the bus's
+  metrics count it; pipelined, idempotent producer, acks=all), and deletes them in the same
+  transaction once the broker acknowledged every one. A crash between the broker's ack and the
+  delete republishes the rows later: duplicates on the bus are possible, lost events are not;
+  the inbox (and the stable CloudEvents `id`) makes the duplicates harmless.
 - order per aggregate: rows are published in id order by one *active* relay at a time. Every
   replica runs a relay, but only the holder of a PostgreSQL advisory lock publishes; the others
   stand by and take over within `poll_interval` when it dies (the lock goes with its session).
@@ -43,6 +44,7 @@ import orjson
 from framework.errors import MsaError, NotStartedError, PersistenceError
 from framework.messages import Envelope, to_binary
 from framework.persistence.postgres import Migration, PostgresResource, translate
+from framework.resilience import Backoff
 from framework.tasks import finish_task
 
 if TYPE_CHECKING:
@@ -54,6 +56,10 @@ T = TypeVar("T")
 log = logging.getLogger("framework.persistence.outbox")
 _RELAY_LOCK = 0x6D73615F72656C  # "msa_rel"
 CHANNEL = "msa_outbox"
+RECONNECT = Backoff(initial=0.4, maximum=5.0)
+"""Between attempts of the relay to reconnect (the database is down, or the relay failed)."""
+REPUBLISH = Backoff(initial=0.2, maximum=5.0)
+"""Between attempts of the leading relay to publish a batch the broker refused."""
 
 OUTBOX_MIGRATIONS = [
     Migration(
@@ -182,7 +188,7 @@ class PostgresOutbox:
                 failures += 1
                 log.exception("outbox relay failed; restarting")
             self.is_leader = False
-            await self._pause(min(5.0, 0.2 * 2**failures))
+            await self._pause(RECONNECT.delay(failures))
 
     async def _lead(self) -> None:
         """Hold the leader lock on a dedicated connection, LISTEN on it, publish until stopped."""
@@ -210,7 +216,7 @@ class PostgresOutbox:
                         raise
                     failures += 1  # the broker is down: keep the rows, back off, try again
                     log.warning("outbox relay: publishing failed (%s); will retry", exc)
-                    await self._pause(min(5.0, 0.1 * 2**failures))
+                    await self._pause(REPUBLISH.delay(failures))
                     continue
                 if count < self.batch_size:
                     await self._pause(self.poll_interval, wake=True)
@@ -238,7 +244,6 @@ class PostgresOutbox:
 
     async def publish_batch(self) -> int:
         """Publish up to `batch_size` committed events in order; returns how many."""
-        transport = self.bus.transport
         async with self.db.transaction() as tx:
             with translate():
                 rows = await tx.fetch(
@@ -253,7 +258,7 @@ class PostgresOutbox:
             for row in rows:
                 headers = tuple((k, v.encode()) for k, v in orjson.loads(row["headers"]))
                 futures.append(
-                    await transport.send(
+                    await self.bus.publish_stored(
                         row["topic"], row["value"], key=row["key"], headers=headers
                     )
                 )

@@ -13,7 +13,9 @@ inbox and saga tables are the `msa` component), applied in order at `start()` (o
 exactly once. Each is recorded in `msa_migrations` with a checksum; a recorded migration whose
 SQL changed since is refused with `MigrationError` rather than silently skipped.
 
-asyncpg errors are translated to `PersistenceError` subclasses at this one edge (`translate`).
+asyncpg errors are translated to `PersistenceError` subclasses at this one edge (`translate`):
+`DatabaseUnavailable` (from `framework.errors`, shared with MongoDB), `UniqueViolation`,
+`SerializationFailure`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from framework.errors import ConfigurationError, NotStartedError, PersistenceError
+from framework.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    NotStartedError,
+    PersistenceError,
+)
 
 try:
     import asyncpg
@@ -46,10 +53,6 @@ __all__ = [
 
 log = logging.getLogger("framework.persistence")
 _LOCK_KEY = 0x6D73615F6D6967  # "msa_mig": the advisory lock serialising migrations
-
-
-class DatabaseUnavailable(PersistenceError):
-    """The database cannot be reached (or the connection was lost); retrying may help."""
 
 
 class UniqueViolation(PersistenceError):

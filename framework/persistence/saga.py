@@ -1,10 +1,14 @@
-"""Orchestrated sagas with their state persisted in PostgreSQL.
+"""Orchestrated sagas with their state persisted in PostgreSQL or MongoDB.
 
 A saga is a business transaction across services that cannot share one database transaction:
 the orders service reserves stock (inventory), charges the payment (payments) and approves the
 order, and undoes what was done when a later step fails. The orchestrator keeps each saga's
-state in a row of `msa_saga`, sends commands through the transactional outbox, takes replies
-through the idempotent inbox, and makes every transition ONE local transaction.
+state in the service's database, sends commands through the transactional outbox, takes replies
+through the idempotent inbox, and makes every transition ONE local transaction: on PostgreSQL a
+row of `msa_saga` (`framework.persistence.saga_postgres`), on MongoDB a document of `msa_sagas`
+that carries its pending commands and the ids of the replies it took
+(`framework.persistence.saga_mongo`). The orchestrator is the same on both: it takes the
+database resource with its `Outbox` and `Inbox` (`framework.persistence.contracts`).
 
     class OrderData(BaseModel):                      # the saga's own data, stored as JSON
         order_id: str
@@ -53,6 +57,9 @@ through the idempotent inbox, and makes every transition ONE local transaction.
                                  order.order_id)
                 await self.sagas.start_saga(tx, PlaceOrderSaga, order, saga_id=order.order_id)
 
+On MongoDB the same service `use`s a `MongoResource`, `MongoOutbox` and `MongoInbox` and hands
+them to the orchestrator (see **Transactions** for what changes).
+
 Name the step functions rather than writing lambdas: `Step` infers the data type from them, so
 mypy checks each one against `OrderData` (a lambda's parameter is `Any`).
 
@@ -71,11 +78,12 @@ one. A compensation that cannot be built, is refused (`fail`) or is never confir
 saga FAILED: a person must look at it (`error` says why).
 
 **Timeouts.** A step with a `timeout` must be answered in time. A background timer (started by
-`start()`) claims sagas whose `deadline` passed with `FOR UPDATE SKIP LOCKED`, so every replica
-can run one, and treats the timeout as a failure of the current step whose outcome is unknown:
-the command may have taken effect, so *that step's own* compensation runs too, first.
-Compensations must therefore be idempotent and accept "nothing to undo".
-Deadlines are computed by the database clock, never by a replica's.
+`start()`) claims sagas whose `deadline` passed and that no one else holds (`FOR UPDATE SKIP
+LOCKED`; on MongoDB a claim), so every replica can run one, and treats the timeout as a failure
+of the current step whose outcome is unknown: the command may have taken effect, so *that step's
+own* compensation runs too, first. Compensations must therefore be idempotent and accept
+"nothing to undo". On PostgreSQL deadlines are computed by the database clock, never by a
+replica's; on MongoDB by the clock of the replica that moved the saga.
 
 **Correlation.** Every command's envelope carries the saga id as its CloudEvents
 `correlationid` (and as the `sagaid` extension, with `sagastep`). A participant that publishes its
@@ -98,6 +106,17 @@ cancelled); if a hook raises, the transition rolls back and the reply is retried
 `send`, `compensate` and update functions must be pure: an exception there is not retried but
 recorded, and fails the step (or, in a compensation, the saga).
 
+On MongoDB (and FerretDB: no multi-document transactions) the saga's document is the
+transaction: a transition holds it (`MongoOutbox.holding`, a claim that keeps the outbox relay
+and other transitions off it), reads it, and writes state, history, the reply's id (inbox) and
+the new commands (outbox entries) in ONE update guarded by the version it read. `tx` is that
+`DocumentChange`: a hook keeps fields on the saga's document with `tx.set({...})` and emits
+events with `await outbox.add(tx, ...)`, atomically with the transition; a write of its own to
+another document is not atomic with it, so make it idempotent (it runs again when the
+transition is retried). `start_saga` takes `tx=None` there: a saga starts in a document of its
+own; start it with a deterministic `saga_id` (the order's id) and treat `DuplicateSaga` as
+"started already" when the caller's own write and the start may be repeated.
+
 Errors:
 
     MsaError
@@ -112,38 +131,60 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
-from enum import StrEnum
-from typing import Any, ClassVar, Final, Generic, TypeVar, get_args, get_origin
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Final,
+    Generic,
+    TypeVar,
+    get_args,
+    get_origin,
+)
 
 import orjson
 
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message, Subscription
-from framework.errors import ConfigurationError, MsaError, PersistenceError
+from framework.errors import ConfigurationError, PersistenceError
 from framework.messages import decode_payload, encode_payload, new_id, type_name
-from framework.persistence.outbox import PostgresInbox, PostgresOutbox
-from framework.persistence.postgres import (
-    Migration,
-    PostgresResource,
-    SerializationFailure,
-    translate,
+from framework.persistence.contracts import Inbox, Outbox
+from framework.persistence.saga_store import (
+    DuplicateSaga,
+    SagaChange,
+    SagaError,
+    SagaEvent,
+    SagaNote,
+    SagaNotFound,
+    SagaStatus,
+    SagaStore,
+    StoredSaga,
 )
+from framework.resilience import Backoff
 from framework.tasks import finish_task
 
+if TYPE_CHECKING:
+    from framework.persistence.mongo import MongoResource
+    from framework.persistence.postgres import PostgresResource
+
 __all__ = [
-    "SAGA_MIGRATIONS",
     "DuplicateSaga",
     "Outcome",
+    "SagaChange",
     "SagaDefinition",
     "SagaError",
     "SagaEvent",
     "SagaNotFound",
+    "SagaNote",
     "SagaOrchestrator",
     "SagaState",
     "SagaStatus",
+    "SagaStore",
     "Step",
+    "StoredSaga",
     "fail",
     "ok",
 ]
@@ -151,36 +192,6 @@ __all__ = [
 D = TypeVar("D")
 E = TypeVar("E")
 log = logging.getLogger("framework.persistence.saga")
-
-
-class SagaError(MsaError):
-    """A saga operation was refused."""
-
-
-class SagaNotFound(SagaError, LookupError):
-    """No saga has this id."""
-
-
-class DuplicateSaga(SagaError):
-    """`start_saga` was given a saga id that is already in use."""
-
-
-class SagaStatus(StrEnum):
-    RUNNING = "running"
-    """Waiting for the reply of `step`."""
-    COMPENSATING = "compensating"
-    """Undoing: waiting for the confirmation of `step`'s compensation."""
-    COMPLETED = "completed"
-    COMPENSATED = "compensated"
-    FAILED = "failed"
-    """A compensation could not be sent, was refused, or was never confirmed."""
-
-    @property
-    def finished(self) -> bool:
-        return self in _FINISHED
-
-
-_FINISHED = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
 
 
 # -- declaring sagas ------------------------------------------------------------------------------
@@ -330,26 +341,6 @@ class SagaDefinition(Generic[D]):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SagaEvent:
-    """One line of a saga's history: what happened, and the status it left the saga in.
-
-    `event` is one of: started, command-sent, reply-ok, reply-failed, timed-out, error,
-    compensation-sent, compensation-ok, compensation-refused, compensation-timed-out,
-    ignored, completed, compensated, failed.
-    """
-
-    at: datetime
-    event: str
-    status: SagaStatus
-    version: int
-    """The saga's version after the transition that wrote this line."""
-    step: str | None = None
-    message_type: str | None = None
-    message_id: str | None = None
-    detail: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
 class SagaState(Generic[D]):
     """A saga as stored: status, position, data and history.
 
@@ -377,80 +368,49 @@ class SagaState(Generic[D]):
         return self.status.finished
 
 
+# -- where sagas are kept -------------------------------------------------------------------------
+
+
+def _store_for(db: Any, outbox: Outbox, inbox: Inbox) -> SagaStore:
+    """The saga store of a database resource. A resource's module is imported once the resource
+    exists, so looking it up in `sys.modules` imports neither database's driver needlessly."""
+    postgres = sys.modules.get("framework.persistence.postgres")
+    if postgres is not None and isinstance(db, postgres.PostgresResource):
+        from framework.persistence.saga_postgres import PostgresSagaStore
+
+        return PostgresSagaStore(db)
+    mongo = sys.modules.get("framework.persistence.mongo")
+    if mongo is not None and isinstance(db, mongo.MongoResource):
+        from framework.persistence.saga_mongo import MongoSagaStore
+
+        return MongoSagaStore(db, outbox, inbox)
+    raise ConfigurationError(
+        f"SagaOrchestrator keeps sagas in a PostgresResource or a MongoResource, "
+        f"not in a {type(db).__qualname__}"
+    )
+
+
 # -- the orchestrator -----------------------------------------------------------------------------
 
-SAGA_MIGRATIONS = [
-    Migration(
-        1,
-        "sagas",
-        """
-        create table msa_saga (
-            id text primary key,
-            type text not null,
-            status text not null,
-            step integer not null,
-            data jsonb not null,
-            version integer not null,
-            attempts integer not null default 0,
-            failed_step text,
-            error text,
-            created timestamptz not null default clock_timestamp(),
-            updated timestamptz not null default clock_timestamp(),
-            deadline timestamptz
-        );
-        create index msa_saga_deadline on msa_saga (deadline) where deadline is not null;
-        create index msa_saga_type_status on msa_saga (type, status);
-        create table msa_saga_history (
-            id bigserial primary key,
-            saga_id text not null references msa_saga (id) on delete cascade,
-            at timestamptz not null default clock_timestamp(),
-            version integer not null,
-            event text not null,
-            status text not null,
-            step text,
-            message_type text,
-            message_id text,
-            detail text
-        );
-        create index msa_saga_history_saga on msa_saga_history (saga_id, id)
-        """,
-        component="msa_saga",
-    )
-]
-
-_COLUMNS = "id, type, status, step, data, version, attempts, failed_step, error"
-_SAVE = """
-update msa_saga set status = $2, step = $3, data = $4::jsonb, attempts = $5, failed_step = $6,
-    error = $7, version = version + 1, updated = clock_timestamp(),
-    deadline = clock_timestamp() + $8::float8 * interval '1 second'
-where id = $1 and version = $9
-"""
-_HISTORY = """
-insert into msa_saga_history
-    (saga_id, version, event, status, step, message_type, message_id, detail)
-values ($1, $2, $3, $4, $5, $6, $7, $8)
-"""
-_EXPIRED = f"""
-select {_COLUMNS} from msa_saga
-where deadline <= clock_timestamp() and type = any($1::text[])
-order by deadline limit 1 for update skip locked
-"""
+TIMER_RETRY = Backoff(initial=0.4, maximum=5.0)
+"""Between rounds of the timeout timer that failed on the database."""
 
 
 class SagaOrchestrator:
     """Runs sagas: starts them, moves them on replies and timeouts, answers queries.
 
-    A `Resource`: `use` it after the `PostgresResource`, `PostgresOutbox` and `PostgresInbox`
-    it is given. `start()` starts the timeout timer (unless `run_timers=False`); `stop()` stops
-    it. Replies reach `handle_reply`, through `subscribe` or a service's own `@handles`
-    handler (see the module docstring).
+    A `Resource`: `use` it after the database resource, outbox and inbox it is given: a
+    `PostgresResource` with a `PostgresOutbox` and `PostgresInbox`, or a `MongoResource` with a
+    `MongoOutbox` and `MongoInbox`. `start()` starts the timeout timer (unless
+    `run_timers=False`); `stop()` stops it. Replies reach `handle_reply`, through `subscribe` or
+    a service's own `@handles` handler (see the module docstring).
     """
 
     def __init__(
         self,
-        db: PostgresResource,
-        outbox: PostgresOutbox,
-        inbox: PostgresInbox,
+        db: PostgresResource | MongoResource,
+        outbox: Outbox,
+        inbox: Inbox,
         definitions: Iterable[SagaDefinition[Any] | type[SagaDefinition[Any]]] = (),
         *,
         run_timers: bool = True,
@@ -464,7 +424,7 @@ class SagaOrchestrator:
         self._definitions: dict[str, SagaDefinition[Any]] = {}
         for definition in definitions:
             self._register(definition)
-        db.add_migrations(SAGA_MIGRATIONS)
+        self.store = _store_for(db, outbox, inbox)
         self._stopping = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
         registry = outbox.bus.metrics.registry
@@ -555,21 +515,18 @@ class SagaOrchestrator:
         saga_id = envelope.extensions.get("sagaid") or envelope.correlationid
         if not saga_id:
             return False
-        async with self.db.transaction() as tx:
-            with translate():
-                row = await tx.fetchrow(
-                    f"select {_COLUMNS} from msa_saga where id = $1 for update", saga_id
-                )
-            if row is None:
+        async with self.store.locked(saga_id) as held:
+            if held is None:
                 return False
-            definition = self._definitions.get(row["type"])
+            tx, stored = held
+            definition = self._definitions.get(stored.type)
             if definition is None:
-                log.warning("saga %s: reply for unknown saga type %r", saga_id, row["type"])
+                log.warning("saga %s: reply for unknown saga type %r", saga_id, stored.type)
                 return False
             if not await self.inbox.record(tx, message):
                 log.debug("saga %s: duplicate reply %s ignored", saga_id, envelope.id)
                 return False
-            run = _Transition.load(self, tx, definition, row)
+            run = _Transition.load(self, tx, definition, stored)
             moved = await run.on_reply(message)
             await run.save()
         return moved
@@ -588,7 +545,7 @@ class SagaOrchestrator:
 
         Its first command is enqueued in the same transaction, so it is sent if and only if
         the transaction commits. Raises `DuplicateSaga` for an id in use (the transaction
-        stays usable).
+        stays usable). On MongoDB `tx` must be None: the saga's document is its transaction.
         """
         found = self.definition(definition)
         data_type = found.data_type
@@ -598,29 +555,20 @@ class SagaOrchestrator:
                 f"not {type(data).__qualname__}"
             )
         saga_id = saga_id or new_id()
-        if tx is None:
-            async with self.db.transaction() as own:
-                await self._start(own, found, data, saga_id)
-        else:
-            await self._start(tx, found, data, saga_id)
+        stored = StoredSaga(
+            id=saga_id,
+            type=found.name,
+            status=SagaStatus.RUNNING,
+            step=0,
+            data=encode_payload(data),
+            version=0,
+        )
+        async with self.store.creating(tx, stored) as saga_tx:
+            run = _Transition(self, saga_tx, found, id=saga_id, data=data, version=0)
+            run.note("started", detail=found.name)
+            await run.run_from(0)
+            await run.save()
         return saga_id
-
-    async def _start(self, tx: Any, definition: SagaDefinition[Any], data: Any, id: str) -> None:
-        with translate():
-            status = await tx.execute(
-                "insert into msa_saga (id, type, status, step, data, version) "
-                "values ($1, $2, $3, 0, $4::jsonb, 0) on conflict (id) do nothing",
-                id,
-                definition.name,
-                SagaStatus.RUNNING.value,
-                encode_payload(data).decode(),
-            )
-        if status != "INSERT 0 1":
-            raise DuplicateSaga(f"a saga with id {id!r} exists already")
-        run = _Transition(self, tx, definition, id=id, data=data, version=0)
-        run.note("started", detail=definition.name)
-        await run.run_from(0)
-        await run.save()
 
     # -- timeouts -------------------------------------------------------------------------------
 
@@ -629,12 +577,11 @@ class SagaOrchestrator:
         handled = 0
         names = list(self._definitions)
         while not self._stopping.is_set():
-            async with self.db.transaction() as tx:
-                with translate():
-                    row = await tx.fetchrow(_EXPIRED, names)
-                if row is None:
+            async with self.store.expired(names) as held:
+                if held is None:
                     return handled
-                run = _Transition.load(self, tx, self._definitions[row["type"]], row)
+                tx, stored = held
+                run = _Transition.load(self, tx, self._definitions[stored.type], stored)
                 await run.on_timeout()
                 await run.save()
             handled += 1
@@ -646,18 +593,13 @@ class SagaOrchestrator:
             wait = self.timer_interval
             try:
                 await self.run_timeouts()
-                async with self.db.connection() as conn:
-                    until = await conn.fetchval(
-                        "select extract(epoch from min(deadline) - clock_timestamp())::float8 "
-                        "from msa_saga where deadline is not null and type = any($1::text[])",
-                        list(self._definitions),
-                    )
+                until = await self.store.seconds_to_next_deadline(list(self._definitions))
                 if until is not None:
-                    wait = min(wait, max(0.01, float(until)))
+                    wait = min(wait, max(0.01, until))
                 failures = 0
             except PersistenceError as exc:
                 failures += 1
-                wait = min(5.0, 0.2 * 2**failures)
+                wait = TIMER_RETRY.delay(failures)
                 log.warning("saga timer: database problem (%s); retrying in %.1fs", exc, wait)
             except Exception:
                 log.exception("saga timer failed; continuing")
@@ -669,51 +611,31 @@ class SagaOrchestrator:
 
     async def get(self, saga_id: str) -> SagaState[Any]:
         """The saga's current state and history; `SagaNotFound` for an unknown id."""
-        async with self.db.connection() as conn:
-            row = await conn.fetchrow(
-                f"select {_COLUMNS}, created, updated, deadline from msa_saga where id = $1",
-                saga_id,
-            )
-            if row is None:
-                raise SagaNotFound(f"no saga with id {saga_id!r}")
-            events = await conn.fetch(
-                "select at, event, status, version, step, message_type, message_id, detail "
-                "from msa_saga_history where saga_id = $1 order by id",
-                saga_id,
-            )
-        definition = self._definitions.get(row["type"])
-        raw = row["data"].encode()
-        step: int = row["step"]
+        stored = await self.store.load(saga_id)
+        if stored is None:
+            raise SagaNotFound(f"no saga with id {saga_id!r}")
+        assert stored.created is not None  # `load` reads the times
+        assert stored.updated is not None
+        definition = self._definitions.get(stored.type)
         step_name = None
-        if definition is not None and 0 <= step < len(definition.steps):
-            step_name = definition.steps[step].name
+        if definition is not None and 0 <= stored.step < len(definition.steps):
+            step_name = definition.steps[stored.step].name
+        data = stored.data
         return SagaState(
-            id=row["id"],
-            type=row["type"],
-            status=SagaStatus(row["status"]),
-            step=step,
+            id=stored.id,
+            type=stored.type,
+            status=stored.status,
+            step=stored.step,
             step_name=step_name,
-            data=decode_payload(raw, definition.data_type) if definition else orjson.loads(raw),
-            version=row["version"],
-            attempts=row["attempts"],
-            failed_step=row["failed_step"],
-            error=row["error"],
-            created=row["created"],
-            updated=row["updated"],
-            deadline=row["deadline"],
-            history=tuple(
-                SagaEvent(
-                    at=e["at"],
-                    event=e["event"],
-                    status=SagaStatus(e["status"]),
-                    version=e["version"],
-                    step=e["step"],
-                    message_type=e["message_type"],
-                    message_id=e["message_id"],
-                    detail=e["detail"],
-                )
-                for e in events
-            ),
+            data=decode_payload(data, definition.data_type) if definition else orjson.loads(data),
+            version=stored.version,
+            attempts=stored.attempts,
+            failed_step=stored.failed_step,
+            error=stored.error,
+            created=stored.created,
+            updated=stored.updated,
+            deadline=stored.deadline,
+            history=stored.history,
         )
 
 
@@ -752,24 +674,28 @@ class _Transition:
         self.error = error
         self.timeout: float | None = None
         self.moved = False
-        self.events: list[tuple[Any, ...]] = []
+        self.notes: list[SagaNote] = []
 
     @classmethod
     def load(
-        cls, orchestrator: SagaOrchestrator, tx: Any, definition: SagaDefinition[Any], row: Any
+        cls,
+        orchestrator: SagaOrchestrator,
+        tx: Any,
+        definition: SagaDefinition[Any],
+        stored: StoredSaga,
     ) -> _Transition:
         return cls(
             orchestrator,
             tx,
             definition,
-            id=row["id"],
-            data=decode_payload(row["data"].encode(), definition.data_type),
-            version=row["version"],
-            status=SagaStatus(row["status"]),
-            step=row["step"],
-            attempts=row["attempts"],
-            failed_step=row["failed_step"],
-            error=row["error"],
+            id=stored.id,
+            data=decode_payload(stored.data, definition.data_type),
+            version=stored.version,
+            status=stored.status,
+            step=stored.step,
+            attempts=stored.attempts,
+            failed_step=stored.failed_step,
+            error=stored.error,
         )
 
     @property
@@ -785,29 +711,25 @@ class _Transition:
         message_id: str | None = None,
         detail: str | None = None,
     ) -> None:
-        self.events.append((event, self.status.value, step, message_type, message_id, detail))
+        self.notes.append(
+            SagaNote(event, self.status.value, step, message_type, message_id, detail)
+        )
 
     async def save(self) -> None:
-        tx, version = self.tx, self.version
-        with translate():
-            if self.moved:
-                status = await tx.execute(
-                    _SAVE,
-                    self.id,
-                    self.status.value,
-                    self.step,
-                    encode_payload(self.data).decode(),
-                    self.attempts,
-                    self.failed_step,
-                    self.error,
-                    self.timeout,
-                    version,
-                )
-                if status != "UPDATE 1":  # the row lock makes this unreachable; stay safe
-                    raise SerializationFailure(f"saga {self.id} changed concurrently")
-                version += 1
-            if self.events:
-                await tx.executemany(_HISTORY, [(self.id, version, *e) for e in self.events])
+        change = SagaChange(
+            id=self.id,
+            version=self.version,
+            moved=self.moved,
+            status=self.status,
+            step=self.step,
+            data=encode_payload(self.data),
+            attempts=self.attempts,
+            failed_step=self.failed_step,
+            error=self.error,
+            timeout=self.timeout,
+            notes=tuple(self.notes),
+        )
+        await self.orchestrator.store.save(self.tx, change)
         if self.moved and self.status.finished:
             self.orchestrator._m_finished.labels(
                 saga=self.definition.name, status=self.status.value

@@ -22,10 +22,8 @@ reason in its headers (`msa dlq replay` sends it again).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import aiohttp
 import orjson
@@ -35,6 +33,7 @@ from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message, RetryPolic
 from framework.errors import PublishError, Reject, RetryLater, TransportError
 from framework.http import json_response, problem
 from framework.messages import Envelope
+from framework.resilience import TokenBucket
 
 __all__ = ["HTTP_REQUEST_TYPE", "QueueAndDrain", "TokenBucket"]
 
@@ -43,53 +42,6 @@ log = logging.getLogger("framework.translate.drain")
 HTTP_REQUEST_TYPE = "msa.http.request"
 _RETRYABLE = frozenset({408, 425, 429})
 _FORWARDED = ("content-type", "accept", "authorization", "x-request-id", "x-gtxid", "traceparent")
-
-
-class TokenBucket:
-    """At most `rate` takes per second on average, `burst` at once. `take()` waits its turn.
-
-    Tokens accrue by `clock`, a monotonic time in seconds (`time.monotonic` unless given); a
-    test passes a clock it moves itself and asks `try_take()`:
-
-        now = 0.0
-        bucket = TokenBucket(rate=4, clock=lambda: now)
-        bucket.try_take()   # 0.0: the burst's token
-        bucket.try_take()   # 0.25: the seconds until the next one
-        now = 0.25
-        bucket.try_take()   # 0.0
-    """
-
-    def __init__(
-        self, rate: float, burst: int = 1, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._tokens = float(burst)
-        self._updated = clock()
-        self._lock = asyncio.Lock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
-
-    def try_take(self) -> float:
-        """Take a token now and return 0, or return the seconds until one is there."""
-        self._refill()
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return 0.0
-        return (1 - self._tokens) / self.rate
-
-    async def take(self) -> None:
-        async with self._lock:  # first come, first served
-            wait = self.try_take()
-            while wait > 0:  # a timed wait for tokens to accrue: there is no event to await
-                await asyncio.sleep(wait)
-                wait = self.try_take()
 
 
 class QueueAndDrain:

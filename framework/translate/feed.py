@@ -31,22 +31,17 @@ from typing import Any
 
 import orjson
 
-from framework.errors import MsaError, NotStartedError
+from framework.errors import FeedClosed, MsaError, NotStartedError
 from framework.messages import Envelope, from_binary
+from framework.resilience import Backoff
 from framework.types import Record, TopicPartition, Transport, TransportConsumer
 
 __all__ = ["EventFeed", "EventFilter", "FeedClosed", "FeedEvent", "FeedListener"]
 
 log = logging.getLogger("framework.translate.feed")
+FETCH_BACKOFF = Backoff(initial=0.2, maximum=5.0)
+"""Between fetches that failed: the feed's clients keep their streams and wait."""
 _MISSING = object()
-
-
-class FeedClosed(Exception):
-    """The listener was closed; `reason` says why (a slow client, the feed stopping)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class FeedEvent:
@@ -337,7 +332,7 @@ class EventFeed:
             except MsaError as exc:
                 failures += 1
                 log.warning("feed on %s: fetch failed (%s); retrying", self.topics, exc)
-                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                await asyncio.sleep(FETCH_BACKOFF.delay(failures))
                 continue
             for record in records:
                 self.publish_local(record)

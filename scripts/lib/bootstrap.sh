@@ -1,5 +1,6 @@
-# Sourced by scripts/devservices, scripts/test and scripts/validate-k8s: makes sure the project venv
-# exists and holds `.[all,shop,dev]`, and installs the other tools the suite uses (chromium, the
+# Sourced by scripts/devservices, scripts/shop, scripts/test and scripts/validate-k8s: makes sure the
+# project venv exists and holds the framework (`.[all,dev]`) and the example shop (`./example_shop`,
+# its own distribution), both editable, and installs the other tools the suite uses (chromium, the
 # Kubernetes validators). Everything downloaded is cached outside the clone (CI clones afresh every
 # run), and every tool is installed here, before any test runs: a test never downloads.
 #
@@ -26,15 +27,19 @@ msa_uv() {
     "$tools/bin/uv" "$@"
 }
 
+# The stamp is the hash of both project files: a change to either reinstalls both.
 msa_ensure_venv() {
     local stamp=$MSA_VENV/.msa-installed want
-    want=$(cat "$MSA_REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)
+    want=$(cat "$MSA_REPO/pyproject.toml" "$MSA_REPO/example_shop/pyproject.toml" | sha256sum \
+        | cut -d' ' -f1)
     if [ -x "$MSA_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
         return 0
     fi
-    msa_log "installing msa-framework[all,shop,dev] into $MSA_VENV"
+    msa_log "installing msa-framework[all,dev] and msa-example-shop (editable) into $MSA_VENV"
     [ -x "$MSA_VENV/bin/python" ] || msa_uv venv --quiet --python "$MSA_PYTHON" "$MSA_VENV" >&2
-    msa_uv pip install --quiet --python "$MSA_VENV/bin/python" -e "$MSA_REPO[all,shop,dev]" >&2
+    # One resolution: the shop's `msa-framework[all]` is the editable framework named here.
+    msa_uv pip install --quiet --python "$MSA_VENV/bin/python" \
+        -e "$MSA_REPO[all,dev]" -e "$MSA_REPO/example_shop" >&2
     echo "$want" > "$stamp"
 }
 

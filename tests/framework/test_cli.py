@@ -1,10 +1,12 @@
 """The `msa` command line: help (with the environment `msa run` reads), API documents, targets
-imported from the working directory, target errors, and `msa dlq replay` (on Kafka; refused on
-the in-memory bus)."""
+imported from the working directory, target errors, commands other distributions add (and `msa
+shop` where the shop is missing), and `msa dlq replay` (on Kafka; refused on the in-memory bus)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.metadata
 import inspect
 import json
 import os
@@ -20,10 +22,12 @@ from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message
 from framework.bus.consumer import DLQ_PREFIX
 from framework.bus.dlq import REPLAY_COUNT
 from framework.bus.kafka import KafkaSettings, KafkaTransport
-from framework.cli import main
+from framework.bus.transports import transport_name
+from framework.cli import COMMANDS_GROUP, Command, installed_commands, main
 from framework.errors import Reject
+from framework.graph import SystemGraph, describe
 from framework.messages import from_binary
-from framework.service import ServiceSettings
+from framework.service import Service, ServiceSettings
 from framework.types import Record
 from framework.types import TopicPartition as OurTopicPartition
 from tests.framework.sample_services import Number
@@ -120,10 +124,11 @@ def test_bad_targets_are_explained(
 
 
 def variables_read_by_the_settings() -> set[str]:
-    """The environment variables `ServiceSettings.from_env` and `KafkaSettings.from_env` read,
-    found in their source: quoted `MSA_*`/`KAFKA_*` names, and the `get("NAME")` keys Kafka's
-    reads after its `prefix`."""
-    names = set(re.findall(r'"((?:MSA|KAFKA)_[A-Z0-9_]+)"', inspect.getsource(ServiceSettings)))
+    """The environment variables `ServiceSettings.from_env` (with `transport_name`, which it
+    asks) and `KafkaSettings.from_env` read, found in their source: quoted `MSA_*`/`KAFKA_*`
+    names, and the `get("NAME")` keys Kafka's reads after its `prefix`."""
+    source = inspect.getsource(ServiceSettings) + inspect.getsource(transport_name)
+    names = set(re.findall(r'"((?:MSA|KAFKA)_[A-Z0-9_]+)"', source))
     prefix = inspect.signature(KafkaSettings.from_env).parameters["prefix"].default
     kafka_source = inspect.getsource(KafkaSettings.from_env)
     names |= {prefix + key for key in re.findall(r'\bget\("([A-Z][A-Z0-9_]*)"\)', kafka_source)}
@@ -161,6 +166,119 @@ async def test_target_commands_import_modules_from_the_working_directory(
     done = await msa(command, "cwd_notify:Here", cwd=tmp_path, env={"MSA_TRANSPORT": "memory"})
     assert done.status == 0, done.stderr
     assert shows in done.stdout
+
+
+# -- commands other distributions add (entry points in `msa.commands`) ----------------------------
+
+
+class HelloService(Service):
+    name = "hello-service"
+
+
+def _greeting(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", default="world")
+
+
+def _greet(args: argparse.Namespace) -> int:
+    print(f"hello, {args.name}")
+    return 0
+
+
+def _hello_graph() -> SystemGraph:
+    return describe([HelloService(ServiceSettings(http_port=-1))])
+
+
+HELLO = Command(help="say hello", arguments=_greeting, run=_greet, graph=_hello_graph)
+"""What a distribution's entry point points at (e.g. `hello = "tests.framework.test_cli:HELLO"`)."""
+NOT_A_COMMAND = object()
+
+
+def _entry_points(monkeypatch: pytest.MonkeyPatch, **targets: str) -> None:
+    """Pretend the installed distributions declare these `msa.commands` entry points alone."""
+    entries = [
+        importlib.metadata.EntryPoint(name=name, value=value, group=COMMANDS_GROUP)
+        for name, value in targets.items()
+    ]
+
+    def entry_points(*, group: str) -> list[importlib.metadata.EntryPoint]:
+        assert group == COMMANDS_GROUP
+        return entries
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+
+
+def test_an_installed_command_is_listed_parsed_and_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _entry_points(monkeypatch, hello="tests.framework.test_cli:HELLO")
+    assert installed_commands() == {"hello": HELLO}
+    assert main(["hello", "--name", "shop"]) == 0
+    assert capsys.readouterr().out == "hello, shop\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert re.search(r"^    hello +say hello$", capsys.readouterr().out, re.M)
+
+
+def test_graph_without_targets_draws_the_system_an_installed_command_registers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _entry_points(monkeypatch, hello="tests.framework.test_cli:HELLO")
+    assert main(["graph"]) == 0
+    assert "hello-service" in capsys.readouterr().out
+
+
+def test_graph_without_targets_or_a_registered_system_says_what_to_give(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _entry_points(monkeypatch)
+    assert main(["graph"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "msa: error: msa graph: name module:Service targets or --gateway "
+        "(no installed command registers a system to draw)\n"
+    )
+
+
+@pytest.mark.parametrize("argv", [["shop"], ["shop", "--help"], ["shop", "load", "--users", "3"]])
+def test_msa_shop_without_the_shop_says_how_to_install_it(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _entry_points(monkeypatch)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(
+        "msa: error: msa shop comes with the example shop, which is not installed: "
+        "pip install msa-example-shop"
+    ), captured.err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert re.search(
+        r"^    shop +the example shop \(not installed\)$", capsys.readouterr().out, re.M
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("hello", "tests.framework.test_cli:NOT_A_COMMAND", "not a framework.cli.Command"),
+        ("run", "tests.framework.test_cli:HELLO", "msa run exists already"),
+    ],
+)
+def test_a_bad_command_entry_point_is_named(
+    name: str,
+    value: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _entry_points(monkeypatch, **{name: value})
+    assert main(["--help"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"msa: error: entry point {name} = {value} (group msa.commands): {message}\n"
+    )
 
 
 @pytest.mark.parametrize("transport", [None, "memory"])

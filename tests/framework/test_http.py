@@ -163,19 +163,19 @@ async def test_metrics_count_handled_messages_and_handler_latency(
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = await response.text()
 
-    labels = 'topic="sample.orders",type="sample.order.placed"'
+    labels = 'topic="sample.orders",type="sample.order.placed"'  # written in sorted order
     assert "# TYPE msa_messages_in_total counter\n" in text
-    assert f'msa_messages_in_total{{{labels},outcome="ok"}} 1\n' in text
+    assert f'msa_messages_in_total{{outcome="ok",{labels}}} 1.0\n' in text
     assert "# TYPE msa_handler_seconds histogram\n" in text
     buckets = re.findall(
-        rf'^msa_handler_seconds_bucket\{{{labels},le="([^"]+)"\}} (\d+)$', text, re.M
+        rf'^msa_handler_seconds_bucket\{{le="([^"]+)",{labels}\}} (\d+)\.0$', text, re.M
     )
     assert len(buckets) > 1
     assert buckets[-1] == ("+Inf", "1")
     assert [int(count) for _, count in buckets] == sorted(int(count) for _, count in buckets)
-    assert f"msa_handler_seconds_count{{{labels}}} 1\n" in text
+    assert f"msa_handler_seconds_count{{{labels}}} 1.0\n" in text
     assert (
-        'msa_messages_out_total{topic="sample.accepted",type="sample.order.accepted"} 1\n' in text
+        'msa_messages_out_total{topic="sample.accepted",type="sample.order.accepted"} 1.0\n' in text
     )
 
 

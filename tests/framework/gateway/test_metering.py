@@ -63,12 +63,12 @@ def lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     ]
 
 
-def sample(registry: MetricsRegistry, line_start: str) -> str:
+def sample(registry: MetricsRegistry, line_start: str) -> float:
     found = [
         line for line in registry.render().decode().splitlines() if line.startswith(line_start)
     ]
     assert len(found) == 1, (line_start, found)
-    return found[0].rsplit(" ", 1)[1]
+    return float(found[0].rsplit(" ", 1)[1])
 
 
 # -- Meter ---------------------------------------------------------------------------------------
@@ -83,16 +83,16 @@ def test_meter_counts_calls_bytes_and_latency_per_client_route_and_status_class(
     meter.record(route="orders", client=None, status=503)
 
     assert (
-        sample(registry, 'gateway_requests_total{route="products",client="alice",status="2xx"}')
-        == "2"
+        sample(registry, 'gateway_requests_total{client="alice",route="products",status="2xx"}')
+        == 2
     )
     assert (
-        sample(registry, 'gateway_requests_total{route="orders",client="anonymous",status="5xx"}')
-        == "1"
+        sample(registry, 'gateway_requests_total{client="anonymous",route="orders",status="5xx"}')
+        == 1
     )
-    assert sample(registry, 'gateway_request_bytes_total{client="alice",direction="in"}') == "15"
-    assert sample(registry, 'gateway_request_bytes_total{client="alice",direction="out"}') == "150"
-    assert sample(registry, 'gateway_request_seconds_count{route="products"}') == "2"
+    assert sample(registry, 'gateway_request_bytes_total{client="alice",direction="in"}') == 15
+    assert sample(registry, 'gateway_request_bytes_total{client="alice",direction="out"}') == 150
+    assert sample(registry, 'gateway_request_seconds_count{route="products"}') == 2
 
     assert meter.snapshot() == {
         "alice": {
@@ -132,8 +132,8 @@ def test_client_labels_and_snapshot_entries_are_bounded() -> None:
     assert 'client="alice"' in rendered
     assert 'client="bob"' not in rendered
     assert (
-        sample(registry, 'gateway_requests_total{route="products",client="other",status="2xx"}')
-        == "3"
+        sample(registry, 'gateway_requests_total{client="other",route="products",status="2xx"}')
+        == 3
     )
     assert 'client="anonymous"' in rendered  # never crowded out, and never crowding out
 

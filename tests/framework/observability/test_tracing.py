@@ -19,11 +19,11 @@ from framework.observability.tracing import (
     get_correlation_id,
     get_trace,
     inject,
-    trace_middleware,
     use_correlation_id,
     use_service,
     use_trace,
 )
+from framework.observability.web import trace_middleware
 
 # The examples of https://www.w3.org/TR/trace-context/#examples-of-http-traceparent-headers
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

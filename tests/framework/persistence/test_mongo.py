@@ -16,13 +16,14 @@ import pytest
 from pydantic import BaseModel
 from pymongo import IndexModel
 
+import framework.persistence.mongo
 from framework.bus import Bus, MemoryTransport, Message
-from framework.errors import ConfigurationError, PublishError
+from framework.errors import ConfigurationError, DatabaseUnavailable, PublishError
 from framework.messages import from_binary, message_type
 from framework.observability.metrics import Counter as CounterMetric
 from framework.persistence.mongo import (
     CLAIMS_COLLECTION,
-    DatabaseUnavailable,
+    DocumentChange,
     DocumentNotFound,
     DuplicateKey,
     IndexSpec,
@@ -33,6 +34,7 @@ from framework.persistence.mongo import (
 )
 from framework.types import Headers, Record, RecordMetadata
 from tests.framework.fakes import FlakyTransport
+from tests.framework.persistence.relaying import STAMP, StampingMiddleware, messages_out
 
 pytestmark = pytest.mark.mongo
 TOPIC = "orders"
@@ -193,6 +195,7 @@ async def test_unreachable_server_is_database_unavailable(mongo_database_name: s
         await asyncio.sleep(0.05)
         gc.collect()
     assert not await db.check()
+    assert framework.persistence.mongo.DatabaseUnavailable is DatabaseUnavailable  # one class
 
 
 async def test_a_motor_client_serves_the_resource_outbox_and_inbox(
@@ -272,6 +275,106 @@ async def test_state_change_and_event_in_one_update_are_published(
         counter = bus.metrics.registry.get("msa_outbox_published_total")
         assert isinstance(counter, CounterMetric)
         assert counter.labels(topic=TOPIC).value == 2
+
+
+async def test_the_relay_publishes_through_the_bus_middleware_and_metrics(
+    mongo_url: str, mongo_database_name: str
+) -> None:
+    stamping = StampingMiddleware()
+    transport = MemoryTransport()
+    bus = Bus(transport, source="orders", publish_middleware=[stamping])
+    db = MongoResource(mongo_url, mongo_database_name)
+    outbox = MongoOutbox(db, bus, collections=["orders"])
+    async with running(bus, db, outbox):
+        entries = [
+            outbox.event(TOPIC, OrderChanged(order_id="o-1", step=s), key="o-1") for s in (1, 2, 3)
+        ]
+        await outbox.insert_one("orders", {"_id": "o-1"}, *entries)
+        await eventually(lambda: outbox.published == 3)
+
+        # the middleware saw each stored event, in order, with its id ...
+        assert [(o.topic, o.envelope.id) for o in stamping.seen] == [
+            (TOPIC, e["id"]) for e in entries
+        ]
+        # ... and what it added is on the bus, next to everything the outbox stored
+        records = transport.records(TOPIC)
+        assert [from_binary(r).id for r in records] == [e["id"] for e in entries]
+        assert all(from_binary(r).extensions == {STAMP: "relayed"} for r in records)
+        assert all(r.key == b"o-1" for r in records)
+        assert steps_of(transport, "o-1") == [1, 2, 3]
+        assert messages_out(bus, TOPIC, "test.order.changed") == 3
+        assert await outbox.pending() == 0
+
+
+async def test_a_document_change_writes_state_event_and_inbox_in_one_update(
+    mongo_url: str, mongo_database_name: str
+) -> None:
+    transport = MemoryTransport()
+    bus = Bus(transport, source="orders")
+    db = MongoResource(mongo_url, mongo_database_name)
+    outbox = MongoOutbox(db, bus, collections=["orders"])
+    inbox = MongoInbox(db)
+    async with running(bus, db, outbox):
+        orders = db.collection("orders")
+        placed = DocumentChange(orders, {"_id": "o-1", "status": "new"}, new=True)
+        await outbox.add(placed, TOPIC, OrderChanged(order_id="o-1", step=1), key="o-1")
+        assert await placed.commit()  # inserted with its event
+        # published and removed: the relay is done writing the document (FerretDB does not
+        # isolate updates, so a test does not race it)
+        await eventually(lambda: outbox.published == 1)
+
+        message = incoming(bus)
+        applied = []
+        for _ in range(2):  # a redelivery: the inbox sees it in the document as read
+            read = await orders.find_one({"_id": "o-1"})
+            assert read is not None
+            change = DocumentChange(orders, read, guard={"status": "new"})
+            if not await inbox.record(change, message):
+                continue
+            change.set({"status": "paid"})
+            paid = await outbox.add(change, TOPIC, OrderChanged(order_id="o-1", step=2), key="o-1")
+            applied.append(await change.commit())
+        assert applied == [True]
+        await eventually(lambda: outbox.published == 2)
+        assert steps_of(transport, "o-1") == [1, 2]
+        assert published_ids(transport)[-1] == paid.id
+        stored = await orders.find_one({"_id": "o-1"})
+        assert stored == {"_id": "o-1", "status": "paid", "msa_inbox": [inbox.entry(message)]}
+
+        # a guard that no longer matches writes neither the state nor the event
+        stale = DocumentChange(orders, stored, guard={"status": "new"})
+        stale.set({"status": "cancelled"})
+        await outbox.add(stale, TOPIC, OrderChanged(order_id="o-1", step=3), key="o-1")
+        assert not await stale.commit()
+        assert await outbox.pending() == 0
+        assert (await orders.find_one({"_id": "o-1"}) or {})["status"] == "paid"
+
+        # events only go into documents whose collection the relay reads
+        elsewhere = DocumentChange(db.collection("invoices"), {"_id": "i-1"}, new=True)
+        with pytest.raises(ConfigurationError, match="invoices"):
+            await outbox.add(elsewhere, TOPIC, OrderChanged(order_id="o-1", step=4))
+
+
+async def test_the_relay_leaves_a_held_document_alone_until_it_is_released(
+    mongo_url: str, mongo_database_name: str
+) -> None:
+    transport = MemoryTransport()
+    bus = Bus(transport, source="orders")
+    db = MongoResource(mongo_url, mongo_database_name)
+    outbox = MongoOutbox(db, bus, collections=["orders"], poll_interval=0.02)
+    async with running(bus, db, outbox):
+        async with outbox.holding("orders", "o-1") as held:
+            assert held
+            event = outbox.event(TOPIC, OrderChanged(order_id="o-1", step=1), key="o-1")
+            await outbox.insert_one("orders", {"_id": "o-1"}, event)
+            async with outbox.holding("orders", "o-1", wait=False) as again:
+                assert not again  # one holder at a time
+            await next_rounds(outbox)  # rounds that saw the event, and skipped it
+            assert transport.records(TOPIC) == []
+            assert await outbox.pending() == 1
+        await eventually(lambda: outbox.published == 1)  # released: published
+        assert published_ids(transport) == [event["id"]]
+        assert await db.collection(CLAIMS_COLLECTION).count_documents({}) == 0
 
 
 async def test_events_of_one_aggregate_are_published_in_order(

@@ -12,18 +12,19 @@ import orjson
 import pytest
 from pydantic import BaseModel
 
+import framework.persistence.postgres
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message
-from framework.errors import PersistenceError
+from framework.errors import DatabaseUnavailable, PersistenceError
 from framework.messages import from_binary, message_type
 from framework.persistence.outbox import PostgresInbox, PostgresOutbox
 from framework.persistence.postgres import (
-    DatabaseUnavailable,
     Migration,
     MigrationError,
     PostgresResource,
     UniqueViolation,
 )
 from tests.framework.fakes import FlakyTransport
+from tests.framework.persistence.relaying import STAMP, StampingMiddleware, messages_out
 
 pytestmark = pytest.mark.postgres
 
@@ -113,6 +114,7 @@ async def test_transactions_and_error_translation(db: PostgresResource) -> None:
         assert await conn.fetchval("select count(*) from orders") == 1, "o-2 rolled back"
     with pytest.raises(DatabaseUnavailable):
         await PostgresResource("postgresql://postgres@127.0.0.1:1/none").start()
+    assert framework.persistence.postgres.DatabaseUnavailable is DatabaseUnavailable  # one class
 
 
 async def test_outbox_commits_with_the_state_change_and_the_relay_publishes(
@@ -148,6 +150,47 @@ async def test_outbox_commits_with_the_state_change_and_the_relay_publishes(
             assert await conn.fetchval("select status from orders") == "placed"
     finally:
         await outbox.stop()
+
+
+async def test_the_relay_publishes_through_the_bus_middleware_and_metrics(
+    db: PostgresResource,
+) -> None:
+    stamping = StampingMiddleware()
+    transport = MemoryTransport()
+    bus = Bus(transport, source="orders", publish_middleware=[stamping])
+    outbox = PostgresOutbox(db, bus, poll_interval=0.1)
+    await bus.start()
+    await db.start()
+    await outbox.start()
+    try:
+        async with db.transaction() as tx:
+            events = [
+                await outbox.add(
+                    tx, "orders", OrderChanged(order_id="o-1", status="placed", n=n), key="o-1"
+                )
+                for n in range(3)
+            ]
+        await eventually(lambda: len(transport.records("orders")) == 3)
+
+        # the middleware saw each stored event, in order, with its id, type and key ...
+        assert [(o.topic, o.envelope.id) for o in stamping.seen] == [
+            ("orders", e.id) for e in events
+        ]
+        assert {o.envelope.type for o in stamping.seen} == {"test.order.changed"}
+        # ... and what it added is on the bus, next to everything the outbox stored
+        for record, event in zip(transport.records("orders"), events, strict=True):
+            relayed = from_binary(record)
+            assert relayed.id == event.id
+            assert relayed.extensions == {STAMP: "relayed"}
+            assert record.key == b"o-1"
+            assert relayed.time == event.time
+            assert relayed.traceparent == event.traceparent
+        assert [e.n for e in published(bus, "orders")] == [0, 1, 2]
+        assert messages_out(bus, "orders", "test.order.changed") == 3
+        await drained(outbox)  # deleted once acknowledged, as before
+    finally:
+        await outbox.stop()
+        await bus.stop(grace=1)
 
 
 async def test_relay_keeps_order_per_aggregate_and_one_leader_among_replicas(

@@ -1,9 +1,11 @@
-"""Orchestrated sagas on a real PostgreSQL, with participants simulated on the in-memory bus.
+"""Orchestrated sagas on a real PostgreSQL and on a real MongoDB-wire server (FerretDB), with
+participants simulated on the in-memory bus.
 
 The participants (inventory, payments, the order approver) are plain bus subscriptions that
 reply from inside their command handlers, so the replies carry the saga id as correlation id
 the way a real service's would: the saga is driven end to end through the outbox relay, the bus
-and the orchestrator's own subscription.
+and the orchestrator's own subscription. The `world` fixture runs each scenario on both stores
+(`[postgres]`, `[mongo]`); what only one database can do is tested on that one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -21,6 +24,8 @@ from pydantic import BaseModel
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message, Subscription
 from framework.errors import ConfigurationError
 from framework.messages import Envelope, message_type, type_name
+from framework.persistence.contracts import Inbox, Outbox
+from framework.persistence.mongo import DocumentChange, MongoInbox, MongoOutbox, MongoResource
 from framework.persistence.outbox import PostgresInbox, PostgresOutbox
 from framework.persistence.postgres import PostgresResource
 from framework.persistence.saga import (
@@ -34,6 +39,7 @@ from framework.persistence.saga import (
     fail,
     ok,
 )
+from framework.persistence.saga_mongo import SAGAS_COLLECTION
 from framework.types import Record
 
 # -- the shop's messages --------------------------------------------------------------------------
@@ -162,10 +168,19 @@ class PlaceOrderSaga(SagaDefinition[OrderData]):
         return data.order_id
 
     async def on_completed(self, tx: Any, saga_id: str, data: OrderData) -> None:
-        await tx.execute("update orders set status = 'approved' where id = $1", data.order_id)
+        await mark_order(tx, data.order_id, "approved")
 
     async def on_compensated(self, tx: Any, saga_id: str, data: OrderData) -> None:
-        await tx.execute("update orders set status = 'cancelled' where id = $1", data.order_id)
+        await mark_order(tx, data.order_id, "cancelled")
+
+
+async def mark_order(tx: Any, order_id: str, status: str) -> None:
+    """The order's status, changed with the saga's final transition: in its transaction on
+    PostgreSQL; on MongoDB in the saga's own document (the document is the transaction)."""
+    if isinstance(tx, DocumentChange):
+        tx.set({"order": {"id": order_id, "status": status}})
+    else:
+        await tx.execute("update orders set status = $2 where id = $1", order_id, status)
 
 
 class QuickPlaceOrderSaga(PlaceOrderSaga):
@@ -302,54 +317,50 @@ REPLY_TOPICS = ["inventory", "payments"]
 ORDERS_TABLE = "create table if not exists orders (id text primary key, status text not null)"
 
 
-@dataclass
 class Orders:
-    """What the orders service owns: its database, outbox, inbox and saga orchestrator."""
+    """What the orders service owns: its database, outbox, inbox and saga orchestrator; one
+    subclass per database."""
 
-    db: PostgresResource
-    outbox: PostgresOutbox
-    inbox: PostgresInbox
+    db: Any
+    outbox: Outbox
+    inbox: Inbox
     sagas: SagaOrchestrator
 
-    @classmethod
-    def build(cls, url: str, bus: Bus, **options: Any) -> Orders:
-        db = PostgresResource(url, max_size=5)
-        outbox = PostgresOutbox(db, bus, poll_interval=0.1)
-        inbox = PostgresInbox(db)
-        sagas = SagaOrchestrator(
-            db,
-            outbox,
-            inbox,
+    def orchestrate(self, **options: Any) -> SagaOrchestrator:
+        return SagaOrchestrator(
+            self.db,
+            self.outbox,
+            self.inbox,
             definitions=[PlaceOrderSaga, QuickPlaceOrderSaga, BrokenSaga],
             timer_interval=0.1,
             **options,
         )
-        return cls(db, outbox, inbox, sagas)
+
+    @property
+    def resources(self) -> list[Any]:
+        """What starts, in order (and stops in reverse), as a service's resources do."""
+        return [self.db, self.outbox, self.inbox, self.sagas]
 
     async def start(self) -> None:
-        await self.db.start()
-        async with self.db.connection() as conn:
-            await conn.execute(ORDERS_TABLE)
-        for resource in (self.outbox, self.inbox, self.sagas):
+        for resource in self.resources:
             await resource.start()
 
     async def stop(self) -> None:
-        for resource in (self.sagas, self.inbox, self.outbox, self.db):
+        for resource in reversed(self.resources):
             await resource.stop()
 
     async def place_order(
         self, order: OrderData, saga: type[SagaDefinition[OrderData]] = PlaceOrderSaga
     ) -> str:
-        async with self.db.transaction() as tx:
-            await tx.execute("insert into orders (id, status) values ($1, 'new')", order.order_id)
-            return await self.sagas.start_saga(tx, saga, order)
+        raise NotImplementedError
 
     async def order_status(self, order_id: str) -> str | None:
-        async with self.db.connection() as conn:
-            status: str | None = await conn.fetchval(
-                "select status from orders where id = $1", order_id
-            )
-            return status
+        """What the saga's final transition marked the order as (None before)."""
+        raise NotImplementedError
+
+    async def expire_deadline(self, saga_id: str) -> None:
+        """As if the step's timeout had passed: the saga's deadline moves to now."""
+        raise NotImplementedError
 
     async def wait(
         self, saga_id: str, done: Callable[[SagaState[Any]], bool], timeout: float = 10.0
@@ -367,30 +378,145 @@ class Orders:
         return await self.wait(saga_id, lambda s: s.finished, timeout)
 
 
+class PostgresOrders(Orders):
+    """The orders table, the outbox, inbox and sagas in one PostgreSQL database."""
+
+    def __init__(self, url: str, bus: Bus, **options: Any) -> None:
+        self.url = url
+        self.db = PostgresResource(url, max_size=5)
+        self.outbox = PostgresOutbox(self.db, bus, poll_interval=0.1)
+        self.inbox = PostgresInbox(self.db)
+        self.sagas = self.orchestrate(**options)
+
+    async def start(self) -> None:
+        await super().start()
+        async with self.db.connection() as conn:
+            await conn.execute(ORDERS_TABLE)
+
+    async def place_order(
+        self, order: OrderData, saga: type[SagaDefinition[OrderData]] = PlaceOrderSaga
+    ) -> str:
+        async with self.db.transaction() as tx:  # the order and its saga commit together
+            await tx.execute("insert into orders (id, status) values ($1, 'new')", order.order_id)
+            return await self.sagas.start_saga(tx, saga, order)
+
+    async def order_status(self, order_id: str) -> str | None:
+        async with self.db.connection() as conn:
+            status: str | None = await conn.fetchval(
+                "select status from orders where id = $1 and status <> 'new'", order_id
+            )
+            return status
+
+    async def expire_deadline(self, saga_id: str) -> None:
+        """The deadline is kept by the database's clock: moved by it."""
+        conn = await asyncpg.connect(self.url)
+        try:
+            status = await conn.execute(
+                "update msa_saga set deadline = clock_timestamp() "
+                "where id = $1 and deadline is not null",
+                saga_id,
+            )
+        finally:
+            await conn.close()
+        assert status == "UPDATE 1", f"saga {saga_id} has no deadline"
+
+
+class MongoOrders(Orders):
+    """The sagas' documents (which carry their commands and replies taken) in one database."""
+
+    def __init__(self, url: str, database: str, bus: Bus, **options: Any) -> None:
+        self.url, self.database = url, database
+        self.db = MongoResource(url, database)
+        self.outbox = MongoOutbox(self.db, bus)  # the orchestrator adds its collection
+        self.inbox = MongoInbox(self.db)
+        self.sagas = self.orchestrate(**options)
+
+    @property
+    def resources(self) -> list[Any]:
+        return [self.db, self.outbox, self.sagas]  # the inbox is no resource here
+
+    async def place_order(
+        self, order: OrderData, saga: type[SagaDefinition[OrderData]] = PlaceOrderSaga
+    ) -> str:
+        return await self.sagas.start_saga(None, saga, order)  # a document of its own
+
+    async def order_status(self, order_id: str) -> str | None:
+        saga = await self.db.collection(SAGAS_COLLECTION).find_one({"order.id": order_id})
+        return None if saga is None else str(saga["order"]["status"])
+
+    async def expire_deadline(self, saga_id: str) -> None:
+        """By another client (the service may be stopped), holding the document as every
+        writer of a saga's document does: the relay writes it too."""
+        db = MongoResource(self.url, self.database)
+        elsewhere = MongoOutbox(db, Bus(MemoryTransport(), source="tests"), relay=False)
+        await db.start()
+        try:
+            async with elsewhere.holding(SAGAS_COLLECTION, saga_id):
+                result = await db.collection(SAGAS_COLLECTION).update_one(
+                    {"_id": saga_id, "deadline": {"$exists": True}},
+                    {"$set": {"deadline": datetime.now(UTC)}},
+                )
+        finally:
+            await db.stop()
+        assert result.matched_count == 1, f"saga {saga_id} has no deadline"
+
+
 @dataclass
 class World:
     bus: Bus
     participants: Participants
     orders: Orders
     saga_subscription: Subscription
-    url: str
+    build: Callable[[Bus], Orders]
+    """A new orders service on the same database (a restart)."""
+
+
+STORES = [
+    pytest.param("postgres", marks=pytest.mark.postgres),
+    pytest.param("mongo", marks=pytest.mark.mongo),
+]
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest) -> Callable[[Bus], Orders]:
+    """Builds the orders service on a fresh database of the store the test runs on."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_database")
+        return lambda bus: PostgresOrders(url, bus)
+    mongo_url = request.getfixturevalue("mongo_url")
+    database = request.getfixturevalue("mongo_database_name")
+    return lambda bus: MongoOrders(mongo_url, database, bus)
 
 
 @pytest.fixture
-async def world(postgres_database: str) -> AsyncIterator[World]:
+async def world(store: Callable[[Bus], Orders]) -> AsyncIterator[World]:
+    build = store
     bus = Bus(MemoryTransport(), source="orders")
     participants = Participants(bus)
     participants.subscribe_all()
-    orders = Orders.build(postgres_database, bus)
+    orders = build(bus)
     subscription = orders.sagas.subscribe(bus, REPLY_TOPICS)
     await orders.start()
     await bus.start()
-    world = World(bus, participants, orders, subscription, postgres_database)
+    world = World(bus, participants, orders, subscription, build)
     try:
         yield world
     finally:
         await bus.stop(grace=1)
         await world.orders.stop()  # a test may have replaced it (restart)
+
+
+only_postgres = pytest.mark.parametrize("store", STORES[:1], indirect=True)
+only_mongo = pytest.mark.parametrize("store", STORES[1:], indirect=True)
+
+
+async def drained(outbox: Outbox, timeout: float = 10.0) -> None:
+    """Until the relay published every command and removed it (the database is polled)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if not await outbox.pending():
+                return
+            await asyncio.sleep(0.02)
 
 
 def events(state: SagaState[Any]) -> list[tuple[str, str | None, str | None]]:
@@ -405,21 +531,6 @@ def sent(state: SagaState[Any]) -> list[str | None]:
     ]
 
 
-async def expire_deadline(url: str, saga_id: str) -> None:
-    """As if the step's timeout had passed: the saga's deadline (kept by the database's clock)
-    moves to now."""
-    conn = await asyncpg.connect(url)
-    try:
-        status = await conn.execute(
-            "update msa_saga set deadline = clock_timestamp() "
-            "where id = $1 and deadline is not null",
-            saga_id,
-        )
-    finally:
-        await conn.close()
-    assert status == "UPDATE 1", f"saga {saga_id} has no deadline"
-
-
 def order(order_id: str) -> OrderData:
     return OrderData(order_id=order_id, quantity=2, amount=1250)
 
@@ -427,7 +538,6 @@ def order(order_id: str) -> OrderData:
 # -- the happy path -------------------------------------------------------------------------------
 
 
-@pytest.mark.postgres
 async def test_happy_path_sends_commands_in_order_and_completes(world: World) -> None:
     saga_id = await world.orders.place_order(order("o-1"))
 
@@ -462,7 +572,6 @@ async def test_happy_path_sends_commands_in_order_and_completes(world: World) ->
     assert state.history[1].detail == "inventory.commands"
 
 
-@pytest.mark.postgres
 async def test_commands_carry_the_saga_id_and_the_partition_key(world: World) -> None:
     seen: list[Envelope[Any]] = []
 
@@ -485,7 +594,6 @@ async def test_commands_carry_the_saga_id_and_the_partition_key(world: World) ->
 # -- failure and compensation ---------------------------------------------------------------------
 
 
-@pytest.mark.postgres
 async def test_failure_at_step_two_compensates_step_one_only(world: World) -> None:
     world.participants.payment = "decline"
 
@@ -520,7 +628,6 @@ async def test_failure_at_step_two_compensates_step_one_only(world: World) -> No
     ]
 
 
-@pytest.mark.postgres
 async def test_failure_at_the_first_step_has_nothing_to_compensate(world: World) -> None:
     world.participants.stock = "reject"
 
@@ -533,7 +640,6 @@ async def test_failure_at_the_first_step_has_nothing_to_compensate(world: World)
     assert await world.participants.wait_for(saga_id, 1) == [type_name(ReserveStock)]
 
 
-@pytest.mark.postgres
 async def test_step_timeout_compensates_the_step_and_those_before_it_in_reverse(
     world: World,
 ) -> None:
@@ -544,7 +650,7 @@ async def test_step_timeout_compensates_the_step_and_those_before_it_in_reverse(
     assert waiting.status is SagaStatus.RUNNING
     assert waiting.deadline is not None
     assert waiting.step_name == "charge-payment"
-    await expire_deadline(world.url, saga_id)  # the 30 s pass
+    await world.orders.expire_deadline(saga_id)  # the 30 s pass
     state = await world.orders.finished(saga_id)
 
     assert state.status is SagaStatus.COMPENSATED
@@ -568,7 +674,6 @@ async def test_step_timeout_compensates_the_step_and_those_before_it_in_reverse(
     assert statuses["timed-out"] is SagaStatus.COMPENSATING
 
 
-@pytest.mark.postgres
 async def test_an_unconfirmed_compensation_is_resent_then_fails_the_saga(world: World) -> None:
     world.participants.payment = "silent"
     world.participants.refunds = "silent"
@@ -604,7 +709,6 @@ def reply(saga_id: str, data: Any, *, id: str | None = None) -> Message[Any]:
     return Message(envelope=envelope, record=record, attempt=1, group="orders.sagas")
 
 
-@pytest.mark.postgres
 async def test_a_redelivered_reply_moves_the_saga_once(world: World) -> None:
     world.participants.stock = "silent"
     world.participants.payment = "silent"
@@ -613,7 +717,8 @@ async def test_a_redelivered_reply_moves_the_saga_once(world: World) -> None:
 
     delivery = reply(saga_id, StockReserved(order_id="o-6"), id="reply-1")
     sagas = world.orders.sagas
-    # Two deliveries at once: the second waits for the saga's row lock, then the inbox says no.
+    # Two deliveries at once: the second waits for the saga's row lock (on MongoDB: the hold
+    # of its document), then the inbox says no.
     moved = await asyncio.gather(sagas.handle_reply(delivery), sagas.handle_reply(delivery))
     assert sorted(moved) == [False, True]
     assert await sagas.handle_reply(delivery) is False  # and later, too
@@ -655,7 +760,6 @@ async def test_a_redelivered_reply_moves_the_saga_once(world: World) -> None:
     ]
 
 
-@pytest.mark.postgres
 async def test_late_and_foreign_replies_are_ignored(world: World) -> None:
     world.participants.stock = "silent"
     world.participants.payment = "silent"
@@ -690,7 +794,6 @@ async def test_late_and_foreign_replies_are_ignored(world: World) -> None:
 # -- restart --------------------------------------------------------------------------------------
 
 
-@pytest.mark.postgres
 async def test_a_new_orchestrator_resumes_where_the_old_one_stopped(world: World) -> None:
     bus, participants = world.bus, world.participants
     participants.payment = "hold"  # payments answers only once the orders service restarted
@@ -705,7 +808,7 @@ async def test_a_new_orchestrator_resumes_where_the_old_one_stopped(world: World
     await participants.wait_for(saga_id, 2)
 
     # A brand-new orders process on the same database continues the saga from its row.
-    restarted = Orders.build(world.url, bus)
+    restarted = world.build(bus)
     await restarted.start()
     world.orders = restarted
     await bus.subscribe_running(
@@ -723,16 +826,15 @@ async def test_a_new_orchestrator_resumes_where_the_old_one_stopped(world: World
     assert await restarted.order_status("o-8") == "approved"
 
 
-@pytest.mark.postgres
 async def test_a_new_orchestrator_takes_over_expired_deadlines(world: World) -> None:
     world.participants.payment = "silent"
     saga_id = await world.orders.place_order(order("o-10"))
     await world.orders.wait(saga_id, lambda s: s.step == 1)
     await world.saga_subscription.stop(grace=1)
     await world.orders.stop()
-    await expire_deadline(world.url, saga_id)  # the 30 s pass while no timer runs
+    await world.orders.expire_deadline(saga_id)  # the 30 s pass while no timer runs
 
-    restarted = Orders.build(world.url, world.bus)
+    restarted = world.build(world.bus)
     await restarted.start()
     world.orders = restarted
     await world.bus.subscribe_running(
@@ -751,7 +853,7 @@ class Boom(Exception):
     pass
 
 
-@pytest.mark.postgres
+@only_postgres
 async def test_start_saga_in_a_rolled_back_transaction_leaves_no_saga_and_no_command(
     world: World,
 ) -> None:
@@ -781,15 +883,12 @@ async def test_start_saga_in_a_rolled_back_transaction_leaves_no_saga_and_no_com
     ]
 
 
-@pytest.mark.postgres
 async def test_a_saga_id_is_used_once(world: World) -> None:
     world.participants.stock = "silent"
     sagas = world.orders.sagas
     await sagas.start_saga(None, PlaceOrderSaga, order("o-12"), saga_id="s-12")
-    async with world.orders.db.transaction() as tx:
-        with pytest.raises(DuplicateSaga):
-            await sagas.start_saga(tx, PlaceOrderSaga, order("o-12"), saga_id="s-12")
-        assert await tx.fetchval("select count(*) from msa_saga") == 1  # tx still usable
+    with pytest.raises(DuplicateSaga):
+        await sagas.start_saga(None, PlaceOrderSaga, order("o-12"), saga_id="s-12")
     assert await world.participants.wait_for("s-12", 1) == [type_name(ReserveStock)]
     assert events(await sagas.get("s-12")) == [  # the duplicate wrote nothing
         ("started", None, None),
@@ -797,7 +896,47 @@ async def test_a_saga_id_is_used_once(world: World) -> None:
     ]
 
 
-@pytest.mark.postgres
+@only_postgres
+async def test_a_duplicate_saga_leaves_the_callers_transaction_usable(world: World) -> None:
+    world.participants.stock = "silent"
+    sagas = world.orders.sagas
+    assert isinstance(world.orders, PostgresOrders)
+    await sagas.start_saga(None, PlaceOrderSaga, order("o-14"), saga_id="s-14")
+    async with world.orders.db.transaction() as tx:
+        with pytest.raises(DuplicateSaga):
+            await sagas.start_saga(tx, PlaceOrderSaga, order("o-14"), saga_id="s-14")
+        assert await tx.fetchval("select count(*) from msa_saga") == 1  # tx still usable
+
+
+@only_mongo
+async def test_on_mongodb_a_saga_starts_in_a_document_of_its_own(world: World) -> None:
+    """No multi-document transactions: `start_saga` takes no caller's `tx`, and the saga's
+    document carries its state, pending commands and the replies it took."""
+    world.participants.payment = "silent"
+    sagas = world.orders.sagas
+    with pytest.raises(ConfigurationError, match="document of its own"):
+        await sagas.start_saga(object(), PlaceOrderSaga, order("o-15"), saga_id="s-15")
+    with pytest.raises(SagaNotFound):
+        await sagas.get("s-15")
+
+    await sagas.start_saga(None, PlaceOrderSaga, order("o-15"), saga_id="s-15")
+    await world.orders.wait("s-15", lambda s: s.step == 1)  # stock reserved, charge sent
+    await world.participants.wait_for("s-15", 2)
+    await drained(world.orders.outbox)  # the relay published both commands and removed them
+    document = await world.orders.db.collection(SAGAS_COLLECTION).find_one({"_id": "s-15"})
+    assert document is not None
+    assert (document["status"], document["step"], document["version"]) == ("running", 1, 2)
+    assert "msa_outbox" not in document
+    [reply] = document["msa_inbox"]  # the StockReserved it took, by the sagas' group
+    assert reply.startswith("orders.sagas:")
+    assert [line["event"] for line in document["history"]] == [
+        "started",
+        "command-sent",
+        "reply-ok",
+        "command-sent",
+    ]
+
+
 async def test_a_failing_command_builder_fails_the_step(world: World) -> None:
     saga_id = await world.orders.sagas.start_saga(None, BrokenSaga, order("o-13"))
     state = await world.orders.finished(saga_id)

@@ -312,6 +312,8 @@ class Subscription:
         self.bus = bus
         self.topics = tuple(topics)
         self.handlers = dict(handlers)
+        self._types_taken = ", ".join(repr(t) for t in sorted(self.handlers)) or "none"
+        """The handlers' types, for the message about a record none of them takes."""
         self.options = options
         self.group = options.group
         self._partitions: dict[TopicPartition, _PartitionState] = {}
@@ -726,11 +728,10 @@ class Subscription:
     ) -> bool:
         """A record no handler takes: dead-letter, skip or fail (`ConsumerOptions.unhandled`)."""
         self._m_in.labels(topic=topic, type=envelope.type, outcome="unhandled").inc()
-        taken = ", ".join(repr(t) for t in sorted(self.handlers)) or "none"
         problem = (
             f"no handler of group {self.group} takes type {envelope.type!r} on {topic} "
-            f"(its handlers take {taken}); a payload class without @message_type is known by "
-            "its class name"
+            f"(its handlers take {self._types_taken}); a payload class without @message_type is "
+            "known by its class name"
         )
         error = UnknownMessageType(problem)
         with _message_context(envelope):

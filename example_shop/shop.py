@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import tempfile
 from collections.abc import Mapping
@@ -142,6 +143,8 @@ class Shop:
             env[f"{name.upper()}_URL"] = f"http://127.0.0.1:{port}"
         env["GATEWAY_PORT"] = str(self.gateway_port)
         env.setdefault("GATEWAY_ADMIN_PORT", "0")
+        # A key of this run's own: the web profile refuses its public dev-only fallback.
+        env.setdefault("FILES_SIGNING_KEY", secrets.token_urlsafe(32))
         env.setdefault("STOREFRONT_ORIGIN", f"http://localhost:{self.gateway_port}")
 
     def _settings(self, name: str) -> ServiceSettings:

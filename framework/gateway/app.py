@@ -8,14 +8,26 @@
 `msa gateway --config gateway.yaml` runs it until SIGTERM. Several gateways (web, mobile,
 internal: backends for frontends) are the same program with different files.
 
-Each request passes, outermost first: ids (`x-gtxid` kept or made, a new `x-request-id` per
-hop) and problem responses -> access log and metering -> load shedding (concurrency limit) ->
-CORS -> authentication and authorization (verified claims forwarded as headers, client copies
-of those headers dropped) -> rate limits and quotas per client tier -> body limit -> response
-cache -> gzip -> transformation (field mapping, JSON <-> XML) -> the route's target: an upstream
-pool (load balanced, health-checked, retried, circuit-broken), an aggregation of several, the
-bus (publish + 202 + status, request/reply), a queue drained to an upstream, an SSE or
-WebSocket stream from topics, or a signed URL for a file transfer.
+Before a request exists, its connection passes the door (`framework.gateway.guard`): at most
+`limits.max_connections` open, headers complete within `limits.header_timeout` and within
+`limits.max_header_bytes` / `limits.max_headers` (else 408, 431 or 503, and the connection is
+closed). HTTP/0.9 is refused; `Expect: 100-continue` is answered 413 (not `100 Continue`) when
+the declared body is over the route's limit; no answer names the server's software.
+
+Each request then passes, outermost first: header checks (a repeated `Host`, `Authorization`,
+API-key or `Cookie` header, or one that is not UTF-8: 400), ids (`x-gtxid` kept or made, a new
+`x-request-id` per hop) and problem responses -> path normalisation and routing (400 for any
+path that could resolve elsewhere, `framework.gateway.router`) -> access log and metering ->
+CORS -> authentication and authorization (verified claims forwarded as headers) -> rate limits
+and quotas per client tier -> the body, read within its limit and timeouts (413, 408) -> load
+shedding (the gateway's concurrency limit, taken only now, so a slow client never holds a slot)
+-> response cache -> gzip -> transformation (field mapping, JSON <-> XML) -> the route's target:
+an upstream pool (load balanced, health-checked, retried, circuit-broken, with an adaptive
+concurrency limit and a bounded wait for a slot, then 503), an aggregation of several, the bus
+(publish + 202 + status, request/reply), a queue drained to an upstream, an SSE or WebSocket
+stream from topics, or a signed URL for a file transfer. What an upstream receives is the
+client's headers cleaned in one step (`framework.gateway.headers`: hop-by-hop, what
+`Connection` names, and every header the gateway owns) with the gateway's own added last.
 
 Reload (`POST /admin/reload`, or a change of the file, polled every `watch_interval` s): the new
 config is validated and built beside the running one; if anything is wrong the old one keeps
@@ -45,13 +57,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from multidict import CIMultiDict
 
 from framework.bus import Bus, Subscription, transport_from_env
 from framework.errors import TranslationError
 from framework.gateway.aggregate import Aggregator
-from framework.gateway.auth import Authenticator, authorize, forwarded_headers, strip_forwarded
+from framework.gateway.auth import Authenticator, authorize, forwarded_headers
 from framework.gateway.cache import (
     ResponseCache,
     cache_middleware,
@@ -65,6 +77,8 @@ from framework.gateway.config import (
     RouteConfig,
     load_config,
 )
+from framework.gateway.guard import ConnectionGuard, ConnectionLimit, guard_of
+from framework.gateway.headers import GATEWAY_OWNED, check_client_headers, forwardable_headers
 from framework.gateway.metering import Meter, access_log_middleware
 from framework.gateway.qos import (
     ConcurrencyLimiter,
@@ -116,7 +130,7 @@ class _Runtime:
         self.bus = bus
         self.meter = meter
         settings = config.gateway
-        self.table = RouteTable(config.routes)
+        self.table = RouteTable(config.routes, internal_paths=settings.internal_paths)
         self.pools = {
             name: UpstreamPool(name, upstream, default_timeout=settings.timeout)
             for name, upstream in config.upstreams.items()
@@ -133,6 +147,10 @@ class _Runtime:
         self.subscriptions: list[Subscription] = []
         self.chains: dict[str, GatewayHandler] = {}
         self.trackers: dict[str, StatusTracker] = {}
+        self.singleton_headers = (config.auth.api_key_header.lower(),)
+        self.owned_headers = GATEWAY_OWNED | {
+            name.lower() for name in config.auth.forward_claims.values()
+        }
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -286,14 +304,18 @@ class _Runtime:
         return proxy
 
     def _upstream_headers(self, exchange: Exchange) -> CIMultiDict[str]:
-        """The request's headers for the upstream, plus ours (ids, forwarding, trace). Hop-by-hop
-        headers, those the `Connection` header names, and `Host` are left to the pool to drop
-        (`clean_headers`): filtering them here first would hide what `Connection` names."""
+        """The request's headers for the upstream: the client's, cleaned in one step
+        (`forwardable_headers`: hop-by-hop, what `Connection` names, framing, and every header
+        the gateway owns), then ours (forwarding, ids, trace, verified identity) on top, so no
+        client header can remove or replace one of ours."""
         request = exchange.request
-        headers = CIMultiDict(strip_forwarded(request.headers, self.config.auth.forward_claims))
+        headers = forwardable_headers(request.headers, owned=self.owned_headers)
         peer = request.remote or ""
-        previous = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
+        previous = request.headers.get("X-Forwarded-For", "").strip()
+        if previous and peer in self.config.gateway.trusted_proxies:
+            headers["X-Forwarded-For"] = f"{previous}, {peer}"
+        else:  # an untrusted client's claims about earlier hops are not passed on
+            headers["X-Forwarded-For"] = peer
         headers["X-Forwarded-Proto"] = request.scheme
         headers["X-Forwarded-Host"] = request.host
         headers["x-gtxid"] = exchange.gtxid
@@ -308,13 +330,15 @@ class _Runtime:
         layers: list[GatewayMiddleware] = [
             access_log_middleware(self.meter, logging.getLogger("framework.gateway.access"))
         ]
-        layers.append(self.shedder.middleware)
         if settings.cors is not None:
             layers.append(cors_middleware(settings.cors))
         layers.append(self._authenticate)
         if self.config.tiers:
             layers.append(rate_limit_middleware(self.limiter))
-        layers.append(body_limit_middleware(settings.max_body))
+        # The body is read before a concurrency slot is taken: a slow client costs a socket
+        # (bounded by the limits' timeouts), never a slot other clients are waiting for.
+        layers.append(body_limit_middleware(settings.max_body, settings.limits))
+        layers.append(self.shedder.middleware)
         if settings.gzip_min_size is not None and route.stream is None:
             layers.append(gzip_middleware(settings.gzip_min_size))  # outside the cache: one copy
         if route.cache is not None:
@@ -490,6 +514,9 @@ class Gateway:
         self._runtime: _Runtime | None = None
         self._retired: set[asyncio.Task[None]] = set()
         self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.Server] = []
+        self.connections = ConnectionLimit(1)
+        """Open client connections against `gateway.limits.max_connections` (set at start)."""
         self._watch_task: asyncio.Task[None] | None = None
         self._mtime: float | None = None
         self._reload_lock = asyncio.Lock()
@@ -523,21 +550,46 @@ class Gateway:
             self._mtime = _mtime(self.config_path)
         settings = self._config.gateway
         main = web.Application(client_max_size=max(settings.max_body, 1024) + 1024)
-        main.router.add_route("*", "/{path:.*}", self._handle)
+        main.router.add_route("*", "/{path:.*}", self._handle, expect_handler=self._expect)
         main.on_shutdown.append(self._on_shutdown)
         admin = web.Application()
         self._admin_routes(admin)
+        # Limits and timeouts are read at the first start only (like `bus`): they shape the
+        # listening sockets, which a reload keeps.
+        limits = settings.limits
+        self.connections = ConnectionLimit(limits.max_connections)
+        loop = asyncio.get_running_loop()
         for app, listen, attribute in (
             (main, (settings.listen.host, settings.listen.port), "port"),
             (admin, (settings.admin.host, settings.admin.port), "admin_port"),
         ):
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.drain_timeout)
+            app.on_response_prepare.append(_without_banner)
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                shutdown_timeout=self.drain_timeout,
+                keepalive_timeout=limits.keepalive_timeout,
+                # The guard refuses a head over the limits first (431); these only keep
+                # aiohttp's own parser limits out of its way.
+                max_line_size=limits.max_header_bytes,
+                max_field_size=limits.max_header_bytes,
+                max_headers=limits.max_headers + 8,
+                lingering_time=min(2.0, limits.body_timeout),
+            )
             await runner.setup()
-            site = web.TCPSite(runner, listen[0], listen[1], reuse_address=True)
-            await site.start()
+            protocols = runner.server
+            assert protocols is not None  # set by setup()
+            server = await loop.create_server(
+                lambda protocols=protocols: ConnectionGuard(  # type: ignore[misc]
+                    protocols(), limits, self.connections
+                ),
+                listen[0],
+                listen[1],
+                reuse_address=True,
+            )
             self._runners.append(runner)
-            addresses = runner.addresses  # the runner's only site: the port it listens on
-            setattr(self, attribute, int(addresses[0][1]) if addresses else listen[1])
+            self._servers.append(server)
+            setattr(self, attribute, int(server.sockets[0].getsockname()[1]))
         if self.config_path is not None and self.watch_interval > 0:
             self._watch_task = asyncio.create_task(self._watch(), name="gateway:watch")
         log.info(
@@ -557,9 +609,12 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
             self._watch_task = None
+        for server in self._servers:
+            server.close()  # stops accepting
         for runner in reversed(self._runners):
-            await runner.cleanup()  # stops accepting, lets in-flight requests finish
+            await runner.cleanup()  # lets in-flight requests finish
         self._runners.clear()
+        self._servers.clear()
         if self._runtime is not None:
             await self._runtime.stop(self.drain_timeout)
             self._runtime = None
@@ -655,15 +710,58 @@ class Gateway:
     # -- serving ---------------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        guard = guard_of(request)
+        if guard is not None:
+            guard.request_started()
+        try:
+            return await self._serve(request)
+        finally:
+            if guard is not None:
+                guard.request_finished()
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: the body is invited only if it could be accepted, so a
+        client never sends megabytes that will be refused (413) or cannot be routed."""
+        expect = request.headers.get("Expect", "")
+        if request.version != HttpVersion11:
+            return None
+        if expect.lower() != "100-continue":
+            return problem(417, "Expectation Failed", "only Expect: 100-continue is understood")
+        runtime = self._runtime
+        if runtime is not None:
+            try:
+                found = runtime.table.match(request)
+            except GatewayError as error:
+                return _problem_response(error, None)
+            if found is not None:
+                route = found[0]
+                limit = route.max_body
+                if limit is None:
+                    limit = self._config.gateway.max_body
+                declared = request.content_length
+                if declared is not None and declared > limit:
+                    return problem(
+                        413, "Content Too Large", f"the request body exceeds {limit} bytes"
+                    )
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response's size
+        return None
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
         runtime = self._runtime
         if runtime is None:
             return problem(503, "Service Unavailable", "the gateway is not started")
+        if request.version < HttpVersion10:
+            old = problem(400, "Bad Request", "HTTP/0.9 requests are not served")
+            old.force_close()
+            return old
         gtxid = request.headers.get("x-gtxid", "")
         if not _GTXID.fullmatch(gtxid):
             gtxid = new_id()
         exchange: Exchange | None = None
         runtime.enter()
         try:
+            check_client_headers(request.headers, singletons=runtime.singleton_headers)
             if request.path.startswith("/_status/"):
                 return await self._status(runtime, request)
             found = runtime.table.match(request)
@@ -681,7 +779,13 @@ class Gateway:
                 response.headers["x-request-id"] = exchange.request_id
             return response
         except GatewayError as error:
-            return _problem_response(error, exchange)
+            refusal = _problem_response(error, exchange)
+            if error.status == 408:  # the client stalled: answer, then close at once
+                await refusal.prepare(request)
+                await refusal.write_eof()
+                if request.transport is not None:
+                    request.transport.close()
+            return refusal
         except web.HTTPException:
             raise
         except Exception:  # a bug, not the client's fault: a 500 that leaks nothing
@@ -717,9 +821,14 @@ class Gateway:
 
     def _admin_guard(self, handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            header = request.headers.get("Authorization", "")
+            headers = request.headers.getall("Authorization", [])
+            if len(headers) > 1:
+                return problem(
+                    400, "Bad Request", "the Authorization header is sent more than once"
+                )
+            header = headers[0] if headers else ""
             token = header[7:] if header.lower().startswith("bearer ") else ""
-            digest = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+            digest = "sha256:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
             allowed = self._config.gateway.admin.token_hashes
             if not token or not any(hmac.compare_digest(digest, h) for h in allowed):
                 response = problem(401, "Unauthorized", "the admin API needs a valid bearer token")
@@ -787,6 +896,12 @@ class Gateway:
 
     async def _admin_metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _without_banner(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """No product or version in `Server` (aiohttp's default names Python and aiohttp's
+    versions; an upstream's would pass through too)."""
+    response.headers["Server"] = "msa-gateway"
 
 
 def _json(value: Any) -> web.Response:

@@ -43,6 +43,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ _MIN_RSA_BITS: Final = 2048
 _MAX_HEADER_VALUE: Final = 4096
 _METHODS: Final = frozenset({"jwt", "api_key", "none"})
 _REQUIRED_CLAIMS: Final = ["exp", "iss", "aud", "sub"]
+_COMPACT: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+"""A JWS in compact serialization: three base64url parts (the last empty for alg none)."""
 
 
 def hash_api_key(key: str) -> str:
@@ -367,14 +370,40 @@ class Authenticator:
     # -- JWT --
 
     def _bearer_token(self, request: web.Request, methods: tuple[str, ...]) -> str | None:
-        header = request.headers.get(hdrs.AUTHORIZATION)
-        if header is not None:
-            scheme, _, token = header.strip().partition(" ")
+        """The token of the request's one `Authorization: Bearer` header or its one session
+        cookie. A repeated header or cookie is a 400 (a gateway that checks one copy while an
+        upstream reads another is a classic confusion); a token with bytes no JWT can hold is
+        a 401 before any parser sees it."""
+        headers = request.headers.getall(hdrs.AUTHORIZATION, [])
+        if len(headers) > 1:
+            raise GatewayError(
+                400, "Bad Request", "the Authorization header is sent more than once"
+            )
+        if headers:
+            scheme, _, token = headers[0].strip().partition(" ")
             if scheme.lower() != "bearer":
                 raise self._unauthorized("unsupported authorization scheme", methods)
-            return token.strip()
+            return self._compact(token.strip(), methods)
         cookie = self._jwt_config().cookie
-        return (request.cookies.get(cookie) or None) if cookie else None
+        if not cookie:
+            return None
+        values = [
+            value
+            for header in request.headers.getall(hdrs.COOKIE, [])
+            for name, _, value in (part.strip().partition("=") for part in header.split(";"))
+            if name == cookie
+        ]
+        if len(values) > 1:
+            raise GatewayError(400, "Bad Request", f"the {cookie} cookie is sent more than once")
+        return (
+            self._compact(values[0].strip().strip('"'), methods) if values and values[0] else None
+        )
+
+    def _compact(self, token: str, methods: tuple[str, ...]) -> str:
+        """`token` if it is spelled like a JWS compact serialization (base64url and dots)."""
+        if not token.isascii() or not _COMPACT.fullmatch(token):
+            raise self._unauthorized("malformed token", methods, bad_token=True)
+        return token
 
     def _jwt_config(self) -> JwtConfig:
         if self._config.jwt is None:

@@ -60,6 +60,7 @@ __all__ = [
     "GatewaySettings",
     "HealthCheckConfig",
     "JwtConfig",
+    "LimitsConfig",
     "ListenConfig",
     "MatchConfig",
     "PublishTarget",
@@ -123,10 +124,39 @@ class CorsConfig(_Strict):
         return self
 
 
+DEVELOPMENT_SECRET_PREFIX = "dev-only"
+"""Secrets in shipped profiles that start with this are public, for development only."""
+
+
+class LimitsConfig(_Strict):
+    """What one client connection may cost the gateway, checked on every read (like nginx's
+    `client_header_timeout`, `client_body_timeout`, `large_client_header_buffers` and
+    `keepalive_timeout`). A client over a limit gets a 4xx and its connection is closed; a slow
+    one never holds a concurrency slot, since bodies are read before the slot is taken."""
+
+    header_timeout: float = Field(default=10.0, gt=0)
+    """Seconds from a request's first byte (or the connection's start) to the end of its
+    headers; then 408 and the connection is closed."""
+    body_timeout: float = Field(default=10.0, gt=0)
+    """Seconds the body may pause between two reads; then 408."""
+    body_min_rate: int = Field(default=1024, ge=0)
+    """Bytes per second a body must average once `body_timeout` has passed (0: no minimum), so
+    a client trickling one byte just inside every pause is cut off too; then 408."""
+    keepalive_timeout: float = Field(default=30.0, gt=0)
+    """Seconds an idle keep-alive connection is kept open."""
+    max_header_bytes: int = Field(default=32_768, ge=1024)
+    """The request line and headers together; 431 above it."""
+    max_headers: int = Field(default=100, ge=8)
+    """Header lines in one request; 431 above it."""
+    max_connections: int = Field(default=10_000, ge=1)
+    """Open client connections; more are answered 503 and closed at once."""
+
+
 class GatewaySettings(_Strict):
     name: str = "gateway"
     listen: ListenConfig = ListenConfig()
     admin: AdminConfig = AdminConfig()
+    limits: LimitsConfig = LimitsConfig()
     max_body: int = Field(default=1 << 20, ge=0)
     """Largest request body in bytes (413 above it)."""
     max_concurrency: int = Field(default=1000, ge=1)
@@ -140,6 +170,21 @@ class GatewaySettings(_Strict):
     """Peers whose X-Forwarded-For is believed when naming the client."""
     signing_key: str | None = None
     """Secret for short-lived signed URLs (`files` routes); use `${ENV}`."""
+    internal_paths: tuple[str, ...] = ("/metrics", "/alive", "/ready", "/docs")
+    """Upstream paths (and everything under them) a prefix route never forwards: a catch-all
+    must not publish an upstream's metrics, probes or API docs. A route that names such a path
+    exactly (not as a prefix) still reaches it."""
+    development: bool = False
+    """Accept the built-in development secrets (values starting with `dev-only`). Off: such a
+    secret is refused at load, so a profile that falls back to one cannot reach production."""
+
+    @field_validator("internal_paths")
+    @classmethod
+    def _internal_absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} must start with '/'")
+        return tuple(path.rstrip("/") or "/" for path in value)
 
 
 # -- identity and QoS ----------------------------------------------------------------------------
@@ -428,6 +473,17 @@ class GatewayConfig(_Strict):
         for key in self.auth.api_keys:
             if key.tier is not None and key.tier not in self.tiers:
                 problems.append(f"auth.api_keys[{key.id}].tier: no tier named {key.tier!r}")
+        if not self.gateway.development:
+            secrets = {
+                "gateway.signing_key": self.gateway.signing_key,
+                "auth.jwt.hs256_secret": self.auth.jwt.hs256_secret if self.auth.jwt else None,
+            }
+            for where, secret in secrets.items():
+                if secret is not None and secret.startswith(DEVELOPMENT_SECRET_PREFIX):
+                    problems.append(
+                        f"{where}: a built-in development secret; give a real one (from the "
+                        "environment) or set gateway.development: true"
+                    )
         if problems:
             raise ValueError("; ".join(problems))
         return self

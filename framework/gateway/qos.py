@@ -38,6 +38,7 @@ Three independent layers, each a `GatewayMiddleware`; auth runs before them, so
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -45,10 +46,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from framework.errors import ConfigurationError
-from framework.gateway.config import TierConfig
+from framework.gateway.config import LimitsConfig, TierConfig
 from framework.gateway.types import Exchange, GatewayError, GatewayHandler, GatewayMiddleware
 from framework.resilience import TokenBucket
 
@@ -301,15 +303,24 @@ def _too_large(limit: int) -> GatewayError:
     return GatewayError(413, "Content Too Large", f"the request body exceeds {limit} bytes")
 
 
-def body_limit_middleware(default_max: int) -> GatewayMiddleware:
+def body_limit_middleware(
+    default_max: int, limits: LimitsConfig | None = None
+) -> GatewayMiddleware:
     """Cap request bodies at the route's `max_body` (else `default_max`) and read them.
 
     413 for a `Content-Length` over the limit (before reading) or a body that turns out longer
     (chunked, or lying about its length); 400 for a `Content-Length` that is not one decimal
     number, or that comes together with `Transfer-Encoding` (a request-smuggling shape).
+
+    With `limits`, the body must keep coming: 408 when it pauses for more than
+    `limits.body_timeout` seconds, or when, after that long, it has averaged less than
+    `limits.body_min_rate` bytes a second. A client that hangs up mid-body gets a 400 nobody
+    reads (one access-log line, no traceback).
     """
     if default_max < 0:
         raise ConfigurationError(f"default_max must not be negative, not {default_max}")
+    pause = limits.body_timeout if limits is not None else None
+    min_rate = limits.body_min_rate if limits is not None else 0
 
     async def body_limit(exchange: Exchange, call_next: GatewayHandler) -> web.StreamResponse:
         request = exchange.request
@@ -327,21 +338,47 @@ def body_limit_middleware(default_max: int) -> GatewayMiddleware:
             if int(declared[0]) > limit:
                 raise _too_large(limit)
         if exchange.body is None:
-            parts: list[bytes] = []
-            size = 0
-            while True:
-                # Never ask for more than one byte past the limit: that byte is the proof.
-                chunk = await request.content.read(min(_CHUNK, limit + 1 - size))
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                parts.append(chunk)
-            exchange.body = b"".join(parts)
+            exchange.body = await _read_body(request, limit, pause, min_rate)
         elif len(exchange.body) > limit:
             raise _too_large(limit)
         exchange.bytes_in = len(exchange.body)
         return await call_next(exchange)
 
     return body_limit
+
+
+async def _read_body(request: web.Request, limit: int, pause: float | None, min_rate: int) -> bytes:
+    if not request.body_exists:
+        return b""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(pause):
+                # Never ask for more than one byte past the limit: that byte is the proof.
+                chunk = await request.content.read(min(_CHUNK, limit + 1 - size))
+        except TimeoutError:
+            raise _stalled(f"the request body paused for more than {pause:g} s") from None
+        except (ConnectionError, ClientPayloadError, HttpProcessingError):
+            # The client hung up mid-body: nobody will read the answer, but the access log
+            # gets its one line, and no traceback is written for a client's choice.
+            raise GatewayError(
+                400, "Bad Request", "the client closed the connection before the body ended"
+            ) from None
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+        if pause is not None and min_rate:
+            elapsed = loop.time() - started
+            if elapsed > pause and size < min_rate * elapsed:
+                raise _stalled(f"the request body arrives slower than {min_rate} bytes/s")
+    return b"".join(parts)
+
+
+def _stalled(detail: str) -> GatewayError:
+    return GatewayError(408, "Request Timeout", detail, headers={"Connection": "close"})

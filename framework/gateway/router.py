@@ -1,15 +1,22 @@
 """Route matching: method, path (parameters, prefixes), host and headers; first match wins.
 
-    table = RouteTable(config.routes)
+    table = RouteTable(config.routes, internal_paths=("/metrics",))
     found = table.match(request)        # (RouteConfig, {"id": "42"}) or None
     table.upstream_path(route, params, request)   # "/products/42?lang=en"
 
-Paths are checked before anything matches them: a path with a `..` or `.` segment (also
-percent-encoded, e.g. `%2e%2e`), an encoded slash or backslash (`%2f`, `%5c`), a backslash,
-or a control character is refused with 400, so no spelling of a path reaches a route (or an
-upstream file) it does not name. Parameters match one segment (`{id}`); a prefix route puts the
-rest of the path in `{tail}`. The upstream path is built from the route's `rewrite` template
-with each parameter percent-encoded again, never from the raw client path.
+Every path is normalised once, before matching and before anything is forwarded
+(`normalise_path`): each segment is percent-decoded exactly once and must then be UTF-8 text
+without `/`, `\\`, control characters or a further escape of a separator (`%252f`); no segment
+may be `.` or `..`, also with path parameters (`..;x`, which Tomcat, Jetty and Spring resolve
+as `..`); no segment may be empty except the last. Anything else is refused with 400, so no
+spelling of a path reaches a route (or an upstream file) it does not name, on any route kind.
+
+Routes match the decoded path. Parameters match one segment (`{id}`); a prefix route puts the
+rest of the path in `{tail}`. The upstream path is always rebuilt from the decoded segments,
+each percent-encoded again (`;` included, so an upstream never reads a path parameter the
+gateway did not see) - from the route's `rewrite` template, or the request's path minus
+`strip_prefix` - never passed on raw. A prefix route never forwards to an upstream's internal
+paths (`internal_paths`: metrics, probes, docs): those need a route that names them exactly.
 """
 
 from __future__ import annotations
@@ -17,31 +24,66 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 from aiohttp import web
 
 from framework.gateway.config import RouteConfig
 from framework.gateway.types import GatewayError
 
-__all__ = ["RouteTable", "check_path", "fill_template"]
+__all__ = ["RouteTable", "check_path", "fill_template", "normalise_path"]
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_BAD_ENCODED = re.compile(r"%(2[fF]|5[cC]|00|0[aAdD])")
-_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2[eE]){1,2}(/|$)")
+_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPED_SEPARATOR = re.compile(r"%(2[eEfF]|5[cC]|3[bB]|25|00)")
+_SAFE = "!$&'()*+,=:@~"
+"""Characters left unencoded in a rebuilt segment: RFC 3986 pchar sub-delims, minus `;`."""
+
+
+def _bad(detail: str) -> GatewayError:
+    return GatewayError(400, "Bad Request", detail)
+
+
+def normalise_path(raw_path: str) -> list[str]:
+    """The decoded segments of `raw_path` (without its query), or `GatewayError` 400.
+
+    >>> normalise_path("/api/caf%C3%A9/x%20y/")
+    ['api', 'café', 'x y', '']
+    """
+    if not raw_path.startswith("/"):
+        raise _bad("the path must start with '/'")
+    if "\\" in raw_path:
+        raise _bad("the path holds a backslash")
+    if _ESCAPE.search(raw_path):
+        raise _bad("the path holds a malformed percent-escape")
+    raw_segments = raw_path[1:].split("/")
+    segments: list[str] = []
+    for index, raw in enumerate(raw_segments):
+        if not raw and index < len(raw_segments) - 1:
+            raise _bad("the path holds an empty segment")
+        try:
+            segment = unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad("the path is not UTF-8") from None
+        if "/" in segment or "\\" in segment:
+            raise _bad("the path holds an encoded or backslash separator")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in segment):
+            raise _bad("the path holds control characters")
+        if _ESCAPED_SEPARATOR.search(segment):
+            raise _bad("the path holds a doubly encoded character")
+        if segment.split(";", 1)[0] in (".", ".."):
+            raise _bad("the path holds a '.' or '..' segment")
+        segments.append(segment)
+    return segments
 
 
 def check_path(raw_path: str) -> None:
-    """Refuse paths that could escape their route: dot segments, encoded separators,
-    backslashes and control characters (raises `GatewayError` 400)."""
-    if not raw_path.startswith("/"):
-        raise GatewayError(400, "Bad Request", "the path must start with '/'")
-    if "\\" in raw_path or _BAD_ENCODED.search(raw_path):
-        raise GatewayError(400, "Bad Request", "the path holds an encoded or backslash separator")
-    if _DOT_SEGMENT.search(raw_path.replace("%2E", "%2e")) or "/%2e" in raw_path.lower():
-        raise GatewayError(400, "Bad Request", "the path holds a '.' or '..' segment")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw_path):
-        raise GatewayError(400, "Bad Request", "the path holds control characters")
+    """Refuse a path `normalise_path` refuses (raises `GatewayError` 400)."""
+    normalise_path(raw_path)
+
+
+def _encode(segments: Sequence[str]) -> str:
+    return "/" + "/".join(quote(segment, safe=_SAFE) for segment in segments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +112,9 @@ def _compile_path(path: str, prefix: bool) -> re.Pattern[str]:
 class RouteTable:
     """The routes of one config, compiled once; `match` returns the first that fits."""
 
-    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+    def __init__(self, routes: Sequence[RouteConfig], *, internal_paths: Sequence[str] = ()):
         self.routes = tuple(routes)
+        self.internal_paths = tuple(p.rstrip("/") for p in internal_paths)
         self._compiled = [
             _Compiled(
                 route=route,
@@ -92,9 +135,7 @@ class RouteTable:
     def match(self, request: web.Request) -> tuple[RouteConfig, dict[str, str]] | None:
         """The first route matching the request and its path parameters (decoded), or None.
         Raises `GatewayError` 400 for paths refused by `check_path`."""
-        raw_path = request.raw_path.split("?", 1)[0]
-        check_path(raw_path)
-        path = request.path
+        path = "/" + "/".join(normalise_path(request.raw_path.split("?", 1)[0]))
         method = request.method
         if method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             method = request.headers["Access-Control-Request-Method"].upper()  # a preflight
@@ -125,15 +166,27 @@ class RouteTable:
         self, route: RouteConfig, params: dict[str, str], request: web.Request
     ) -> str:
         """The path (and query) to send upstream: the rewrite template filled with the
-        parameters percent-encoded, or the request path minus `strip_prefix`."""
+        parameters percent-encoded, or the request's normalised path minus `strip_prefix`.
+        Raises `GatewayError` 404 when a prefix route would reach an internal path."""
         if route.rewrite is not None:
             path = fill_template(route.rewrite, params)
         else:
-            path = request.rel_url.raw_path
-            if route.strip_prefix and path.startswith(route.strip_prefix):
-                path = path[len(route.strip_prefix) :] or "/"
+            segments = normalise_path(request.raw_path.split("?", 1)[0])
+            strip = [part for part in (route.strip_prefix or "").split("/") if part]
+            if strip and segments[: len(strip)] == strip:
+                segments = segments[len(strip) :] or [""]
+            path = _encode(segments)
+        if route.match.prefix and self._internal(path):
+            raise GatewayError(404, "Not Found", f"no route for {request.method} {request.path}")
         query = request.rel_url.raw_query_string
         return f"{path}?{query}" if query else path
+
+    def _internal(self, path: str) -> bool:
+        decoded = "/" + "/".join(normalise_path(path))
+        return any(
+            decoded == internal or decoded.startswith(internal + "/")
+            for internal in self.internal_paths
+        )
 
 
 def fill_template(template: str, params: Mapping[str, str]) -> str:
@@ -144,5 +197,5 @@ def fill_template(template: str, params: Mapping[str, str]) -> str:
 def _encode_param(name: str, params: Mapping[str, str]) -> str:
     value = params.get(name, "")
     if name == "tail":  # keeps its slashes; each segment encoded on its own
-        return "/".join(quote(segment, safe="") for segment in value.split("/"))
-    return quote(value, safe="")
+        return "/".join(quote(segment, safe=_SAFE) for segment in value.split("/"))
+    return quote(value, safe=_SAFE)

@@ -465,12 +465,37 @@ routes:
 
 
 @pytest.mark.parametrize("profile", ["web", "mobile", "internal"])
-def test_the_shop_gateway_profiles_validate(profile: str) -> None:
+def test_the_shop_gateway_profiles_validate(
+    profile: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Backends for frontends: one program, three configs."""
     from framework.cli import main
 
+    monkeypatch.setenv("FILES_SIGNING_KEY", "a-real-secret-from-the-environment")
     path = Path(__file__).resolve().parents[3] / "example_shop" / "gateway" / f"{profile}.yaml"
     assert main(["gateway", "--check", str(path)]) == 0
+
+
+def test_a_profile_refuses_its_development_secret_unless_told(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The web profile falls back to a public `dev-only` signing key: that is refused at load
+    (so `msa gateway` does not start) unless the deployment says it is for development."""
+    from framework.cli import main
+
+    path = Path(__file__).resolve().parents[3] / "example_shop" / "gateway" / "web.yaml"
+    monkeypatch.delenv("FILES_SIGNING_KEY", raising=False)
+    monkeypatch.delenv("GATEWAY_DEVELOPMENT", raising=False)
+    assert main(["gateway", "--check", str(path)]) == 1
+    assert "gateway.signing_key: a built-in development secret" in capsys.readouterr().err
+    monkeypatch.setenv("GATEWAY_DEVELOPMENT", "true")
+    assert main(["gateway", "--check", str(path)]) == 0
+    with pytest.raises(GatewayConfigError, match="hs256_secret: a built-in development"):
+        parse_config(
+            "auth: {jwt: {issuer: i, audience: a, algorithms: [HS256],"
+            " hs256_secret: dev-only-0123456789abcdef0123456789abcdef}}",
+            env={},
+        )
 
 
 def test_msa_gateway_check_reports_problems(

@@ -342,7 +342,10 @@ def _graph(
 
     if targets or gateways:
         services = [load_service(target) for target in targets]
-        graph = describe(services, {Path(g).stem: load_config(g, env={}) for g in gateways})
+        configs = {  # drawn, never served: development secrets may stand
+            Path(g).stem: load_config(g, env={}, allow_development_secrets=True) for g in gateways
+        }
+        graph = describe(services, configs)
     else:
         systems = {name: c.graph for name, c in installed.items() if c.graph is not None}
         if len(systems) != 1:

@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from framework.errors import ConfigurationError
 from framework.resilience.breaker import BreakerConfig
@@ -445,7 +453,7 @@ class GatewayConfig(_Strict):
     routes: tuple[RouteConfig, ...] = ()
 
     @model_validator(mode="after")
-    def _references(self) -> GatewayConfig:
+    def _references(self, info: ValidationInfo) -> GatewayConfig:
         problems: list[str] = []
         names: set[str] = set()
         for index, route in enumerate(self.routes):
@@ -473,7 +481,8 @@ class GatewayConfig(_Strict):
         for key in self.auth.api_keys:
             if key.tier is not None and key.tier not in self.tiers:
                 problems.append(f"auth.api_keys[{key.id}].tier: no tier named {key.tier!r}")
-        if not self.gateway.development:
+        allowed = bool(info.context and info.context.get("allow_development_secrets"))
+        if not (self.gateway.development or allowed):
             secrets = {
                 "gateway.signing_key": self.gateway.signing_key,
                 "auth.jwt.hs256_secret": self.auth.jwt.hs256_secret if self.auth.jwt else None,
@@ -527,9 +536,17 @@ def _location(loc: tuple[int | str, ...]) -> str:
 
 
 def parse_config(
-    text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None
+    text: str,
+    *,
+    source: str = "<config>",
+    env: Mapping[str, str] | None = None,
+    allow_development_secrets: bool = False,
 ) -> GatewayConfig:
-    """Parse and validate YAML text; raises `GatewayConfigError` listing every problem."""
+    """Parse and validate YAML text; raises `GatewayConfigError` listing every problem.
+
+    `allow_development_secrets` is for configs that are read, never served (drawing the
+    system graph): their `dev-only` fallbacks are then not refused.
+    """
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -545,7 +562,9 @@ def parse_config(
             source, [f"environment variable {name} is not set" for name in sorted(set(missing))]
         )
     try:
-        return GatewayConfig.model_validate(raw)
+        return GatewayConfig.model_validate(
+            raw, context={"allow_development_secrets": allow_development_secrets}
+        )
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -554,11 +573,18 @@ def parse_config(
         raise GatewayConfigError(source, problems) from None
 
 
-def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> GatewayConfig:
+def load_config(
+    path: str | Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    allow_development_secrets: bool = False,
+) -> GatewayConfig:
     """Read and validate a config file; raises `GatewayConfigError`."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise GatewayConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from exc
-    return parse_config(text, source=str(path), env=env)
+    return parse_config(
+        text, source=str(path), env=env, allow_development_secrets=allow_development_secrets
+    )

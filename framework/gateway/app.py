@@ -77,7 +77,13 @@ from framework.gateway.config import (
     RouteConfig,
     load_config,
 )
-from framework.gateway.guard import ConnectionGuard, ConnectionLimit, guard_of
+from framework.gateway.guard import (
+    SERVER_NAME,
+    ConnectionGuard,
+    ConnectionLimit,
+    GatewayProtocol,
+    guard_of,
+)
 from framework.gateway.headers import GATEWAY_OWNED, check_client_headers, forwardable_headers
 from framework.gateway.metering import Meter, access_log_middleware
 from framework.gateway.qos import (
@@ -557,36 +563,33 @@ class Gateway:
         # Limits and timeouts are read at the first start only (like `bus`): they shape the
         # listening sockets, which a reload keeps.
         limits = settings.limits
-        self.connections = ConnectionLimit(limits.max_connections)
+        self.connections = ConnectionLimit(limits.max_connections, self.metrics)
         loop = asyncio.get_running_loop()
         for app, listen, attribute in (
             (main, (settings.listen.host, settings.listen.port), "port"),
             (admin, (settings.admin.host, settings.admin.port), "admin_port"),
         ):
             app.on_response_prepare.append(_without_banner)
-            runner = web.AppRunner(
-                app,
-                access_log=None,
-                shutdown_timeout=self.drain_timeout,
-                keepalive_timeout=limits.keepalive_timeout,
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.drain_timeout)
+            await runner.setup()
+            manager = runner.server
+            assert manager is not None  # set by setup()
+            options: dict[str, Any] = {
+                "access_log": None,
+                "keepalive_timeout": limits.keepalive_timeout,
                 # The guard refuses a head over the limits first (431); these only keep
                 # aiohttp's own parser limits out of its way.
-                max_line_size=limits.max_header_bytes,
-                max_field_size=limits.max_header_bytes,
-                max_headers=limits.max_headers + 8,
-                lingering_time=min(2.0, limits.body_timeout),
-            )
-            await runner.setup()
-            protocols = runner.server
-            assert protocols is not None  # set by setup()
-            server = await loop.create_server(
-                lambda protocols=protocols: ConnectionGuard(  # type: ignore[misc]
-                    protocols(), limits, self.connections
-                ),
-                listen[0],
-                listen[1],
-                reuse_address=True,
-            )
+                "max_line_size": limits.max_header_bytes,
+                "max_field_size": limits.max_header_bytes,
+                "max_headers": limits.max_headers + 8,
+                "lingering_time": min(2.0, limits.body_timeout),
+            }
+
+            def guarded(manager: web.Server = manager, options: dict[str, Any] = options) -> Any:
+                protocol = GatewayProtocol(manager, loop=loop, **options)
+                return ConnectionGuard(protocol, limits, self.connections)
+
+            server = await loop.create_server(guarded, listen[0], listen[1], reuse_address=True)
             self._runners.append(runner)
             self._servers.append(server)
             setattr(self, attribute, int(server.sockets[0].getsockname()[1]))
@@ -862,11 +865,17 @@ class Gateway:
         return _json(self.meter.snapshot())
 
     async def _admin_config(self, request: web.Request) -> web.Response:
+        connections = self.connections
         return _json(
             {
                 "name": self._config.gateway.name,
                 "reloads": self.reloads,
                 "routes": len(self._config.routes),
+                "connections": {
+                    "open": connections.open,
+                    "max": connections.maximum,
+                    "closed": connections.closed,
+                },
             }
         )
 
@@ -901,7 +910,7 @@ class Gateway:
 async def _without_banner(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """No product or version in `Server` (aiohttp's default names Python and aiohttp's
     versions; an upstream's would pass through too)."""
-    response.headers["Server"] = "msa-gateway"
+    response.headers["Server"] = SERVER_NAME
 
 
 def _json(value: Any) -> web.Response:

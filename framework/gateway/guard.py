@@ -30,18 +30,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Final, Literal
+from http import HTTPStatus
+from typing import Final, Literal, cast
 
 import orjson
 from aiohttp import web
 
 from framework.gateway.config import LimitsConfig
+from framework.observability.metrics import MetricsRegistry
 
-__all__ = ["ConnectionGuard", "ConnectionLimit", "guard_of"]
+__all__ = ["ConnectionGuard", "ConnectionLimit", "GatewayProtocol", "guard_of"]
 
 log = logging.getLogger("framework.gateway.guard")
 
 _END_OF_HEAD: Final = b"\r\n\r\n"
+_LINGER_SECONDS: Final = 2.0
+_LINGER_BYTES: Final = 1 << 20
+"""After a refusal, what is read and dropped before the connection is closed anyway."""
 _REASONS: Final = {
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
@@ -57,19 +62,41 @@ def _answer(status: int, detail: str) -> bytes:
     head = (
         f"HTTP/1.1 {status} {title}\r\n"
         "Content-Type: application/problem+json\r\n"
-        f"Content-Length: {len(body)}\r\n"
+        f"Content-Length: {len(body)}\r\nServer: {SERVER_NAME}\r\n"
         f"{extra}Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
 
 
 class ConnectionLimit:
-    """Open connections of one gateway, against `maximum`."""
+    """Open connections of one gateway, against `maximum`, and why the guards closed any.
 
-    def __init__(self, maximum: int) -> None:
+    With `metrics`, the same numbers are `gateway_open_connections` and
+    `gateway_connections_closed_total{reason}` (`capacity`, `header_timeout`, `header_size`).
+    """
+
+    def __init__(self, maximum: int, metrics: MetricsRegistry | None = None) -> None:
         self.maximum = maximum
         self.open = 0
-        self.refused = 0
+        self.closed: dict[str, int] = {"capacity": 0, "header_timeout": 0, "header_size": 0}
+        self._closed_total = (
+            metrics.counter(
+                "gateway_connections_closed_total",
+                "Client connections the gateway closed at its door, by reason.",
+                ("reason",),
+            )
+            if metrics is not None
+            else None
+        )
+        if metrics is not None:
+            metrics.gauge("gateway_open_connections", "Client connections open now.").set_function(
+                lambda: self.open
+            )
+
+    def count_closed(self, reason: str) -> None:
+        self.closed[reason] = self.closed.get(reason, 0) + 1
+        if self._closed_total is not None:
+            self._closed_total.labels(reason=reason).inc()
 
 
 class ConnectionGuard(asyncio.Protocol):
@@ -89,15 +116,17 @@ class ConnectionGuard(asyncio.Protocol):
         self._head_lines = 0
         self._tail = b""
         self._active = 0
+        self._discarded = 0
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         if self._limit.open >= self._limit.maximum:
             self._refused = True
-            self._limit.refused += 1
+            self._limit.count_closed("capacity")
             transport.write(_answer(503, "the gateway has too many open connections"))
             transport.close()
             return
@@ -115,6 +144,9 @@ class ConnectionGuard(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
+            self._discarded += len(data)  # lingering: read what the client still sends
+            if self._discarded > _LINGER_BYTES and self._transport is not None:
+                self._transport.close()
             return
         if self._state == "idle":
             self._start_head()  # the first byte of the next request on a kept-alive connection
@@ -171,7 +203,7 @@ class ConnectionGuard(asyncio.Protocol):
                 if size > self._limits.max_header_bytes
                 else f"more than {self._limits.max_headers} fields"
             )
-            self._refuse(431, f"the request line and headers hold {what}")
+            self._refuse(431, f"the request line and headers hold {what}", "header_size")
             return False
         if end >= 0:
             self._state = "request"
@@ -201,17 +233,80 @@ class ConnectionGuard(asyncio.Protocol):
             self._refuse(
                 408,
                 f"the request headers did not arrive within {self._limits.header_timeout:g} s",
+                "header_timeout",
             )
         elif self._transport is not None:
+            self._limit.count_closed("header_timeout")
             self._transport.close()  # nothing was asked: close without an answer
 
-    def _refuse(self, status: int, detail: str) -> None:
+    def _refuse(self, status: int, detail: str, reason: str) -> None:
+        """Answer, then close the way nginx's lingering close does: half-close after the
+        answer and read (and drop) what the client is still sending for a moment, so the
+        answer is not lost to a reset while the client is mid-send."""
         log.info("gateway: closing a connection with %d (%s)", status, detail)
+        self._limit.count_closed(reason)
         self._closed = True
         self._disarm()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(_answer(status, detail))
-            self._transport.close()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(_answer(status, detail))
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
+        else:
+            transport.close()
+
+
+SERVER_NAME: Final = "msa-gateway"
+"""The `Server` header of every answer: a name, no software versions."""
+
+
+class GatewayProtocol(web.RequestHandler):
+    """aiohttp's request handler with the gateway's answer to requests its parser refuses
+    (a malformed request line or header, a repeated `Host`, a bad chunk size, ...): an RFC 9457
+    problem with a fixed detail and no `Server` version, and one log line naming the error's
+    kind, never the offending bytes (they can hold a client's credentials).
+
+    `handle_error` is aiohttp's hook for these answers; pyproject pins aiohttp below the next
+    minor version, and the hostile-client suite's parser rows fail if the hook stops being used.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:  # not the client's doing: keep aiohttp's logging (a traceback)
+            response = super().handle_error(request, status, exc, message)
+        else:
+            log.info(
+                "gateway: refused a malformed request from %s with %d (%s)",
+                request.remote,
+                status,
+                type(exc).__name__ if exc is not None else "no detail",
+            )
+            try:
+                title = HTTPStatus(status).phrase
+            except ValueError:
+                title = "Bad Request"
+            body = orjson.dumps(
+                {
+                    "type": "about:blank",
+                    "title": title,
+                    "status": status,
+                    "detail": "the request is not well-formed HTTP/1.1",
+                }
+            )
+            response = web.Response(status=status, body=body, content_type=_PROBLEM)
+            response.force_close()  # the connection ends after this answer
+        response.headers["Server"] = SERVER_NAME
+        return response
+
+
+_PROBLEM: Final = "application/problem+json"
 
 
 def guard_of(request: web.BaseRequest) -> ConnectionGuard | None:

@@ -54,7 +54,12 @@ _SINGLE = ("host", "authorization", "cookie")
 
 
 def check_client_headers(headers: Mapping[str, str], *, singletons: Iterable[str] = ()) -> None:
-    """Raise `GatewayError` 400 for a repeated single header or one that is not UTF-8."""
+    """Raise `GatewayError` 400 for a repeated single header or one that is not UTF-8.
+
+    The values of credential headers (`Authorization`, `Cookie` and the `singletons`, e.g. the
+    API-key header) are left to authentication, which answers a credential it cannot read with
+    a 401 and its challenge; `forwardable_headers` never passes such a value on.
+    """
     seen: set[str] = set()
     single = {*_SINGLE, *(name.lower() for name in singletons)}
     for name, value in headers.items():
@@ -65,7 +70,7 @@ def check_client_headers(headers: Mapping[str, str], *, singletons: Iterable[str
             seen.add(lower)
         if not _utf8(name):
             raise GatewayError(400, "Bad Request", "a header name is not UTF-8")
-        if not _utf8(value):
+        if lower not in single and not _utf8(value):
             raise GatewayError(400, "Bad Request", f"the value of {lower} is not UTF-8")
 
 
@@ -90,6 +95,7 @@ def forwardable_headers(headers: Mapping[str, str], *, owned: Collection[str]) -
             or lower in named
             or lower in FRAMING
             or lower in owned
+            or not _utf8(value)  # only a credential no route checked can get here
         ):
             continue
         out.add(name, value)

@@ -465,9 +465,7 @@ routes:
 
 
 @pytest.mark.parametrize("profile", ["web", "mobile", "internal"])
-def test_the_shop_gateway_profiles_validate(
-    profile: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_shop_gateway_profiles_validate(profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Backends for frontends: one program, three configs."""
     from framework.cli import main
 

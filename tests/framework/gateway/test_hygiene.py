@@ -220,6 +220,15 @@ routes:
 """
         )
         assert gateway.port is not None
+        malformed = await _exchange(
+            gateway.port, b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Token: secret\r\n\r\n"
+        )
+        # aiohttp's parser refuses it; the gateway's protocol words the answer (no banner,
+        # a problem body, nothing of the request echoed).
+        assert malformed.split(b" ", 2)[1] == b"400"
+        assert b"application/problem+json" in malformed
+        assert b"Server: msa-gateway" in malformed
+        assert b"secret" not in malformed
         slow_head, big_head, many_headers, stalled_body, control = await asyncio.gather(
             _exchange(gateway.port, b"GET /slow HTTP/1.1\r\nHost: gw\r\n"),
             _exchange(gateway.port, b"GET /big HTTP/1.1\r\nX-A: " + b"a" * 5000 + b"\r\n\r\n"),
@@ -240,6 +249,14 @@ routes:
             assert b"aiohttp" not in answer
             assert b"Python" not in answer
         assert upstream_requests == ["/fine"]
+        assert gateway.connections.closed == {
+            "capacity": 0,
+            "header_timeout": 1,
+            "header_size": 2,
+        }
+        assert 'gateway_connections_closed_total{reason="header_size"} 2.0' in (
+            gateway.metrics.render().decode()
+        )
     finally:
         await runner.cleanup()
 

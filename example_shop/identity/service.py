@@ -59,7 +59,10 @@ DEV_ADMIN_PASSWORD = "admin-password-123"
 DEMO_EMAIL = "demo@shop.test"
 DEMO_PASSWORD = "demo-password-123"
 
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+# No control characters: nobody's address or name needs one, and PostgreSQL text cannot hold
+# NUL (an error there would be a 500, not the 422 a bad form deserves).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+")
 
 MIGRATIONS = [
     Migration(
@@ -98,9 +101,12 @@ class SignUp(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not value.strip():
+        value = value.strip()
+        if not value:
             raise ValueError("the name is empty")
-        return value.strip()
+        if _CONTROL.search(value):
+            raise ValueError("the name holds control characters")
+        return value
 
     @model_validator(mode="after")
     def _strong_password(self) -> SignUp:
@@ -117,7 +123,10 @@ class Credentials(BaseModel):
     @field_validator("email")
     @classmethod
     def _email(cls, value: str) -> str:
-        return value.strip().lower()
+        value = value.strip().lower()
+        if _CONTROL.search(value):
+            raise ValueError("not an email address")
+        return value
 
 
 class Profile(BaseModel):

@@ -25,6 +25,7 @@ catalog on every cart change, at the cost of prices that lag the catalog by the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -102,6 +103,11 @@ MIGRATIONS = [
 
 HISTORY_LIMIT = 100
 """Orders listed by `GET /orders`, newest first."""
+ORDER_TOTAL_LIMIT_CENTS = 2**31 - 1
+"""The largest total an order may have: what `orders.total_cents` holds. A cart worth more is
+refused (409) when it is ordered."""
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class CartItemUpdate(BaseModel):
@@ -121,6 +127,14 @@ class PlaceOrder(BaseModel):
     @classmethod
     def _trim(cls, value: Any) -> Any:
         return value.strip() if isinstance(value, str) else value
+
+    @field_validator("address")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # Lines, yes; other control characters, no (PostgreSQL text cannot even hold NUL).
+        if _CONTROL.search(value):
+            raise ValueError("the address holds control characters")
+        return value
 
     @field_validator("card_number", mode="before")
     @classmethod
@@ -260,6 +274,11 @@ class Orders(Service):
             total = sum(line.quantity * line.unit_price_cents for line in lines)
             if total <= 0:
                 raise web.HTTPConflict(text="the order has nothing to pay for")
+            if total > ORDER_TOTAL_LIMIT_CENTS:
+                raise web.HTTPConflict(
+                    text=f"the order totals {total} cents; at most {ORDER_TOTAL_LIMIT_CENTS} "
+                    "can be ordered at once"
+                )
             await tx.execute(
                 "insert into orders (order_id, customer_id, status, total_cents, address, "
                 "card_last4) values ($1, $2, 'pending', $3, $4, $5)",

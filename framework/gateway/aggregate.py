@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -43,8 +44,14 @@ class Aggregator:
         )
         merged: dict[str, Any] = {}
         partial: list[str] = []
-        for branch, (value, problem) in zip(self.branches, results, strict=True):
+        for branch, (value, problem, status) in zip(self.branches, results, strict=True):
             if problem is not None:
+                if branch.required and status is not None and 400 <= status < 500:
+                    # The part the answer hinges on refused the client's request (an unknown
+                    # id: 404): that is the answer, not a failure of the gateway's.
+                    raise GatewayError(
+                        status, _phrase(status), f"required part {branch.name!r}: {problem}"
+                    )
                 if branch.required:
                     raise GatewayError(
                         502, "Bad Gateway", f"required part {branch.name!r} failed: {problem}"
@@ -62,7 +69,8 @@ class Aggregator:
 
     async def _branch(
         self, branch: AggregateBranch, exchange: Exchange, headers: Mapping[str, str]
-    ) -> tuple[Any, str | None]:
+    ) -> tuple[Any, str | None, int | None]:
+        """The branch's JSON value, or None with what went wrong and the status it answered."""
         path = fill_template(branch.path, exchange.params)
         try:
             async with asyncio.timeout(branch.timeout):
@@ -70,12 +78,19 @@ class Aggregator:
                     "GET", path, headers=headers, body=None, timeout=branch.timeout
                 )
         except TimeoutError:
-            return None, f"no answer within {branch.timeout}s"
+            return None, f"no answer within {branch.timeout}s", None
         except GatewayError as exc:
-            return None, f"{exc.status} {exc.title}"
+            return None, f"{exc.status} {exc.title}", None
         if not 200 <= answer.status < 300:
-            return None, f"answered {answer.status}"
+            return None, f"answered {answer.status}", answer.status
         try:
-            return orjson.loads(answer.body), None
+            return orjson.loads(answer.body), None, answer.status
         except orjson.JSONDecodeError:
-            return None, "answered something that is not JSON"
+            return None, "answered something that is not JSON", None
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Bad Request"

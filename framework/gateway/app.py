@@ -556,7 +556,9 @@ class Gateway:
             self._mtime = _mtime(self.config_path)
         settings = self._config.gateway
         main = web.Application(client_max_size=max(settings.max_body, 1024) + 1024)
-        main.router.add_route("*", "/{path:.*}", self._handle, expect_handler=self._expect)
+        # Any path at all (`[\s\S]`: a decoded newline too) reaches `_handle`, whose router
+        # refuses what it must with a problem; aiohttp's own 404 would be plain text.
+        main.router.add_route("*", r"/{path:[\s\S]*}", self._handle, expect_handler=self._expect)
         main.on_shutdown.append(self._on_shutdown)
         admin = web.Application()
         self._admin_routes(admin)

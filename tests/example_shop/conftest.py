@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import AsyncIterator
 
@@ -11,14 +12,25 @@ from example_shop.shop import START_ORDER, Shop
 
 
 def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """`count` ports free now, from below the kernel's ephemeral range (32768 and up).
+
+    A port the kernel handed out (bind to 0) and released can be taken again as the local port
+    of any outgoing connection before the shop binds it; one below that range can only be taken
+    by someone binding it on purpose.
+    """
+    chosen: list[int] = []
+    rng = random.Random()
+    while len(chosen) < count:
+        port = rng.randrange(20_000, 32_000)
+        if port in chosen:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    return chosen
 
 
 async def start_shop(real: bool, env: dict[str, str] | None = None) -> Shop:

@@ -236,6 +236,12 @@ routes:
       branches:
         - {{name: product, upstream: catalog, path: "/status/500", required: true}}
         - {{name: stock, upstream: stock, path: "/stock/1"}}
+  - name: missing-page
+    match: {{methods: [GET], path: "/missing-page"}}
+    aggregate:
+      branches:
+        - {{name: product, upstream: catalog, path: "/status/404", required: true}}
+        - {{name: stock, upstream: stock, path: "/stock/1"}}
 """
     )
     status, body, headers = await get_json(http, f"{base(gateway)}/page/9")
@@ -253,6 +259,11 @@ routes:
 
     status, _, _ = await get_json(http, f"{base(gateway)}/broken-page")
     assert status == 502
+
+    # A required part that refuses the request (an unknown id) makes that the answer.
+    status, body, _ = await get_json(http, f"{base(gateway)}/missing-page")
+    assert status == 404
+    assert body["detail"] == "required part 'product': answered 404"
 
 
 async def test_get_responses_are_cached_and_cors_and_gzip_apply(

@@ -53,6 +53,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ from framework.gateway.config import (
     GatewayConfig,
     GatewayConfigError,
     RouteConfig,
+    StreamAuthorization,
     load_config,
 )
 from framework.gateway.guard import (
@@ -92,7 +94,7 @@ from framework.gateway.qos import (
     body_limit_middleware,
     rate_limit_middleware,
 )
-from framework.gateway.router import RouteTable
+from framework.gateway.router import RouteTable, fill_template
 from framework.gateway.signing import sign_url
 from framework.gateway.types import (
     ClientIdentity,
@@ -266,7 +268,11 @@ class _Runtime:
                 else WebSocketBridge(feed, filters)
             )
 
+            check = stream.authorize
+
             async def push(exchange: Exchange) -> web.StreamResponse:
+                if check is not None:
+                    await self._stream_allowed(exchange, check)
                 return await bridge.handle(exchange.request, exchange.params)
 
             return push
@@ -283,6 +289,26 @@ class _Runtime:
             return web.json_response({"url": url, "method": method, "expires_in": files.ttl})
 
         return signed_url
+
+    async def _stream_allowed(self, exchange: Exchange, check: StreamAuthorization) -> None:
+        """Ask `check.upstream` whether this caller may follow the stream (a 2xx); its 4xx
+        is the client's answer."""
+        answer = await self.pools[check.upstream].send(
+            "GET",
+            fill_template(check.path, exchange.params),
+            headers=self._upstream_headers(exchange),
+            body=None,
+            timeout=check.timeout,
+        )
+        if 200 <= answer.status < 300:
+            return
+        if 400 <= answer.status < 500:
+            try:
+                title = HTTPStatus(answer.status).phrase
+            except ValueError:
+                title = "Bad Request"
+            raise GatewayError(answer.status, title, "this stream is not open to this caller")
+        raise GatewayError(502, "Bad Gateway", "the stream's authorization could not be checked")
 
     def _proxy_target(self, route: RouteConfig) -> GatewayHandler:
         assert route.upstream is not None

@@ -75,6 +75,7 @@ __all__ = [
     "RequestTarget",
     "RetryConfig",
     "RouteConfig",
+    "StreamAuthorization",
     "StreamTarget",
     "TierConfig",
     "TransformConfig",
@@ -372,6 +373,18 @@ class DrainTarget(_Strict):
     burst: int = Field(default=1, ge=1)
 
 
+class StreamAuthorization(_Strict):
+    """Who may follow a stream is the upstream's call: before streaming, the gateway sends
+    `GET path` (path parameters filled in) to `upstream` with the caller's verified identity
+    headers; a 2xx lets the stream open, a 4xx is the client's answer (e.g. 404 for another
+    customer's order), anything else a 502."""
+
+    upstream: str
+    path: str
+    """Path template, e.g. `/orders/{order_id}`."""
+    timeout: float = Field(default=2.0, gt=0)
+
+
 class StreamTarget(_Strict):
     """Topics -> Server-Sent Events or WebSocket, filtered per client."""
 
@@ -381,6 +394,9 @@ class StreamTarget(_Strict):
     """Template of the events' partition key, e.g. `{order_id}`."""
     types: tuple[str, ...] = ()
     query_filters: tuple[str, ...] = ()
+    authorize: StreamAuthorization | None = None
+    """Ask an upstream whether this caller may follow this stream (see `StreamAuthorization`);
+    without it any caller the route admits may follow any key."""
 
 
 class FilesTarget(_Strict):
@@ -466,6 +482,10 @@ class GatewayConfig(_Strict):
                 upstreams += [b.upstream for b in route.aggregate.branches]
             if route.drain:
                 upstreams.append(route.drain.upstream)
+            if route.stream and route.stream.authorize:
+                upstreams.append(route.stream.authorize.upstream)
+                if route.auth == ("none",):
+                    problems.append(f"{where}.stream.authorize: needs an authenticated route")
             for name in upstreams:
                 if name not in self.upstreams:
                     problems.append(f"{where}: no upstream named {name!r}")

@@ -136,6 +136,20 @@ async def checkout_flow(shop: Shop) -> None:
         async with http.get(f"{base}/api/admin/stock") as response:
             assert response.status == 403  # a customer is not an admin
 
+    # Another customer who learns the order id cannot follow that order's live status: the
+    # gateway asks the orders service first, which does not confirm other people's orders.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+        email = f"other-{placed['order_id'][:8]}@shop.test"
+        async with other.post(
+            f"{base}/api/auth/signup",
+            json={"email": email, "password": "another-password-123", "name": "Other"},
+        ) as response:
+            assert response.status in (200, 201), await response.text()
+        await sign_in(other, base, email, "another-password-123")
+        async with other.get(f"{base}/api/live/orders/{placed['order_id']}") as response:
+            assert response.status == 404
+            assert response.content_type == "application/problem+json"
+
 
 async def test_the_embedded_shop_sells_through_the_gateway(embedded_shop: Shop) -> None:
     await checkout_flow(embedded_shop)

@@ -47,9 +47,9 @@ PACKAGES = {
         "TextCodec", "TokenBucket", "WebSocketBridge", "XmlCodec", "convert", "default_registry",
     },
     "framework.resilience": {
-        "Backoff", "BreakerConfig", "BreakerState", "CircuitBreaker", "EjectionConfig",
-        "HealthCheckConfig", "RetryConfig", "TokenBucket", "UpstreamConfig", "UpstreamPool",
-        "UpstreamResponse",
+        "AdaptiveConfig", "AdaptiveLimit", "Backoff", "BreakerConfig", "BreakerState",
+        "CircuitBreaker", "EjectionConfig", "HealthCheckConfig", "RetryConfig", "TokenBucket",
+        "UpstreamConfig", "UpstreamPool", "UpstreamResponse",
     },
 }  # fmt: skip
 

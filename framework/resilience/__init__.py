@@ -3,9 +3,11 @@
     Backoff          exponential delays, capped, with jitter (`framework.resilience.backoff`)
     CircuitBreaker   closed -> open -> half-open, per upstream (`framework.resilience.breaker`)
     TokenBucket      a rate with a burst, per client or per backend (`.token_bucket`)
+    AdaptiveLimit    a concurrency limit that follows an upstream's latency (`.adaptive`)
     UpstreamPool     HTTP instances balanced, health-checked, retried within a budget, behind a
-                     breaker and a bulkhead (`framework.resilience.upstreams`); the gateway's
-                     upstreams and a service's `framework.client.ResilientClient` are such pools
+                     breaker and an adaptive bulkhead with a bounded queue
+                     (`framework.resilience.upstreams`); the gateway's upstreams and a service's
+                     `framework.client.ResilientClient` are such pools
 
 Every retry loop in the framework (consumer fetches and dead-letter publishes, outbox and saga
 relays, the event feed, queue-and-drain, the gateway's upstream retries) takes its delays from a
@@ -18,6 +20,7 @@ does not import aiohttp.
 
 from typing import TYPE_CHECKING, Any
 
+from framework.resilience.adaptive import AdaptiveConfig, AdaptiveLimit
 from framework.resilience.backoff import Backoff
 from framework.resilience.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from framework.resilience.token_bucket import TokenBucket
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "AdaptiveConfig",
+    "AdaptiveLimit",
     "Backoff",
     "BreakerConfig",
     "BreakerState",

@@ -19,9 +19,17 @@ What `send` does, in order:
    call fails fast with 503 and `Retry-After`; after `open_for` seconds it is half-open and
    admits `half_open_requests` trial calls: their success closes it, a failure opens it again.
    A failure is a connect error, a timeout or a 5xx.
-2. **Bulkhead**: at most `max_connections` calls in flight (a semaphore; the pool's own
-   connector has the same limit); a call over capacity waits for a slot at most its timeout,
-   then gets 503. Waiting for capacity is not held against any instance or the breaker.
+2. **Admission** (a bulkhead with a bounded queue): at most `limit` calls in flight, where
+   `limit` is `max_connections` (the pool's own connector has the same limit) or, with
+   `adaptive` (the default), a `framework.resilience.AdaptiveLimit` at most that large that
+   follows the upstream's latency. A call over the limit waits its turn (first come, first
+   served) for at most `queue_timeout` seconds (0.25 by default; never beyond the call's own
+   timeout), then fails at once with 503 and `Retry-After` (`UpstreamUnavailable`, counted as
+   `shed`): under overload the pool refuses early instead of queueing into timeouts, and what
+   waits at any time is bounded by the arrival rate x `queue_timeout`. Waiting for capacity is
+   not held against any instance or the breaker. The adaptive limit learns from every answer's
+   latency (a 4xx included); a timeout or the upstream's own 503 pushes it down; connect errors
+   and calls that reached no instance teach it nothing.
 3. **Choosing an instance**: among instances that pass their active health checks and are not
    ejected, `round_robin` or `least_outstanding` (fewest calls in flight, ties in turn).
 4. **Retries**: only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE), after a connect
@@ -61,6 +69,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -79,6 +88,7 @@ from framework.errors import (
     UpstreamUnavailable,
     UpstreamUnreachable,
 )
+from framework.resilience.adaptive import AdaptiveConfig, AdaptiveLimit
 from framework.resilience.backoff import Backoff
 from framework.resilience.breaker import BreakerConfig, CircuitBreaker
 
@@ -178,6 +188,13 @@ class UpstreamConfig(_Strict):
     timeout: float | None = Field(default=None, gt=0)
     max_connections: int = Field(default=100, ge=1)
     """Bulkhead: connections (and so concurrent requests) to this pool."""
+    queue_timeout: float = Field(default=0.25, ge=0)
+    """Seconds a call over the limit waits for a slot (within its own timeout), then 503;
+    0: refused at once."""
+    adaptive: AdaptiveConfig | None = AdaptiveConfig()
+    """The adaptive concurrency limit (None: `max_connections` is the limit). On by default:
+    it starts at `max_connections` and only moves once calls fill half of it and the latency
+    rises, so ordinary traffic meets the same fixed bulkhead as without it."""
 
     @model_validator(mode="after")
     def _one_source(self) -> UpstreamConfig:
@@ -307,6 +324,68 @@ class _RecentCount:
         )
 
 
+class _Admission:
+    """At most `limit()` calls in flight; the next ones wait their turn (first come, first
+    served) until a given time. Everything it holds is bounded: the waiters are removed when they
+    are admitted, time out or are cancelled."""
+
+    __slots__ = ("_limit", "_waiters", "in_flight")
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self._waiters: deque[asyncio.Future[bool]] = deque()
+        self.in_flight = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    async def enter(self, until: float) -> bool:
+        """Take a slot, waiting at most until `until` (the loop's clock); False: none came."""
+        if not self._waiters and self.in_flight < self._limit():
+            self.in_flight += 1
+            return True
+        loop = asyncio.get_running_loop()
+        if until <= loop.time():
+            return False
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiters.append(waiter)
+        # A timer resolves the waiter, not a cancellation: a slot handed over as the wait ends
+        # is then either taken or given back, never lost.
+        timer = loop.call_at(until, self._expire, waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self.leave()  # admitted just as the caller was cancelled
+            raise
+        finally:
+            timer.cancel()
+            if not waiter.done() or waiter.cancelled():
+                self._discard(waiter)
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        self.admit_waiting()
+
+    def admit_waiting(self) -> None:
+        """Hand free slots to the waiters in turn (after a call left or the limit rose)."""
+        while self._waiters and self.in_flight < self._limit():
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(True)
+
+    def _expire(self, waiter: asyncio.Future[bool]) -> None:
+        if not waiter.done():
+            waiter.set_result(False)
+            self._discard(waiter)
+
+    def _discard(self, waiter: asyncio.Future[bool]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+
+
 @dataclass(slots=True)
 class _Result:
     """What one call came to: a response, or the error to raise (and its cause)."""
@@ -327,9 +406,10 @@ class UpstreamPool:
     starts the health-check and DNS-refresh tasks; `stop()` cancels them and closes what the pool
     opened. `send` before `start` (or after `stop`) raises `NotStartedError`.
 
-    `time_fn` is the monotonic clock (seconds) of the breaker, the retry budget, ejections and
-    the latencies that judge slow instances; it can be replaced in tests. Timeouts, backoff and
-    health-check intervals run on the event loop's clock.
+    `time_fn` is the monotonic clock (seconds) of the breaker, the retry budget, ejections, the
+    adaptive limit and the latencies that judge slow instances and move that limit; it can be
+    replaced in tests. Timeouts, waits for a slot, backoff and health-check intervals run on the
+    event loop's clock.
     """
 
     def __init__(
@@ -352,9 +432,14 @@ class UpstreamPool:
         self._instances: list[_Instance] = []
         self._cursor = 0
         self._breaker = CircuitBreaker(config.breaker)
-        # The semaphore, not the connector, is what makes calls wait: a wait for a connection
+        self._adaptive = (
+            None
+            if config.adaptive is None
+            else AdaptiveLimit(config.adaptive, maximum=config.max_connections, clock=time_fn)
+        )
+        # Admission, not the connector, is what makes calls wait: a wait for a connection
         # inside aiohttp would end as a timeout indistinguishable from a slow instance.
-        self._slots = asyncio.Semaphore(config.max_connections)
+        self._admission = _Admission(self._limit)
         self._recent_requests = _RecentCount()
         self._recent_retries = _RecentCount()
         self.requests = 0
@@ -365,6 +450,8 @@ class UpstreamPool:
         """Retries the retry budget refused."""
         self.rejected = 0
         """Calls refused without trying an instance (breaker open, none available, capacity)."""
+        self.shed = 0
+        """Calls refused at capacity: no slot within `queue_timeout` (also in `rejected`)."""
         self._dns: tuple[str, int] | None = None
         if config.dns:
             self._dns = _parse_host_port(config.dns)
@@ -450,13 +537,16 @@ class UpstreamPool:
             )
         result: _Result | None = None
         try:
-            await self._acquire_slot(deadline)
+            await self._admit(deadline)
+            admitted = self._time()
             try:
                 result = await self._try_instances(
                     method, path_qs, self._outgoing_headers(headers), body, deadline, budget
                 )
             finally:
-                self._slots.release()
+                if result is not None:
+                    self._learn(result, self._time() - admitted)
+                self._admission.leave()
         finally:
             if result is None or not result.judged:
                 self._breaker.release(trial)
@@ -474,19 +564,31 @@ class UpstreamPool:
         assert result.response is not None
         return result.response
 
-    async def _acquire_slot(self, deadline: float) -> None:
-        if not self._slots.locked():
-            await self._slots.acquire()
+    def _limit(self) -> int:
+        return self.config.max_connections if self._adaptive is None else self._adaptive.limit
+
+    async def _admit(self, deadline: float) -> None:
+        until = min(deadline, asyncio.get_running_loop().time() + self.config.queue_timeout)
+        if await self._admission.enter(until):
             return
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._slots.acquire()
-        except TimeoutError as exc:
-            self.rejected += 1
-            raise UpstreamUnavailable(
-                f"upstream {self.name} is at capacity",
-                headers={"Retry-After": "1"},
-            ) from exc
+        self.rejected += 1
+        self.shed += 1
+        raise UpstreamUnavailable(
+            f"upstream {self.name} is at capacity", headers={"Retry-After": "1"}
+        )
+
+    def _learn(self, result: _Result, latency: float) -> None:
+        """Tell the adaptive limit how an admitted call went (while it still counts in flight)."""
+        if self._adaptive is None:
+            return
+        in_flight = self._admission.in_flight
+        if result.response is not None:
+            if result.response.status == 503:  # the upstream sheds load itself
+                self._adaptive.record_drop(in_flight)
+            else:
+                self._adaptive.record(latency, in_flight)
+        elif result.judged and isinstance(result.error, UpstreamTimeout):
+            self._adaptive.record_drop(in_flight)
 
     def _outgoing_headers(self, headers: Mapping[str, str]) -> CIMultiDict[str]:
         outgoing = clean_headers(headers)
@@ -812,6 +914,14 @@ class UpstreamPool:
                 "retries": self.retries,
                 "budget_exhausted": self.budget_exhausted,
                 "rejected": self.rejected,
+                "shed": self.shed,
+            },
+            "concurrency": {
+                "limit": self._limit(),
+                "max": self.config.max_connections,
+                "in_flight": self._admission.in_flight,
+                "queued": self._admission.queued,
+                "adaptive": None if self._adaptive is None else self._adaptive.snapshot(),
             },
             "instances": [
                 {

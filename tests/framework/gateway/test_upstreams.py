@@ -18,7 +18,12 @@ import pytest
 from aiohttp import web
 
 from framework.client import ResilientClient
-from framework.errors import ConfigurationError, NotStartedError, UpstreamUnreachable
+from framework.errors import (
+    ConfigurationError,
+    NotStartedError,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
+)
 from framework.gateway.config import (
     BreakerConfig,
     EjectionConfig,
@@ -29,6 +34,7 @@ from framework.gateway.config import (
 from framework.gateway.types import GatewayError
 from framework.gateway.upstreams import HOP_BY_HOP, UpstreamPool, UpstreamResponse, clean_headers
 from framework.observability.tracing import TraceContext, use_correlation_id, use_trace
+from framework.resilience import AdaptiveConfig
 from framework.service import Resource
 from tests.framework.gateway.conftest import Clock, eventually
 
@@ -162,6 +168,11 @@ async def served_by(pool: UpstreamPool, requests: int, path: str = "/") -> Count
 
 def instance_view(pool: UpstreamPool, url: str) -> dict[str, Any]:
     return next(i for i in pool.snapshot()["instances"] if i["url"] == url)
+
+
+def concurrency(pool: UpstreamPool) -> dict[str, Any]:
+    view: dict[str, Any] = pool.snapshot()["concurrency"]
+    return view
 
 
 # -- balancing ------------------------------------------------------------------------------------
@@ -485,6 +496,216 @@ async def test_the_bulkhead_makes_calls_wait_at_most_their_timeout(
     assert instance_view(pool, a.url)["failures"] == 0, "waiting is not the instance's fault"
 
 
+# -- admission: a bounded wait for a slot, an adaptive limit ---------------------------------------
+
+
+async def test_calls_over_the_limit_are_shed_once_queue_timeout_passes(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(targets=(a.url,), max_connections=2, queue_timeout=0.05)
+    held = [asyncio.create_task(get(pool, "/?hold")) for _ in range(2)]
+    await eventually(lambda: a.hits == 2)
+
+    with pytest.raises(GatewayError) as caught:
+        await get(pool)  # the call's own timeout (5 s) would let it wait far longer
+
+    assert caught.value.status == 503
+    assert caught.value.detail == "upstream svc is at capacity"
+    assert caught.value.headers["Retry-After"] == "1"
+    assert isinstance(caught.value.__cause__, UpstreamUnavailable)
+    assert a.hits == 2
+    counters = pool.snapshot()["counters"]
+    assert (counters["shed"], counters["rejected"], pool.shed) == (1, 1, 1)
+    assert concurrency(pool)["queued"] == 0, "a shed call leaves nothing behind"
+    a.release.set()
+    assert [(await call).status for call in held] == [200, 200]
+    assert concurrency(pool)["in_flight"] == 0
+    assert instance_view(pool, a.url)["failures"] == 0, "shedding is not the instance's fault"
+
+
+async def test_queue_timeout_zero_refuses_at_once(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(targets=(a.url,), max_connections=1, queue_timeout=0)
+    busy = asyncio.create_task(get(pool, "/?hold"))
+    await eventually(lambda: a.hits == 1)
+
+    with pytest.raises(GatewayError) as caught:
+        await get(pool)
+
+    assert caught.value.status == 503
+    assert (pool.shed, concurrency(pool)["queued"]) == (1, 0)
+    a.release.set()
+    assert (await busy).status == 200
+
+
+async def test_a_queued_call_is_admitted_when_a_slot_frees(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(targets=(a.url,), max_connections=1, queue_timeout=60)
+    busy = asyncio.create_task(get(pool, "/?hold"))
+    await eventually(lambda: a.hits == 1)
+    queued = asyncio.create_task(get(pool))
+    await eventually(lambda: concurrency(pool)["queued"] == 1)
+    assert a.hits == 1
+
+    a.release.set()
+
+    assert (await busy).status == 200
+    assert (await queued).status == 200
+    assert a.hits == 2
+    assert pool.shed == 0
+    assert (concurrency(pool)["in_flight"], concurrency(pool)["queued"]) == (0, 0)
+
+
+async def test_the_wait_for_a_slot_never_outlasts_the_calls_timeout(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(targets=(a.url,), max_connections=1, queue_timeout=60)
+    busy = asyncio.create_task(get(pool, "/?hold"))
+    await eventually(lambda: a.hits == 1)
+
+    async with asyncio.timeout(10):  # only against a hang: queue_timeout alone waits a minute
+        with pytest.raises(GatewayError) as caught:
+            await get(pool, timeout=0.1)
+
+    assert caught.value.status == 503
+    assert caught.value.detail == "upstream svc is at capacity"
+    assert pool.shed == 1
+    a.release.set()
+    assert (await busy).status == 200
+
+
+async def test_a_cancelled_wait_gives_up_its_place(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(targets=(a.url,), max_connections=1, queue_timeout=60)
+    busy = asyncio.create_task(get(pool, "/?hold"))
+    await eventually(lambda: a.hits == 1)
+    waiting = asyncio.create_task(get(pool))
+    await eventually(lambda: concurrency(pool)["queued"] == 1)
+
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+    assert concurrency(pool)["queued"] == 0
+    a.release.set()
+    assert (await busy).status == 200
+    assert concurrency(pool)["in_flight"] == 0
+    assert (await get(pool)).status == 200
+    assert (a.hits, pool.shed) == (2, 0)
+
+
+async def test_admission_follows_the_adaptive_limit(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(
+        targets=(a.url,),
+        max_connections=10,
+        queue_timeout=0.05,
+        adaptive=AdaptiveConfig(initial_limit=1, min_limit=1),
+    )
+    assert (concurrency(pool)["limit"], concurrency(pool)["max"]) == (1, 10)
+    busy = asyncio.create_task(get(pool, "/?hold"))
+    await eventually(lambda: a.hits == 1)
+
+    with pytest.raises(GatewayError) as caught:
+        await get(pool)
+
+    assert caught.value.status == 503
+    assert pool.shed == 1
+    a.release.set()
+    assert (await busy).status == 200
+
+
+async def test_timeouts_and_the_upstreams_503s_push_the_adaptive_limit_down(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    a.latency = 1.0  # every call moves the pools' clock a second, so each closes a window
+    pool = await pools(
+        targets=(a.url,),
+        retry=NO_RETRY,
+        breaker=PATIENT_BREAKER,
+        adaptive=AdaptiveConfig(min_samples=1, backoff=0.9),
+    )
+
+    with pytest.raises(GatewayError) as caught:
+        await get(pool, "/?hold", timeout=0.05)
+    assert caught.value.status == 504
+    assert concurrency(pool)["limit"] == 90
+    a.status = 503
+    assert (await get(pool)).status == 503
+    assert concurrency(pool)["limit"] == 81
+
+    a.status = 404  # a fast 4xx is still the upstream answering: a latency sample
+    assert (await get(pool)).status == 404
+    adaptive = concurrency(pool)["adaptive"]
+    assert adaptive["latency_ms"] == pytest.approx(1000)
+    assert adaptive["limit"] == 81, "one call in flight says nothing about capacity"
+
+
+async def test_connect_errors_teach_the_adaptive_limit_nothing(
+    pools: PoolFactory, clock: Clock
+) -> None:
+    pool = await pools(
+        targets=(closed_port_url(),),
+        retry=NO_RETRY,
+        breaker=PATIENT_BREAKER,
+        adaptive=AdaptiveConfig(min_samples=1),
+    )
+    for _ in range(3):
+        clock.advance(1)
+        with pytest.raises(GatewayError) as caught:
+            await get(pool)
+        assert caught.value.status == 502
+
+    assert concurrency(pool)["adaptive"] == {
+        "limit": 100,
+        "min": 4,
+        "max": 100,
+        "baseline_ms": None,
+        "latency_ms": None,
+    }
+
+
+async def test_ordinary_traffic_meets_the_fixed_bulkhead(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(targets=(a.url,))  # adaptive by default
+    a.latency = 0.01
+    await served_by(pool, 20)
+    a.latency = 0.2  # twenty times slower, but one call at a time is no overload
+    await served_by(pool, 20)
+
+    view = concurrency(pool)
+    assert view["limit"] == 100
+    assert view["adaptive"]["latency_ms"] == pytest.approx(200)
+
+
+async def test_the_adaptive_limit_can_be_turned_off(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    (a,) = await servers(1)
+    pool = await pools(targets=(a.url,), max_connections=3, adaptive=None)
+    assert (await get(pool)).status == 200
+    assert concurrency(pool) == {
+        "limit": 3,
+        "max": 3,
+        "in_flight": 0,
+        "queued": 0,
+        "adaptive": None,
+    }
+
+
 async def test_sending_needs_a_started_pool() -> None:
     pool = UpstreamPool("svc", UpstreamConfig(targets=("http://127.0.0.1:1",)))
     with pytest.raises(NotStartedError):
@@ -625,6 +846,14 @@ async def test_snapshot_reports_instances_breaker_and_counters(
         "retries": 2,
         "budget_exhausted": 0,
         "rejected": 0,
+        "shed": 0,
+    }
+    assert snapshot["concurrency"] == {
+        "limit": 100,
+        "max": 100,
+        "in_flight": 0,
+        "queued": 0,
+        "adaptive": {"limit": 100, "min": 4, "max": 100, "baseline_ms": None, "latency_ms": None},
     }
     up, dead = snapshot["instances"]
     assert up["url"] == a.url

@@ -45,7 +45,11 @@ class Aggregator:
         merged: dict[str, Any] = {}
         partial: list[str] = []
         for branch, (value, problem, status) in zip(self.branches, results, strict=True):
-            if problem is not None:
+            if isinstance(problem, GatewayError):
+                if branch.required:  # shed (503 + Retry-After) or timed out (504): say so
+                    raise problem
+                partial.append(branch.name)
+            elif problem is not None:
                 if branch.required and status is not None and 400 <= status < 500:
                     # The part the answer hinges on refused the client's request (an unknown
                     # id: 404): that is the answer, not a failure of the gateway's.
@@ -69,8 +73,9 @@ class Aggregator:
 
     async def _branch(
         self, branch: AggregateBranch, exchange: Exchange, headers: Mapping[str, str]
-    ) -> tuple[Any, str | None, int | None]:
-        """The branch's JSON value, or None with what went wrong and the status it answered."""
+    ) -> tuple[Any, str | GatewayError | None, int | None]:
+        """The branch's JSON value, or None with what went wrong (the pool's own refusal as
+        it is: a 503 it shed, a 504) and the status the upstream answered."""
         path = fill_template(branch.path, exchange.params)
         try:
             async with asyncio.timeout(branch.timeout):
@@ -78,8 +83,10 @@ class Aggregator:
                     "GET", path, headers=headers, body=None, timeout=branch.timeout
                 )
         except TimeoutError:
-            return None, f"no answer within {branch.timeout}s", None
+            return None, _timed_out(branch), None
         except GatewayError as exc:
+            if exc.status in (503, 504):
+                return None, exc, None
             return None, f"{exc.status} {exc.title}", None
         if not 200 <= answer.status < 300:
             return None, f"answered {answer.status}", answer.status
@@ -94,3 +101,9 @@ def _phrase(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Bad Request"
+
+
+def _timed_out(branch: AggregateBranch) -> GatewayError:
+    return GatewayError(
+        504, "Gateway Timeout", f"part {branch.name!r} did not answer within {branch.timeout:g} s"
+    )

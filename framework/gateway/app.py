@@ -598,7 +598,14 @@ class Gateway:
             (admin, (settings.admin.host, settings.admin.port), "admin_port"),
         ):
             app.on_response_prepare.append(_without_banner)
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.drain_timeout)
+            # A client that hangs up cancels its request (nginx's default for proxied
+            # requests): what it gave up on holds no upstream slot or database work.
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                shutdown_timeout=self.drain_timeout,
+                handler_cancellation=True,
+            )
             await runner.setup()
             manager = runner.server
             assert manager is not None  # set by setup()

@@ -236,6 +236,11 @@ routes:
       branches:
         - {{name: product, upstream: catalog, path: "/status/500", required: true}}
         - {{name: stock, upstream: stock, path: "/stock/1"}}
+  - name: late-page
+    match: {{methods: [GET], path: "/late-page"}}
+    aggregate:
+      branches:
+        - {{name: product, upstream: catalog, path: "/slow?ms=2000", timeout: 0.3, required: true}}
   - name: missing-page
     match: {{methods: [GET], path: "/missing-page"}}
     aggregate:
@@ -259,6 +264,10 @@ routes:
 
     status, _, _ = await get_json(http, f"{base(gateway)}/broken-page")
     assert status == 502
+
+    # A required part that does not answer in time is a 504 (one shed by its pool, a 503).
+    status, _, _ = await get_json(http, f"{base(gateway)}/late-page")
+    assert status == 504
 
     # A required part that refuses the request (an unknown id) makes that the answer.
     status, body, _ = await get_json(http, f"{base(gateway)}/missing-page")

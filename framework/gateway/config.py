@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from framework.errors import ConfigurationError
+from framework.resilience.adaptive import AdaptiveConfig
 from framework.resilience.breaker import BreakerConfig
 from framework.resilience.upstreams import (
     EjectionConfig,
@@ -51,6 +52,7 @@ from framework.resilience.upstreams import (
 )
 
 __all__ = [
+    "AdaptiveConfig",
     "AdminConfig",
     "AggregateBranch",
     "AggregateTarget",
@@ -270,7 +272,8 @@ class TierConfig(_Strict):
 
 
 # The `upstreams` section's models (UpstreamConfig, RetryConfig, BreakerConfig, EjectionConfig,
-# HealthCheckConfig) live with the pools in framework.resilience, shared with the HTTP client.
+# HealthCheckConfig, AdaptiveConfig) live with the pools in framework.resilience, shared with the
+# HTTP client.
 
 
 # -- the bus (protocol translation) -------------------------------------------------------------

@@ -26,7 +26,7 @@ from collections.abc import Collection, Iterable, Mapping
 from multidict import CIMultiDict
 
 from framework.gateway.types import GatewayError
-from framework.resilience.upstreams import HOP_BY_HOP
+from framework.resilience.upstreams import clean_headers
 
 __all__ = ["FRAMING", "GATEWAY_OWNED", "check_client_headers", "forwardable_headers"]
 
@@ -82,21 +82,11 @@ def forwardable_headers(headers: Mapping[str, str], *, owned: Collection[str]) -
     ...     owned={"x-user-id", "x-forwarded-for"}).items())
     [('Accept', '*/*')]
     """
-    named: set[str] = set()
-    for name, value in headers.items():
-        if name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(","))
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+    for name, value in clean_headers(headers).items():  # hop-by-hop and what Connection names
         lower = name.lower()
-        if (
-            lower in HOP_BY_HOP
-            or lower.startswith("proxy-")
-            or lower in named
-            or lower in FRAMING
-            or lower in owned
-            or not _utf8(value)  # only a credential no route checked can get here
-        ):
+        # A value that is not UTF-8 can only be a credential no route checked: never sent on.
+        if lower in FRAMING or lower in owned or not _utf8(value):
             continue
         out.add(name, value)
     return out

@@ -252,25 +252,28 @@ class Catalog(Service):
         changes = (await read_json(request, ProductChanges)).model_dump(exclude_none=True)
         product_id = request.match_info["product_id"]
         for _ in range(3):
-            doc = await self._find(product_id)
-            changed = {k: v for k, v in changes.items() if doc.get(k) != v}
-            if not changed:
-                return json_response(_product(doc))
-            events = []
-            if "price_cents" in changed:
-                price = ProductPriceChanged(
-                    product_id=product_id,
-                    old_price_cents=doc["price_cents"],
-                    new_price_cents=changed["price_cents"],
+            # Held, so the relay's removal of published events never overlaps this write
+            # (FerretDB does not isolate updates).
+            async with self.outbox.holding(PRODUCTS, product_id):
+                doc = await self._find(product_id)
+                changed = {k: v for k, v in changes.items() if doc.get(k) != v}
+                if not changed:
+                    return json_response(_product(doc))
+                events = []
+                if "price_cents" in changed:
+                    price = ProductPriceChanged(
+                        product_id=product_id,
+                        old_price_cents=doc["price_cents"],
+                        new_price_cents=changed["price_cents"],
+                    )
+                    events.append(self.outbox.event(TOPICS.CATALOG_EVENTS, price, key=product_id))
+                # guarded by the price read: the event's old price is the one really replaced
+                result = await self.outbox.update_one(
+                    PRODUCTS,
+                    {"_id": product_id, "price_cents": doc["price_cents"]},
+                    {"$set": {**changed, "updated_at": utc_now()}},
+                    *events,
                 )
-                events.append(self.outbox.event(TOPICS.CATALOG_EVENTS, price, key=product_id))
-            # guarded by the price read: the event's old price is the one really replaced
-            result = await self.outbox.update_one(
-                PRODUCTS,
-                {"_id": product_id, "price_cents": doc["price_cents"]},
-                {"$set": {**changed, "updated_at": utc_now()}},
-                *events,
-            )
             if result.matched_count:
                 return json_response(_product({**doc, **changed}))
         raise web.HTTPConflict(text="the product changed concurrently; try again")

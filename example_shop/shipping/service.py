@@ -228,29 +228,32 @@ class Shipping(Service):
         """
         shipments = self.db.collection(SHIPMENTS)
         for _ in range(5):
-            with translate():
-                doc = await shipments.find_one({"_id": order_id}, _DECISION_FIELDS)
-            decision = decide(doc)
-            entries = []
-            if decision.reply is not None:
-                entries.append(
-                    self.outbox.event(TOPICS.SHIPPING_EVENTS, decision.reply, key=order_id)
+            # Held while read, decided and written: the relay's removal of published events
+            # never overlaps this write (FerretDB does not isolate updates).
+            async with self.outbox.holding(SHIPMENTS, order_id):
+                with translate():
+                    doc = await shipments.find_one({"_id": order_id}, _DECISION_FIELDS)
+                decision = decide(doc)
+                entries = []
+                if decision.reply is not None:
+                    entries.append(
+                        self.outbox.event(TOPICS.SHIPPING_EVENTS, decision.reply, key=order_id)
+                    )
+                version = {"$exists": False} if doc is None else doc["version"]
+                filter, update = self.inbox.guard(
+                    message,
+                    {"_id": order_id, "version": version},
+                    {**decision.update, "$inc": {"version": 1}},
                 )
-            version = {"$exists": False} if doc is None else doc["version"]
-            filter, update = self.inbox.guard(
-                message,
-                {"_id": order_id, "version": version},
-                {**decision.update, "$inc": {"version": 1}},
-            )
-            try:
-                result = await self.outbox.update_one(
-                    SHIPMENTS, filter, update, *entries, upsert=doc is None
-                )
-            except DuplicateKey:  # created meanwhile (perhaps by this very message): re-read
-                continue
-            if result.matched_count or result.upserted_id is not None:
-                await self.inbox.trim(SHIPMENTS, order_id)
-                return
+                try:
+                    result = await self.outbox.update_one(
+                        SHIPMENTS, filter, update, *entries, upsert=doc is None
+                    )
+                except DuplicateKey:  # created meanwhile (perhaps by this very message): re-read
+                    continue
+                if result.matched_count or result.upserted_id is not None:
+                    await self.inbox.trim(SHIPMENTS, order_id)  # a write too: still held
+                    return
             if await self.inbox.is_duplicate(SHIPMENTS, order_id, message):
                 return  # applied already, reply included
         raise PersistenceError(f"shipment of order {order_id!r} kept changing; retry later")

@@ -127,7 +127,10 @@ class ShipmentTracker:
             update["$set"]["advance_at"] = now + timedelta(seconds=self.tick)
         else:
             update["$unset"] = {"advance_at": ""}
-        result = await self.outbox.update_one(
-            SHIPMENTS, {"_id": doc["_id"], "version": doc["version"]}, update, tracked
-        )
+        # Held, so the relay's removal of published events never overlaps the step's write
+        # (FerretDB does not isolate updates); the version guard catches a cancel meanwhile.
+        async with self.outbox.holding(SHIPMENTS, doc["_id"]):
+            result = await self.outbox.update_one(
+                SHIPMENTS, {"_id": doc["_id"], "version": doc["version"]}, update, tracked
+            )
         return result.matched_count

@@ -3,14 +3,22 @@
 Each service owns its data and talks to the others only through these messages (and through the
 gateway's HTTP routes). Commands go to the owning service's `*.commands` topic and are answered
 on its `*.events` topic (the saga correlates them); domain events go to `*.events` topics.
-Keys: everything about one order is keyed by its order id, so it stays in order.
+Keys: everything about one order is keyed by its order id, so it stays in order; everything
+about one product (catalog and stock events) by its product id.
+
+Prices and stock are the servers': the catalog announces every product it holds (the demo
+products at seeding too) with its price, inventory every change of a product's available stock,
+and orders keeps both as read models (see `example_shop.orders.service`). A client never says
+what something costs.
 
     orders    --ReserveStock-->        inventory  --StockReserved / StockRejected-->      orders
     orders    --AuthorizePayment-->    payments   --PaymentAuthorized / PaymentDeclined--> orders
     orders    --CreateShipment-->      shipping   --ShipmentCreated-->                    orders
     orders    --ReleaseStock / RefundPayment / CancelShipment-->  (compensations)
+    orders    --CommitStock-->         inventory  (the confirmed order's reservation is sold)
     orders    --OrderPlaced / OrderConfirmed / OrderCancelled--> shop.orders.events (SSE, analytics)
-    catalog   --ProductPriceChanged / ProductCreated--> shop.catalog.events
+    catalog   --ProductCreated / ProductPriceChanged--> shop.catalog.events
+    inventory --StockLevelChanged--> shop.inventory.stock
     shipping  --ShipmentTracked--> shop.shipping.events
 """
 
@@ -24,6 +32,7 @@ __all__ = [
     "TOPICS",
     "AuthorizePayment",
     "CancelShipment",
+    "CommitStock",
     "CreateShipment",
     "OrderCancelled",
     "OrderConfirmed",
@@ -40,6 +49,7 @@ __all__ = [
     "ShipmentCancelled",
     "ShipmentCreated",
     "ShipmentTracked",
+    "StockLevelChanged",
     "StockRejected",
     "StockReleased",
     "StockReserved",
@@ -52,6 +62,7 @@ class TOPICS:
     CATALOG_EVENTS = "shop.catalog.events"
     INVENTORY_COMMANDS = "shop.inventory.commands"
     INVENTORY_EVENTS = "shop.inventory.events"
+    STOCK_EVENTS = "shop.inventory.stock"
     PAYMENTS_COMMANDS = "shop.payments.commands"
     PAYMENTS_EVENTS = "shop.payments.events"
     SHIPPING_COMMANDS = "shop.shipping.commands"
@@ -60,6 +71,8 @@ class TOPICS:
 
 
 class OrderLine(BaseModel):
+    """A line of an order, priced by the orders service from the catalog's prices."""
+
     product_id: str
     quantity: int = Field(gt=0, le=100)
     unit_price_cents: int = Field(ge=0)
@@ -70,6 +83,9 @@ class OrderLine(BaseModel):
 
 @message_type("shop.catalog.product_created")
 class ProductCreated(BaseModel):
+    """A product the catalog holds now, with its price: published when it is created, the demo
+    products' when the catalog seeds them."""
+
     product_id: str
     name: str
     category: str
@@ -97,6 +113,14 @@ class ReleaseStock(BaseModel):
     order_id: str
 
 
+@message_type("shop.inventory.commit")
+class CommitStock(BaseModel):
+    """The order is confirmed: its reserved units are sold (on hand and reserved both drop).
+    Fire-and-forget; a second commit, or one for an order holding nothing, changes nothing."""
+
+    order_id: str
+
+
 @message_type("shop.inventory.reserved")
 class StockReserved(BaseModel):
     order_id: str
@@ -111,6 +135,17 @@ class StockRejected(BaseModel):
 @message_type("shop.inventory.released")
 class StockReleased(BaseModel):
     order_id: str
+
+
+@message_type("shop.inventory.stock_level")
+class StockLevelChanged(BaseModel):
+    """How many units of a product can be ordered now, on `TOPICS.STOCK_EVENTS` keyed by product.
+    `version` grows with every change of the product's stock row: a reader keeps the highest
+    it saw, so an older level (redelivered, or announced again at a start) never wins."""
+
+    product_id: str
+    available: int
+    version: int
 
 
 # -- payments -------------------------------------------------------------------------------------

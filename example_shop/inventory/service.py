@@ -10,7 +10,15 @@ correlation id and the orders saga recognises it:
 
     ReserveStock  -> StockReserved | StockRejected(reason names the product)
     ReleaseStock  -> StockReleased          (also for an order with nothing reserved)
+    CommitStock                             (no reply; the order is confirmed: its reserved
+                                             units are sold, on hand and reserved drop by them)
     RestockProduct                          (no reply; the partner gateway's POST /partner/restock)
+
+**Stock levels.** Every change of a product's stock row (reserve, release, commit, restock, a
+count) bumps the row's `version` and publishes `StockLevelChanged(product_id, available,
+version)` on `shop.inventory.stock` (keyed by product), in the transaction of the change. The
+orders service keeps them as its read model of what can be added to a cart. At start, rows never
+announced (version 0: the demo stock, or rows from before versions) are announced once.
 
 A reservation takes every line of the order or none: the stock rows are locked with
 `SELECT ... FOR UPDATE` in product-id order (so two orders never wait for each other in a
@@ -38,8 +46,10 @@ from pydantic import BaseModel, Field
 from example_shop.common import default_settings, postgres_url, require_admin
 from example_shop.contracts import (
     TOPICS,
+    CommitStock,
     ReleaseStock,
     ReserveStock,
+    StockLevelChanged,
     StockRejected,
     StockReleased,
     StockReserved,
@@ -88,6 +98,11 @@ MIGRATIONS = [
         on conflict (product_id) do nothing
         """,
     ),
+    Migration(
+        3,
+        "stock versions",
+        "alter table stock add column version bigint not null default 0",
+    ),
 ]
 
 
@@ -118,7 +133,8 @@ class Inventory(Service):
 
     name = "inventory"
     publishes: ClassVar[Mapping[str, Sequence[type]]] = {
-        TOPICS.INVENTORY_EVENTS: (StockReserved, StockRejected, StockReleased)
+        TOPICS.INVENTORY_EVENTS: (StockReserved, StockRejected, StockReleased),
+        TOPICS.STOCK_EVENTS: (StockLevelChanged,),
     }
 
     def __init__(
@@ -135,6 +151,26 @@ class Inventory(Service):
         self.outbox = self.use(PostgresOutbox(self.db, self.bus))
         self.inbox = self.use(PostgresInbox(self.db))
 
+    async def on_start(self) -> None:
+        async with self.db.transaction() as tx:
+            # Locks what it announces: replicas starting together announce each row once.
+            rows = await tx.fetch(
+                "select product_id from stock where version = 0 order by product_id for update"
+            )
+            await self._announce(tx, [row["product_id"] for row in rows])
+
+    async def _announce(self, tx: Any, product_ids: Sequence[str]) -> None:
+        """Bump the products' stock versions and publish their levels (in `tx`, after the
+        change)."""
+        rows = await tx.fetch(
+            "update stock set version = version + 1 where product_id = any($1::text[]) "
+            "returning product_id, on_hand - reserved as available, version",
+            sorted(set(product_ids)),
+        )
+        for row in sorted(rows, key=lambda r: r["product_id"]):
+            level = StockLevelChanged(**dict(row))
+            await self.outbox.add(tx, TOPICS.STOCK_EVENTS, level, key=level.product_id)
+
     # -- commands -------------------------------------------------------------------------------
 
     @handles(TOPICS.INVENTORY_COMMANDS)
@@ -144,15 +180,25 @@ class Inventory(Service):
                 return  # a redelivery: reserved (or rejected) and answered already
             reply = await _reserve(tx, command)
             await self.outbox.add(tx, TOPICS.INVENTORY_EVENTS, reply, key=command.order_id)
+            if isinstance(reply, StockReserved):
+                await self._announce(tx, [line.product_id for line in command.lines])
 
     @handles(TOPICS.INVENTORY_COMMANDS)
     async def on_release(self, command: ReleaseStock, message: Message[ReleaseStock]) -> None:
         async with self.db.transaction() as tx:
             if not await self.inbox.record(tx, message):
                 return
-            await _release(tx, command.order_id)
+            released = await _settle(tx, command.order_id, sold=False)
             reply = StockReleased(order_id=command.order_id)
             await self.outbox.add(tx, TOPICS.INVENTORY_EVENTS, reply, key=command.order_id)
+            await self._announce(tx, released)
+
+    @handles(TOPICS.INVENTORY_COMMANDS)
+    async def on_commit(self, command: CommitStock, message: Message[CommitStock]) -> None:
+        async with self.db.transaction() as tx:
+            if not await self.inbox.record(tx, message):
+                return
+            await self._announce(tx, await _settle(tx, command.order_id, sold=True))
 
     @handles(TOPICS.INVENTORY_COMMANDS)
     async def on_restock(self, command: RestockProduct, message: Message[RestockProduct]) -> None:
@@ -165,6 +211,7 @@ class Inventory(Service):
                 command.product_id,
                 command.quantity,
             )
+            await self._announce(tx, [command.product_id])
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -209,6 +256,7 @@ class Inventory(Service):
                 product_id,
                 update.on_hand,
             )
+            await self._announce(tx, [product_id])
             row = await tx.fetchrow(f"{_LEVELS} where product_id = $1", product_id)
         return json_response(_level(row))
 
@@ -267,15 +315,19 @@ async def _reserve(tx: Any, command: ReserveStock) -> StockReserved | StockRejec
     return StockReserved(order_id=order_id)
 
 
-async def _release(tx: Any, order_id: str) -> None:
-    """Give the order's reserved units back; nothing to do for an order that holds none."""
+async def _settle(tx: Any, order_id: str, *, sold: bool) -> list[str]:
+    """End the order's reservation: its units are given back, or (`sold`) leave the warehouse.
+    Nothing to do for an order that holds none. Returns the products whose stock changed."""
     rows = await tx.fetch(
         "delete from reservations where order_id = $1 returning product_id, quantity", order_id
     )
-    released = sorted((row["product_id"], row["quantity"]) for row in rows)
-    for product_id, quantity in released:  # product-id order, as reservations lock them
+    held = sorted((row["product_id"], row["quantity"]) for row in rows)
+    for product_id, quantity in held:  # product-id order, as reservations lock them
         await tx.execute(
-            "update stock set reserved = reserved - $2 where product_id = $1",
+            "update stock set reserved = reserved - $2, "
+            "on_hand = on_hand - case when $3 then $2 else 0 end where product_id = $1",
             product_id,
             quantity,
+            sold,
         )
+    return [product_id for product_id, _ in held]

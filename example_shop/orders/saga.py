@@ -6,7 +6,12 @@
     announce-payment-authorized  OrderStatusChanged("payment_authorized")
     create-shipment            CreateShipment -> shipping       ShipmentCreated
     announce-shipment-created  OrderStatusChanged("shipment_created")
+    commit-stock               CommitStock -> inventory         (none: the reservation is sold)
     (completed)                order confirmed + OrderConfirmed, in the saga's final transaction
+
+The last three are fire-and-forget and enqueued in one transaction with the order's
+confirmation: a confirmed order's reservation always becomes a sale (inventory takes the units
+off its shelves), and nothing after the shipment can fail and undo it.
 
 A refusal (`StockRejected`, `PaymentDeclined`) or a step that does not answer within
 `STEP_TIMEOUT` undoes what was done, newest first, each undo confirmed before the next:
@@ -37,6 +42,7 @@ from example_shop.contracts import (
     TOPICS,
     AuthorizePayment,
     CancelShipment,
+    CommitStock,
     CreateShipment,
     OrderCancelled,
     OrderConfirmed,
@@ -125,6 +131,10 @@ def release_stock(order: OrderSagaData) -> ReleaseStock:
     return ReleaseStock(order_id=order.order_id)
 
 
+def commit_stock(order: OrderSagaData) -> CommitStock:
+    return CommitStock(order_id=order.order_id)
+
+
 def authorize_payment(order: OrderSagaData) -> AuthorizePayment:
     return AuthorizePayment(
         order_id=order.order_id, amount_cents=order.total_cents, card_number=order.card_number
@@ -205,6 +215,7 @@ def _steps(timeout: float) -> tuple[Step[OrderSagaData], ...]:
             timeout=timeout,
         ),
         Step("announce-shipment-created", send=announce("shipment_created")),
+        Step("commit-stock", topic=TOPICS.INVENTORY_COMMANDS, send=commit_stock),
     )
 
 

@@ -3,7 +3,8 @@
 Routes (the caller is the user the gateway vouched for, see `example_shop.common.caller`):
 
     GET    /cart                       the caller's cart with prices and total
-    PUT    /cart/items/{product_id}    {"quantity", "unit_price_cents"}: set a line
+    PUT    /cart/items/{product_id}    {"quantity"}: set a line (404 unknown product,
+                                       409 sold out or fewer left than asked for)
     DELETE /cart/items/{product_id}    remove a line (404 when it is not in the cart)
     POST   /orders                     {"address", "card_number"} -> 202 {"order_id", "status"}
     GET    /orders                     the caller's orders, newest first
@@ -14,29 +15,40 @@ Placing an order is ONE transaction: the order and its lines are written, the ca
 in the outbox too). Either all of it commits or none. The saga (`example_shop.orders.saga`) then
 moves the order to `confirmed` or `cancelled` and publishes the outcome.
 
-**Prices: a local read model.** The storefront sends the price it showed, but a client's word is
-no price list. The catalog owns prices and publishes `ProductCreated` / `ProductPriceChanged`;
-this service keeps the latest price of each product in its own `prices` table (through the
-inbox, so a redelivered event changes nothing). A cart line, and the order placed from it, use
-that price when it is known and the storefront's only for a product the read model has not seen
-yet (e.g. before the catalog's first events arrived). This avoids a synchronous call to the
-catalog on every cart change, at the cost of prices that lag the catalog by the events' latency.
+**Prices and stock: local read models.** A client's word is no price list: a cart line holds a
+product and a quantity, nothing else (a body naming a price is refused, 422). The catalog owns
+prices and announces every product it holds with `ProductCreated` (its seeded demo products
+too) and every new price with `ProductPriceChanged`; this service keeps the latest price of each
+product in its `prices` table (through the inbox, so a redelivered event changes nothing). Its
+consumer group reads the catalog's topic from the beginning, so products created before this
+service first subscribed are known as well; no HTTP call to the catalog is needed, at any time.
+A product the read model does not know is not for sale: 404. The cart shows the current price,
+and an order is priced from the read model when it is placed, in its transaction.
+
+Inventory announces each product's available units with `StockLevelChanged` (versioned; the
+highest version wins); the `stock` table keeps them. A product with none available (or never
+stocked) cannot be added to a cart (409, "sold out"), nor more units than are available. It is
+advice, lagging inventory by the events' latency: the saga's reservation decides, and an order
+for stock sold meanwhile is cancelled ("sold out"). Both read models trade a little staleness
+for carts that work without a synchronous call to another service.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from aiohttp import web
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from example_shop.common import caller, default_settings, postgres_url
 from example_shop.contracts import (
     TOPICS,
     AuthorizePayment,
     CancelShipment,
+    CommitStock,
     CreateShipment,
     OrderCancelled,
     OrderConfirmed,
@@ -47,6 +59,7 @@ from example_shop.contracts import (
     RefundPayment,
     ReleaseStock,
     ReserveStock,
+    StockLevelChanged,
 )
 from example_shop.orders.saga import OrderSagaData, OrderStatusChanged, PlaceOrderSaga
 from framework.bus import Message
@@ -98,7 +111,19 @@ MIGRATIONS = [
             updated_at timestamptz not null default clock_timestamp()
         )
         """,
-    )
+    ),
+    Migration(
+        2,
+        "stock read model; carts hold no prices",
+        """
+        create table stock (
+            product_id text primary key,
+            available integer not null,
+            version bigint not null
+        );
+        alter table carts drop column unit_price_cents
+        """,
+    ),
 ]
 
 HISTORY_LIMIT = 100
@@ -111,10 +136,12 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class CartItemUpdate(BaseModel):
-    """The body of `PUT /cart/items/{product_id}`."""
+    """The body of `PUT /cart/items/{product_id}`: how many. The price is the catalog's; a body
+    that names one (or anything else) is refused."""
+
+    model_config = ConfigDict(extra="forbid")
 
     quantity: int = Field(gt=0, le=100)
-    unit_price_cents: int = Field(ge=0, le=100_000_000)
 
 
 class PlaceOrder(BaseModel):
@@ -143,9 +170,8 @@ class PlaceOrder(BaseModel):
 
 
 _CART = """
-select c.product_id, c.quantity,
-       coalesce(p.price_cents, c.unit_price_cents) as unit_price_cents
-from carts c left join prices p using (product_id)
+select c.product_id, c.quantity, p.price_cents as unit_price_cents
+from carts c join prices p using (product_id)
 where c.customer_id = $1
 order by c.added_at, c.product_id
 """
@@ -158,6 +184,11 @@ insert into prices (product_id, price_cents) values ($1, $2)
 on conflict (product_id)
 do update set price_cents = excluded.price_cents, updated_at = clock_timestamp()
 """
+_SET_STOCK = """
+insert into stock (product_id, available, version) values ($1, $2, $3)
+on conflict (product_id) do update set available = excluded.available, version = excluded.version
+where stock.version < excluded.version
+"""
 
 
 class Orders(Service):
@@ -167,7 +198,7 @@ class Orders(Service):
     name = "orders"
     publishes: ClassVar[Mapping[str, Sequence[type]]] = {
         TOPICS.ORDERS_EVENTS: (OrderPlaced, OrderStatusChanged, OrderConfirmed, OrderCancelled),
-        TOPICS.INVENTORY_COMMANDS: (ReserveStock, ReleaseStock),
+        TOPICS.INVENTORY_COMMANDS: (ReserveStock, ReleaseStock, CommitStock),
         TOPICS.PAYMENTS_COMMANDS: (AuthorizePayment, RefundPayment),
         TOPICS.SHIPPING_COMMANDS: (CreateShipment, CancelShipment),
     }
@@ -192,6 +223,8 @@ class Orders(Service):
         self.sagas.subscribe(
             self.bus, [TOPICS.INVENTORY_EVENTS, TOPICS.PAYMENTS_EVENTS, TOPICS.SHIPPING_EVENTS]
         )
+        self._heard = asyncio.Condition()
+        """Notified whenever a read model took an event (see `until_known`)."""
 
     # -- the price read model -------------------------------------------------------------------
 
@@ -212,6 +245,37 @@ class Orders(Service):
         async with self.db.transaction() as tx:
             if await self.inbox.record(tx, message):
                 await tx.execute(_SET_PRICE, product_id, price_cents)
+        await self._changed()
+
+    # -- the stock read model -------------------------------------------------------------------
+
+    @handles(TOPICS.STOCK_EVENTS)
+    async def on_stock_level(self, event: StockLevelChanged) -> None:
+        # Versioned, so neither a redelivery nor an older level can undo a newer one: no inbox.
+        async with self.db.connection() as conn:
+            await conn.execute(_SET_STOCK, event.product_id, event.available, event.version)
+        await self._changed()
+
+    async def knows(self, product_ids: Sequence[str]) -> bool:
+        """Whether the read models hold a price and a stock level for each of the products."""
+        async with self.db.connection() as conn:
+            known = await conn.fetchval(
+                "select count(*) from prices join stock using (product_id) "
+                "where product_id = any($1::text[])",
+                list(product_ids),
+            )
+        return bool(known == len(set(product_ids)))
+
+    async def until_known(self, product_ids: Sequence[str]) -> None:
+        """Return once the read models hold a price and a stock level for each of the products
+        (woken by every catalog or stock event this process takes; bound it with a timeout)."""
+        async with self._heard:
+            while not await self.knows(product_ids):
+                await self._heard.wait()
+
+    async def _changed(self) -> None:
+        async with self._heard:
+            self._heard.notify_all()
 
     # -- the cart -------------------------------------------------------------------------------
 
@@ -229,16 +293,26 @@ class Orders(Service):
         product_id = request.match_info["product_id"]
         item = await read_json(request, CartItemUpdate)
         async with self.db.transaction() as tx:
+            known = await tx.fetchrow(
+                "select p.product_id, coalesce(s.available, 0) as available "
+                "from prices p left join stock s using (product_id) where p.product_id = $1",
+                product_id,
+            )
+            if known is None:
+                raise web.HTTPNotFound(text=f"no product {product_id!r}")
+            if known["available"] <= 0:
+                raise web.HTTPConflict(text=f"{product_id} is sold out")
+            if known["available"] < item.quantity:
+                raise web.HTTPConflict(
+                    text=f"only {known['available']} of {product_id} left, "
+                    f"{item.quantity} requested"
+                )
             await tx.execute(
-                "insert into carts (customer_id, product_id, quantity, unit_price_cents) "
-                "values ($1, $2, $3, coalesce("
-                "(select price_cents from prices where product_id = $2), $4)) "
-                "on conflict (customer_id, product_id) do update "
-                "set quantity = excluded.quantity, unit_price_cents = excluded.unit_price_cents",
+                "insert into carts (customer_id, product_id, quantity) values ($1, $2, $3) "
+                "on conflict (customer_id, product_id) do update set quantity = excluded.quantity",
                 who.user_id,
                 product_id,
                 item.quantity,
-                item.unit_price_cents,
             )
             return json_response(_cart(await tx.fetch(_CART, who.user_id)))
 

@@ -30,6 +30,7 @@ from schemathesis.engine import events, from_schema
 from schemathesis.engine.recorder import Interaction
 
 from example_shop.catalog.seed import DEMO_PRODUCTS
+from example_shop.orders import Orders
 from example_shop.shop import Shop
 from tests.example_shop.conftest import start_shop
 
@@ -239,9 +240,17 @@ async def test_the_requests_that_once_got_a_5xx_get_a_problem(fuzzed_shop: Shop)
         assert await status("POST", "/api/auth/signup", signup) == 422
         order = {"address": "1 Main St\x00", "card_number": "4242424242424242"}
         assert await status("POST", "/api/orders", order, customer) == 422
-        # A cart worth more than an order's total can hold (10**10 cents).
-        line = {"quantity": 100, "unit_price_cents": 100_000_000}
-        assert await status("PUT", "/api/cart/items/not-in-the-catalog", line, customer) == 200
+        # A cart worth more than an order's total can hold (10**10 cents): the dearest product
+        # the catalog takes, stocked, 100 of it.
+        dear = {"product_id": "p-dear", "name": "Dear", "category": "tea", "price_cents": 10**8}
+        assert await status("POST", "/api/admin/products", dear, admin) == 201
+        assert await status("PUT", "/api/admin/stock/p-dear", {"on_hand": 100}, admin) == 200
+        orders = fuzzed_shop.services["orders"]
+        assert isinstance(orders, Orders)
+        async with asyncio.timeout(30):  # the orders service hears of its price and stock
+            await orders.until_known(["p-dear"])
+        line = {"quantity": 100}
+        assert await status("PUT", "/api/cart/items/p-dear", line, customer) == 200
         order["address"] = "1 Main St"
         assert await status("POST", "/api/orders", order, customer) == 409
         # The system graph, drawn from gateway profiles that keep their development secrets.

@@ -82,9 +82,13 @@ async def checkout_flow(shop: Shop) -> None:
         async def order_with(card: str) -> dict[str, Any]:
             async with http.put(
                 f"{base}/api/cart/items/{product['product_id']}",
-                json={"quantity": 1, "unit_price_cents": product["price_cents"]},
+                json={"quantity": 1},
             ) as response:
                 assert response.status in (200, 204), await response.text()
+                cart = await response.json()
+            # The cart is priced by the server, from the catalog's price.
+            [line] = [i for i in cart["items"] if i["product_id"] == product["product_id"]]
+            assert line["unit_price_cents"] == product["price_cents"]
             async with http.post(
                 f"{base}/api/orders", json={"address": "1 Main Street", "card_number": card}
             ) as response:
@@ -177,7 +181,7 @@ async def test_admins_see_stock_and_the_system_graph(embedded_shop: Shop) -> Non
 @pytest.mark.postgres
 @pytest.mark.mongo
 async def test_the_same_services_run_on_kafka_postgres_and_mongodb(
-    kafka_bootstrap: str, mongo_url: str
+    kafka_bootstrap: str, mongo_url: str, mongo_database_name: str
 ) -> None:
     import os
 
@@ -185,6 +189,8 @@ async def test_the_same_services_run_on_kafka_postgres_and_mongodb(
         "KAFKA_BOOTSTRAP": kafka_bootstrap,
         "POSTGRES_URL": os.environ["POSTGRES_URL"],
         "MONGO_URL": mongo_url,
+        # A catalog of its own, seeded (and so announcing its products) afresh.
+        "CATALOG_MONGO_DB": mongo_database_name,
         "PATH": "/usr/bin:/bin",
     }
     shop = await start_shop(real=True, env=env)

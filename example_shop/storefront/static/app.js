@@ -81,7 +81,7 @@ async function showProducts() {
           <span class="muted">${esc(p.category)}</span>
           <span class="price">${money(p.price_cents)}</span>
           <span class="muted" data-stock="${esc(p.product_id)}">…</span>
-          <button class="primary" data-add="${esc(p.product_id)}" data-price="${p.price_cents}">Add to cart</button>
+          <button class="primary" data-add="${esc(p.product_id)}">Add to cart</button>
         </div>`).join("") || "<p>No products match.</p>"}
     </div>
     <div class="pager">
@@ -92,21 +92,37 @@ async function showProducts() {
   document.getElementById("prev").onclick = () => { state.page -= 1; showProducts(); };
   document.getElementById("next").onclick = () => { state.page += 1; showProducts(); };
   for (const button of view.querySelectorAll("[data-add]")) {
-    button.onclick = () => addToCart(button.dataset.add, Number(button.dataset.price));
+    button.onclick = () => addToCart(button.dataset.add);
   }
   for (const label of view.querySelectorAll("[data-stock]")) {
     api(`/stock/${encodeURIComponent(label.dataset.stock)}`)
-      .then((s) => { label.textContent = s.available > 0 ? `${s.available} in stock` : "sold out"; })
-      .catch(() => { label.textContent = ""; });
+      .then((s) => { showStock(label, s.available); })
+      .catch((error) => { if (error.status === 404) showStock(label, 0); else label.textContent = ""; });
   }
 }
 
-async function addToCart(productId, price) {
+function showStock(label, available) {
+  // Shown, not decided here: the orders service refuses a sold-out product (409) itself.
+  label.textContent = available > 0 ? `${available} in stock` : "sold out";
+  const button = label.parentElement.querySelector("[data-add]");
+  if (button && available <= 0) {
+    button.disabled = true;
+    button.textContent = "Sold out";
+  }
+}
+
+async function addToCart(productId) {
   if (!state.me) { location.hash = "#/signin"; say("Sign in to shop."); return; }
+  // A quantity only: the price is the catalog's, and the cart shows it.
   const current = (state.cart.items || []).find((i) => i.product_id === productId);
-  await api(`/cart/items/${encodeURIComponent(productId)}`, {
-    method: "PUT", json: { quantity: (current ? current.quantity : 0) + 1, unit_price_cents: price },
-  });
+  try {
+    await api(`/cart/items/${encodeURIComponent(productId)}`, {
+      method: "PUT", json: { quantity: (current ? current.quantity : 0) + 1 },
+    });
+  } catch (error) {
+    say(error.message);
+    return;
+  }
   await loadCart();
   say("Added to cart.");
 }

@@ -69,6 +69,12 @@ async def wait_for_events(catalog: Catalog, of: type, count: int) -> list[Envelo
     return found
 
 
+def created_ids(catalog: Catalog) -> list[str]:
+    """The products announced with ProductCreated, sorted."""
+    found = events(catalog, ProductCreated)
+    return sorted(decode_payload(e.data, ProductCreated).product_id for e in found)
+
+
 async def get_json(http: aiohttp.ClientSession, path: str, status: int = 200) -> Any:
     async with http.get(path) as response:
         assert response.status == status, await response.text()
@@ -153,7 +159,7 @@ async def test_edits_are_for_admins_only(env: dict[str, str]) -> None:
         assert (await get_json(http, "/products?size=100"))["total"] == 24
         await outbox_drained(catalog)  # a refused edit wrote no event to publish
         assert events(catalog, ProductPriceChanged) == []
-        assert events(catalog, ProductCreated) == []
+        assert created_ids(catalog) == ALL_IDS  # the seeded products' only
 
 
 async def test_price_change_is_published_exactly_once(env: dict[str, str]) -> None:
@@ -210,7 +216,8 @@ async def test_create_product(env: dict[str, str]) -> None:
         async with http.post("/products", json=new, headers=ADMIN) as response:
             assert response.status == 201
             assert response.headers["Location"] == "/products/p-100"
-        [created] = await wait_for_events(catalog, ProductCreated, 1)
+        found = await wait_for_events(catalog, ProductCreated, len(ALL_IDS) + 1)
+        [created] = [e for e in found if e.partitionkey == "p-100"]
         assert decode_payload(created.data, ProductCreated) == ProductCreated(
             product_id="p-100", name="Tin Caddy", category="accessories", price_cents=990
         )
@@ -225,20 +232,42 @@ async def test_create_product(env: dict[str, str]) -> None:
         assert (await get_json(http, "/products?category=tea"))["total"] == 7
         async with http.post("/products", json={"name": "x"}, headers=ADMIN) as response:
             assert response.status == 422
-        assert len(await wait_for_events(catalog, ProductCreated, 2)) == 2
+        assert len(await wait_for_events(catalog, ProductCreated, len(ALL_IDS) + 2))
+
+
+async def test_seeding_announces_every_product_with_its_price(env: dict[str, str]) -> None:
+    async with running(env) as (catalog, _):
+        found = await wait_for_events(catalog, ProductCreated, len(DEMO_PRODUCTS))
+        announced = {e.partitionkey: decode_payload(e.data, ProductCreated) for e in found}
+        assert announced == {
+            p["product_id"]: ProductCreated(
+                product_id=p["product_id"],
+                name=p["name"],
+                category=p["category"],
+                price_cents=p["price_cents"],
+            )
+            for p in DEMO_PRODUCTS
+        }
 
 
 async def test_seeding_is_idempotent_across_restarts(env: dict[str, str]) -> None:
-    # two replicas start together on an empty database: both seed, one set of products
-    async with running(env) as (_, first), running(env) as (_, second):
+    # two replicas start together on an empty database: both seed, one set of products, and
+    # each is announced once
+    transport = MemoryTransport()
+    async with running(env, transport) as (one, first), running(env, transport) as (two, second):
         assert (await get_json(first, "/products?size=1"))["total"] == 24
         assert (await get_json(second, "/products?size=1"))["total"] == 24
+        await outbox_drained(one)
+        await outbox_drained(two)
+        assert created_ids(one) == ALL_IDS
         async with first.patch(
             "/products/p-010", json={"price_cents": 999}, headers=ADMIN
         ) as response:
             assert response.status == 200
-    async with running(env) as (catalog, http):
+    async with running(env, transport) as (catalog, http):
         assert await catalog.seed() == 0
+        await outbox_drained(catalog)
+        assert created_ids(catalog) == ALL_IDS  # nothing announced again
         assert (await get_json(http, "/products?size=100"))["total"] == 24
         # the restart did not reseed over the edit
         assert (await get_json(http, "/products/p-010"))["price_cents"] == 999

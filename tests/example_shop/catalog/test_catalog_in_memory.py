@@ -44,8 +44,9 @@ async def test_runs_on_an_in_memory_mongo_client() -> None:
                     if not await catalog.outbox.pending():
                         break
                     await asyncio.sleep(0.02)
-            [event] = [from_binary(r) for r in transport.records(TOPICS.CATALOG_EVENTS)]
-            assert event.type == type_name(ProductPriceChanged)
+            found = [from_binary(r) for r in transport.records(TOPICS.CATALOG_EVENTS)]
+            [event] = [e for e in found if e.type == type_name(ProductPriceChanged)]
+            assert len(found) == 1 + 24  # and the seeded products' ProductCreated
             assert decode_payload(event.data, ProductPriceChanged) == ProductPriceChanged(
                 product_id="p-007", old_price_cents=890, new_price_cents=990
             )

@@ -18,9 +18,11 @@ import pytest
 
 from example_shop.contracts import (
     TOPICS,
+    CommitStock,
     OrderLine,
     ReleaseStock,
     ReserveStock,
+    StockLevelChanged,
     StockRejected,
     StockReleased,
     StockReserved,
@@ -73,6 +75,11 @@ class Stockroom:
         while await self.service.outbox.pending():
             assert time.monotonic() < deadline, "the outbox was not drained"
             await asyncio.sleep(0.02)
+
+    def levels(self) -> list[StockLevelChanged]:
+        """The stock levels announced so far, in the order published."""
+        records = [from_binary(r) for r in self.transport.records(TOPICS.STOCK_EVENTS)]
+        return [StockLevelChanged.model_validate_json(e.data) for e in records]
 
     def replies(self) -> list[Envelope[bytes]]:
         return [from_binary(r) for r in self.transport.records(TOPICS.INVENTORY_EVENTS)]
@@ -255,6 +262,84 @@ async def test_restock_adds_units_once(stockroom: Stockroom) -> None:
     await stockroom.harness.handled(RestockProduct, count=3)
     assert await stockroom.stock("p-013") == (5, 0)
     assert await stockroom.stock("p-100") == (7, 0)
+
+
+# -- selling --------------------------------------------------------------------------------------
+
+
+async def test_commit_turns_the_reservation_into_a_sale_once(stockroom: Stockroom) -> None:
+    await stockroom.send(reserve("o-6", ("p-008", 3), ("p-014", 2)), saga_id="s-6")
+    await stockroom.wait_replies(1)
+    assert await stockroom.stock("p-008") == (50, 3)
+
+    commit = await stockroom.send(CommitStock(order_id="o-6"), saga_id="s-6")
+    await stockroom.send(None, envelope=commit)  # redelivered
+    await stockroom.send(CommitStock(order_id="o-6"), saga_id="s-6")  # sent again: nothing held
+    await stockroom.send(CommitStock(order_id="never-reserved"), saga_id="s-7")
+
+    await stockroom.harness.handled(CommitStock, count=4)
+    await stockroom.settled()
+    assert await stockroom.stock("p-008") == (47, 0)  # sold: off the shelves, no longer held
+    assert await stockroom.stock("p-014") == (0, 0)
+    assert await stockroom.reservations("o-6") == {}
+    assert [r.type for r in stockroom.replies()] == [type_name(StockReserved)]  # no reply
+
+    # A release after the sale (a late compensation) gives nothing back.
+    await stockroom.send(ReleaseStock(order_id="o-6"), saga_id="s-6")
+    await stockroom.wait_replies(2)
+    assert await stockroom.stock("p-008") == (47, 0)
+
+
+async def test_every_change_of_a_stock_row_announces_its_level(stockroom: Stockroom) -> None:
+    await stockroom.settled()
+    seeded = stockroom.levels()  # the demo stock, announced once at the start
+    assert len(seeded) == 24
+    assert {(x.product_id, x.available, x.version) for x in seeded} >= {
+        ("p-001", 50, 1),
+        ("p-013", 0, 1),
+        ("p-014", 2, 1),
+    }
+
+    await stockroom.send(reserve("o-8", ("p-014", 2)), saga_id="s-8")
+    await stockroom.wait_replies(1)
+    await stockroom.send(CommitStock(order_id="o-8"), saga_id="s-8")
+    await stockroom.harness.handled(CommitStock)
+    await stockroom.send(RestockProduct(product_id="p-014", quantity=4))
+    await stockroom.harness.handled(RestockProduct)
+    await stockroom.send(reserve("o-9", ("p-014", 1)), saga_id="s-9")
+    await stockroom.wait_replies(2)
+    await stockroom.send(ReleaseStock(order_id="o-9"), saga_id="s-9")
+    await stockroom.wait_replies(3)
+    async with stockroom.http.put(
+        stockroom.url("/stock/p-014"), json={"on_hand": 9}, headers=ADMIN
+    ) as response:
+        assert response.status == 200
+    await stockroom.send(reserve("o-10", ("p-013", 1)), saga_id="s-10")  # rejected: no change
+    await stockroom.wait_replies(4)
+    await stockroom.settled()
+
+    changed = [x for x in stockroom.levels() if x.version > 1]
+    assert {x.product_id for x in changed} == {"p-014"}
+    # reserved 2, sold 2, restocked 4, reserved 1, released 1, counted 9
+    levels = [(x.available, x.version) for x in changed]  # one product: one partition, in order
+    assert levels == [(0, 2), (0, 3), (4, 4), (3, 5), (4, 6), (9, 7)]
+
+
+async def test_a_restart_announces_nothing_again(
+    stockroom: Stockroom, postgres_database: str
+) -> None:
+    await stockroom.settled()
+    settings = ServiceSettings.from_env(
+        {
+            "INVENTORY_DATABASE_URL": postgres_database,
+            "MSA_HTTP_HOST": "127.0.0.1",
+            "MSA_HTTP_PORT": "0",
+        }
+    )
+    again = Inventory(settings, transport=stockroom.transport)
+    async with ServiceHarness(again):
+        assert await again.outbox.pending() == 0
+    assert len(stockroom.levels()) == 24
 
 
 # -- HTTP -----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The orders service and its saga, end to end on a real PostgreSQL and one in-memory bus.
 
-The real inventory service takes part (its own database); payments and shipping are played by
+The real inventory service takes part (its own database); the catalog's part is its events (the
+demo products' `ProductCreated`, published by the fixture); payments and shipping are played by
 the minimal fakes below, which answer the saga's commands with the contract's replies from
 inside their command handlers (so the replies carry the saga id as correlation id, like a real
 participant's). The shop-level tests run the real payments and shipping services.
@@ -21,6 +22,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from example_shop.catalog.seed import DEMO_PRODUCTS
 from example_shop.contracts import (
     TOPICS,
     AuthorizePayment,
@@ -37,6 +39,7 @@ from example_shop.contracts import (
     RefundPayment,
     ShipmentCancelled,
     ShipmentCreated,
+    StockLevelChanged,
 )
 from example_shop.inventory import Inventory
 from example_shop.orders import Orders, OrderStatusChanged
@@ -49,6 +52,8 @@ pytestmark = pytest.mark.postgres
 
 DECLINED_CARD = "4000 0000 0000 0002"
 GOOD_CARD = "4242 4242 4242 4242"
+PRICES = {p["product_id"]: p["price_cents"] for p in DEMO_PRODUCTS}
+"""The catalog's prices of the demo products: p-001 costs 1290, p-002 1490, p-003 1890."""
 
 
 # -- the participants this test does not own ------------------------------------------------------
@@ -147,12 +152,9 @@ class Shop:
             body = await response.json() if response.content_length != 0 else None
             return response.status, body, response
 
-    async def add(self, user: str, product_id: str, quantity: int, price: int = 1000) -> Any:
+    async def add(self, user: str, product_id: str, quantity: int) -> Any:
         status, cart, _ = await self.call(
-            "PUT",
-            f"/cart/items/{product_id}",
-            user,
-            json={"quantity": quantity, "unit_price_cents": price},
+            "PUT", f"/cart/items/{product_id}", user, json={"quantity": quantity}
         )
         assert status == 200, cart
         return cart
@@ -261,14 +263,23 @@ async def shop(postgres_database: str, inventory_database: str) -> AsyncIterator
     shipping = FakeShipping(Bus(transport, source="shipping"))
     payments.subscribe()
     shipping.subscribe()
-    await inventory.start()
-    await orders.start()
+    catalog = Bus(transport, source="catalog")
+    await inventory.start()  # announces its demo stock
+    await catalog.start()
+    for product in DEMO_PRODUCTS:  # what the catalog announces when it seeds them
+        created = ProductCreated(**{k: product[k] for k in ProductCreated.model_fields})
+        await catalog.publish(TOPICS.CATALOG_EVENTS, created, key=created.product_id)
+    await orders.start()  # subscribes after the events were published: reads from the start
     await payments.bus.start()
     await shipping.bus.start()
     try:
         async with aiohttp.ClientSession() as http:
-            yield Shop(orders, inventory, payments, shipping, transport, http)
+            shop = Shop(orders, inventory, payments, shipping, transport, http)
+            async with asyncio.timeout(10):
+                await orders.until_known([p["product_id"] for p in DEMO_PRODUCTS])
+            yield shop
     finally:
+        await catalog.stop(grace=1)
         await shipping.bus.stop(grace=1)
         await payments.bus.stop(grace=1)
         await orders.stop(grace=1)
@@ -281,24 +292,95 @@ async def shop(postgres_database: str, inventory_database: str) -> AsyncIterator
 async def test_cart_lines_are_set_replaced_and_removed_per_customer(shop: Shop) -> None:
     assert (await shop.call("GET", "/cart"))[:2] == (200, {"items": [], "total_cents": 0})
 
-    await shop.add("alice", "p-001", 2, price=1999)
-    await shop.add("alice", "p-002", 1, price=500)
-    cart = await shop.add("alice", "p-001", 3, price=1999)  # sets, does not add up
+    await shop.add("alice", "p-001", 2)
+    await shop.add("alice", "p-002", 1)
+    cart = await shop.add("alice", "p-001", 3)  # sets, does not add up
     assert cart["items"] == [
-        {"product_id": "p-001", "quantity": 3, "unit_price_cents": 1999, "line_total_cents": 5997},
-        {"product_id": "p-002", "quantity": 1, "unit_price_cents": 500, "line_total_cents": 500},
+        {"product_id": "p-001", "quantity": 3, "unit_price_cents": 1290, "line_total_cents": 3870},
+        {"product_id": "p-002", "quantity": 1, "unit_price_cents": 1490, "line_total_cents": 1490},
     ]
-    assert cart["total_cents"] == 6497
+    assert cart["total_cents"] == 5360
     status, cart, _ = await shop.call("DELETE", "/cart/items/p-002")
     assert status == 200
     assert [i["product_id"] for i in cart["items"]] == ["p-001"]
     assert (await shop.call("DELETE", "/cart/items/p-002"))[0] == 404
     assert (await shop.call("GET", "/cart", "bob"))[1]["items"] == []  # carts are per customer
 
-    bad = {"quantity": 0, "unit_price_cents": 100}
-    assert (await shop.call("PUT", "/cart/items/p-003", json=bad))[0] == 422
+    assert (await shop.call("PUT", "/cart/items/p-003", json={"quantity": 0}))[0] == 422
     assert (await shop.call("PUT", "/cart/items/p-003", data=b"{"))[0] == 422
     assert (await shop.call("GET", "/cart", None))[0] == 401
+
+
+async def test_the_client_cannot_set_a_price(shop: Shop) -> None:
+    tampered = {"quantity": 2, "unit_price_cents": 1}
+    status, problem, response = await shop.call("PUT", "/cart/items/p-001", json=tampered)
+    assert status == 422
+    assert response.content_type == "application/problem+json"
+    assert "unit_price_cents" in str(problem)
+    assert (await shop.call("GET", "/cart"))[1] == {"items": [], "total_cents": 0}
+
+    cart = await shop.add("alice", "p-001", 2)
+    assert cart["total_cents"] == 2 * PRICES["p-001"] == 2580
+    order = await shop.outcome(await shop.place("alice"))
+    assert order["status"] == "confirmed"
+    assert order["total_cents"] == 2 * PRICES["p-001"]
+    assert order["lines"] == [
+        {"product_id": "p-001", "quantity": 2, "unit_price_cents": PRICES["p-001"]}
+    ]
+    [authorize] = shop.payments.seen
+    assert authorize.amount_cents == 2 * PRICES["p-001"]
+
+
+async def test_unknown_products_are_not_found_and_sold_out_ones_refused(shop: Shop) -> None:
+    status, problem, response = await shop.call(
+        "PUT", "/cart/items/no-such-product", json={"quantity": 1}
+    )
+    assert status == 404
+    assert response.content_type == "application/problem+json"
+    assert problem["detail"] == "no product 'no-such-product'"
+
+    status, problem, _ = await shop.call("PUT", "/cart/items/p-013", json={"quantity": 1})
+    assert (status, problem["detail"]) == (409, "p-013 is sold out")
+    status, problem, _ = await shop.call("PUT", "/cart/items/p-014", json={"quantity": 3})
+    assert (status, problem["detail"]) == (409, "only 2 of p-014 left, 3 requested")
+    assert (await shop.call("GET", "/cart"))[1]["items"] == []
+
+    # Restocked: inventory announces the new level, and the product can be added again.
+    status, level = await _set_on_hand(shop, "p-013", 5)
+    assert (status, level["available"]) == (200, 5)
+    await eventually_async(lambda: _available_is(shop, "p-013", 5))
+    cart = await shop.add("alice", "p-013", 5)
+    assert cart["items"][0]["unit_price_cents"] == PRICES["p-013"]
+
+
+async def _set_on_hand(shop: Shop, product_id: str, on_hand: int) -> tuple[int, Any]:
+    """A count in the warehouse, through the inventory service's admin route."""
+    url = f"http://127.0.0.1:{shop.inventory.http_port}/stock/{product_id}"
+    headers = {"x-user-id": "root", "x-user-roles": "admin"}
+    async with shop.http.put(url, json={"on_hand": on_hand}, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def _available_is(shop: Shop, product_id: str, available: int) -> bool:
+    async with shop.orders.db.connection() as conn:
+        found = await conn.fetchval("select available from stock where product_id = $1", product_id)
+    return bool(found == available)
+
+
+async def test_stock_levels_keep_the_newest_version(shop: Shop) -> None:
+    """An older level, redelivered or announced again, never replaces a newer one."""
+    inventory = Bus(shop.transport, source="inventory")
+    await inventory.start()
+    try:
+        newer = StockLevelChanged(product_id="p-001", available=7, version=100)
+        older = StockLevelChanged(product_id="p-001", available=50, version=99)
+        await inventory.publish(TOPICS.STOCK_EVENTS, newer, key="p-001")
+        last = await inventory.publish(TOPICS.STOCK_EVENTS, older, key="p-001")
+        assert isinstance(last, RecordMetadata)
+        await eventually_async(lambda: _handled(shop, "orders", last))
+        assert await _available_is(shop, "p-001", 7)
+    finally:
+        await inventory.stop(grace=1)
 
 
 async def test_cart_prices_come_from_the_catalogs_events(shop: Shop) -> None:
@@ -309,10 +391,9 @@ async def test_cart_prices_come_from_the_catalogs_events(shop: Shop) -> None:
         await catalog.publish(TOPICS.CATALOG_EVENTS, created, key="p-003")
         await eventually_async(lambda: _price_is(shop, "p-003", 1500))
 
-        # The storefront's price is used only for products the read model has not seen.
-        cart = await shop.add("alice", "p-003", 1, price=1)
-        cart = await shop.add("alice", "p-004", 1, price=700)
-        assert [i["unit_price_cents"] for i in cart["items"]] == [1500, 700]
+        cart = await shop.add("alice", "p-003", 1)
+        cart = await shop.add("alice", "p-004", 1)
+        assert [i["unit_price_cents"] for i in cart["items"]] == [1500, PRICES["p-004"]]
 
         change = Envelope(
             type=type_name(ProductPriceChanged),
@@ -324,7 +405,7 @@ async def test_cart_prices_come_from_the_catalogs_events(shop: Shop) -> None:
         )
         await catalog.publish_envelope(TOPICS.CATALOG_EVENTS, change)
         await eventually_async(lambda: _price_is(shop, "p-003", 1200))
-        assert (await shop.call("GET", "/cart"))[1]["total_cents"] == 1900
+        assert (await shop.call("GET", "/cart"))[1]["total_cents"] == 1200 + PRICES["p-004"]
 
         # A later price, then the old change redelivered: the inbox keeps the later one.
         await catalog.publish(
@@ -361,31 +442,38 @@ async def _price_is(shop: Shop, product_id: str, cents: int) -> bool:
 
 
 async def test_an_order_is_reserved_paid_shipped_and_confirmed(shop: Shop) -> None:
-    await shop.add("alice", "p-001", 2, price=1000)
-    await shop.add("alice", "p-002", 1, price=500)
+    await shop.add("alice", "p-001", 2)
+    await shop.add("alice", "p-002", 1)
     order_id = await shop.place("alice")
 
     order = await shop.outcome(order_id)
     assert order["status"] == "confirmed"
     assert order["reason"] is None
-    assert order["total_cents"] == 2500
+    assert order["total_cents"] == 2 * 1290 + 1490
     assert order["card_last4"] == "4242"
     assert order["progress"] == ["stock_reserved", "payment_authorized", "shipment_created"]
     assert order["lines"] == [
-        {"product_id": "p-001", "quantity": 2, "unit_price_cents": 1000},
-        {"product_id": "p-002", "quantity": 1, "unit_price_cents": 500},
+        {"product_id": "p-001", "quantity": 2, "unit_price_cents": 1290},
+        {"product_id": "p-002", "quantity": 1, "unit_price_cents": 1490},
     ]
     assert (await shop.call("GET", "/cart"))[1]["items"] == []  # the cart became the order
-    assert await shop.stock("p-001") == (50, 2)
-    assert await shop.stock("p-002") == (50, 1)
     [authorize] = shop.payments.seen
     assert authorize == AuthorizePayment(
-        order_id=order_id, amount_cents=2500, card_number="4242424242424242"
+        order_id=order_id, amount_cents=4070, card_number="4242424242424242"
     )
     [create] = shop.shipping.seen
     assert create.address == "1 Main St, Springfield"
 
     await shop.settled()  # nothing more is coming
+    # The reservation became a sale: the units left the shelves, nothing is held any more,
+    # and the orders service's stock read model heard of it.
+    assert await shop.stock("p-001") == (48, 0)
+    assert await shop.stock("p-002") == (49, 0)
+    assert await _available_is(shop, "p-001", 48)
+    async with shop.inventory.db.connection() as conn:
+        assert await conn.fetchval("select count(*) from reservations") == 0
+    saga = await shop.orders.sagas.get(order_id)
+    assert "commit-stock" in [e.step for e in saga.history]
     assert shop.order_events(order_id) == [
         type_name(OrderPlaced),
         type_name(OrderStatusChanged),
@@ -404,7 +492,7 @@ async def test_an_order_is_reserved_paid_shipped_and_confirmed(shop: Shop) -> No
         for e in shop.events(TOPICS.ORDERS_EVENTS, order_id)
         if e.type == type_name(OrderConfirmed)
     ]
-    assert confirmed.total_cents == 2500
+    assert confirmed.total_cents == 4070
     assert confirmed.customer_id == "alice"
 
     # The card number is nowhere in the orders database once payments answered.
@@ -417,19 +505,21 @@ async def test_an_order_is_reserved_paid_shipped_and_confirmed(shop: Shop) -> No
 
 async def test_missing_stock_cancels_the_order_and_holds_nothing(shop: Shop) -> None:
     await shop.add("alice", "p-001", 1)
-    await shop.add("alice", "p-013", 1)  # sold out
+    await shop.add("alice", "p-002", 1)  # in stock, as far as the cart knows ...
+    async with shop.inventory.db.connection() as conn:  # ... but sold out when it is ordered
+        await conn.execute("update stock set on_hand = 0 where product_id = 'p-002'")
     order_id = await shop.place("alice")
 
     order = await shop.outcome(order_id)
     assert order["status"] == "cancelled"
-    assert order["reason"] == "p-013 is sold out"
+    assert order["reason"] == "p-002 is sold out"
     assert order["progress"] == []
     assert await shop.stock("p-001") == (50, 0)
     assert shop.payments.seen == []
     await shop.settled()
     assert shop.order_events(order_id) == [type_name(OrderPlaced), type_name(OrderCancelled)]
     [cancelled] = shop.events(TOPICS.ORDERS_EVENTS, order_id)[-1:]
-    assert OrderCancelled.model_validate_json(cancelled.data).reason == "p-013 is sold out"
+    assert OrderCancelled.model_validate_json(cancelled.data).reason == "p-002 is sold out"
 
 
 async def test_a_declined_payment_releases_the_stock_and_cancels(shop: Shop) -> None:
@@ -490,7 +580,8 @@ async def test_concurrent_orders_for_the_last_items_get_only_what_is_left(shop: 
 
     assert sorted(o["status"] for o in outcomes) == ["cancelled"] * 3 + ["confirmed"] * 2
     assert {o["reason"] for o in outcomes if o["status"] == "cancelled"} == {"p-014 is sold out"}
-    assert await shop.stock("p-014") == (2, 2)
+    await shop.settled()
+    assert await shop.stock("p-014") == (0, 0)  # both sold
 
 
 # -- placing orders and reading them --------------------------------------------------------------
@@ -506,7 +597,7 @@ async def test_placing_needs_a_cart_an_address_and_a_card(shop: Shop) -> None:
     await shop.add("alice", "p-001", 1)
     for wrong in ({"address": "1 Main St", "card_number": "12ab"}, {"card_number": GOOD_CARD}):
         assert (await shop.call("POST", "/orders", json=wrong))[0] == 422
-    assert (await shop.call("GET", "/cart"))[1]["total_cents"] == 1000  # still there
+    assert (await shop.call("GET", "/cart"))[1]["total_cents"] == 1290  # still there
 
     first, second = await asyncio.gather(
         shop.call("POST", "/orders", json=body), shop.call("POST", "/orders", json=body)
@@ -527,7 +618,7 @@ async def test_history_is_the_callers_newest_first_and_others_see_404(shop: Shop
     assert status == 200
     assert [o["order_id"] for o in history["orders"]] == [newer, older]
     assert history["orders"][0]["lines"] == [
-        {"product_id": "p-002", "quantity": 2, "unit_price_cents": 1000}
+        {"product_id": "p-002", "quantity": 2, "unit_price_cents": 1490}
     ]
     assert [o["order_id"] for o in (await shop.call("GET", "/orders", "bob"))[1]["orders"]] == [
         bobs

@@ -145,6 +145,10 @@ class _Strict(BaseModel):
 class HealthCheckConfig(_Strict):
     path: str = "/ready"
     interval: float = Field(default=5.0, gt=0)
+    """Seconds between two checks of a healthy instance."""
+    unhealthy_interval: float = Field(default=0.25, gt=0)
+    """Seconds between two checks of an unhealthy instance (Envoy's `unhealthy_interval`): one
+    that comes back is routed to again within `healthy_after` x this, not x `interval`."""
     timeout: float = Field(default=1.0, gt=0)
     healthy_after: int = Field(default=2, ge=1)
     unhealthy_after: int = Field(default=2, ge=1)
@@ -804,13 +808,26 @@ class UpstreamPool:
     # -- active health checks -------------------------------------------------------------------
 
     async def _health_loop(self) -> None:
-        assert self.config.health is not None
+        """Check every instance when it is due: a healthy one every `interval`, an unhealthy
+        one every `unhealthy_interval`, so a recovered instance is back within a second."""
+        health = self.config.health
+        assert health is not None
+        loop = asyncio.get_running_loop()
+        due: dict[str, float] = {}
         while True:
+            now = loop.time()
+            instances = list(self._instances)
+            checked = [i for i in instances if due.get(i.url, 0.0) <= now]
             try:
-                await asyncio.gather(*(self._check(i) for i in list(self._instances)))
+                await asyncio.gather(*(self._check(i) for i in checked))
             except Exception:  # never let one bad round end health checking
                 log.exception("upstream %s: health check round failed", self.name)
-            await asyncio.sleep(self.config.health.interval)
+            now = loop.time()
+            for instance in checked:
+                pause = health.interval if instance.healthy else health.unhealthy_interval
+                due[instance.url] = now + pause
+            due = {i.url: due.get(i.url, now) for i in instances}  # forget departed instances
+            await asyncio.sleep(max(0.0, min(due.values(), default=now + health.interval) - now))
 
     async def _check(self, instance: _Instance) -> None:
         health = self.config.health

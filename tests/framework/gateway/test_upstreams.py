@@ -303,6 +303,25 @@ async def test_active_health_checks_take_an_instance_out_and_back(
     assert set(await served_by(pool, 4)) == {"i0", "i1"}
 
 
+async def test_an_unhealthy_instance_is_checked_often_so_it_comes_back_fast(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
+    """A healthy instance is checked once an hour here, an unhealthy one every 50 ms: a
+    service that restarts is routed to again after two quick passes, not two hours."""
+    (a,) = await servers(1)
+    a.ready = 503
+    pool = await pools(
+        targets=(a.url,),
+        health=HealthCheckConfig(
+            interval=3600, unhealthy_interval=0.05, healthy_after=2, unhealthy_after=1
+        ),
+    )
+    await eventually(lambda: not instance_view(pool, a.url)["healthy"])
+    a.ready = 200
+    await eventually(lambda: instance_view(pool, a.url)["healthy"])
+    assert await served_by(pool, 2) == {"i0": 2}
+
+
 async def test_all_instances_unhealthy_is_503(servers: ServerFactory, pools: PoolFactory) -> None:
     (a,) = await servers(1)
     a.ready = 500

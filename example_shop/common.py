@@ -3,8 +3,9 @@
 Configuration comes from the environment (one place per service, through `ServiceSettings.env`):
 
     POSTGRES_URL        a PostgreSQL server; each PostgreSQL service uses its own database on it,
-                        `shop_<service>` (created if missing), unless <SERVICE>_DATABASE_URL
-                        names one outright (production: a server per service)
+                        `shop_<service>`, unless <SERVICE>_DATABASE_URL names one outright
+                        (production: a server per service). The service creates its database
+                        at start when it is missing (`PostgresResource`) if its role has CREATEDB
     MONGO_URL           a MongoDB server; each MongoDB service uses database `shop_<service>`,
                         unless <SERVICE>_MONGO_URL / <SERVICE>_MONGO_DB say otherwise
     MSA_TRANSPORT       memory | kafka (KAFKA_BOOTSTRAP); see framework.service.ServiceSettings
@@ -31,7 +32,6 @@ __all__ = [
     "caller",
     "default_settings",
     "mongo_target",
-    "postgres_admin_url",
     "postgres_url",
     "require_admin",
 ]
@@ -74,11 +74,6 @@ def postgres_url(env: Mapping[str, str], service: str) -> str:
     if not server:
         raise web.HTTPInternalServerError(text="POSTGRES_URL is not set")  # pragma: no cover
     return _with_database(server, f"shop_{service}")
-
-
-def postgres_admin_url(env: Mapping[str, str]) -> str:
-    """POSTGRES_URL itself: where `create database` for the services runs."""
-    return env.get("POSTGRES_URL", "")
 
 
 def mongo_target(env: Mapping[str, str], service: str) -> tuple[str, str]:

@@ -63,20 +63,6 @@ def service_classes() -> dict[str, type[Service]]:
     return {**backend_services(), "storefront": Storefront}
 
 
-async def ensure_databases(admin_url: str, names: tuple[str, ...]) -> None:
-    """Create `shop_<service>` databases that do not exist yet."""
-    import asyncpg
-
-    connection = await asyncpg.connect(admin_url)
-    try:
-        existing = {r["datname"] for r in await connection.fetch("select datname from pg_database")}
-        for name in names:
-            if f"shop_{name}" not in existing:
-                await connection.execute(f'create database "shop_{name}"')
-    finally:
-        await connection.close()
-
-
 class Shop:
     """Every service, the web gateway and their shared infrastructure, started and stopped
     together."""
@@ -142,7 +128,6 @@ class Shop:
             self._mongo_client = AsyncMongoMockClient()
             env.setdefault("MONGO_URL", "mongodb://in-memory")
             self._transport = MemoryTransport()
-        await ensure_databases(env["POSTGRES_URL"], POSTGRES_SERVICES)
         for name, port in self.ports.items():
             env[f"{name.upper()}_URL"] = f"http://127.0.0.1:{port}"
         env["GATEWAY_PORT"] = str(self.gateway_port)

@@ -31,7 +31,8 @@ PACKAGES = {
         "UpstreamConfig", "load_config", "parse_config", "sign_url", "verify_signed_path",
     },
     "framework.persistence": {
-        "SAGAS_COLLECTION", "SAGA_MIGRATIONS", "DatabaseUnavailable", "DocumentChange",
+        "SAGAS_COLLECTION", "SAGA_MIGRATIONS", "DatabaseMissing", "DatabaseUnavailable",
+        "DocumentChange",
         "DocumentNotFound", "DuplicateKey", "DuplicateSaga", "Inbox", "IndexSpec", "Migration",
         "MigrationError", "MongoInbox", "MongoOutbox", "MongoResource", "MongoSagaStore", "Outbox",
         "Outcome", "PostgresInbox", "PostgresOutbox", "PostgresResource", "PostgresSagaStore",

@@ -161,7 +161,11 @@ class Identity(Service):
         env = self.settings.env
         self.issuer = env.get("JWT_ISSUER") or DEFAULT_ISSUER
         self.cookie_secure = env.get("IDENTITY_COOKIE_SECURE", "0") == "1"
-        self.db = self.use(PostgresResource(postgres_url(env, "identity"), migrations=MIGRATIONS))
+        self.db = self.use(
+            PostgresResource(
+                postgres_url(env, "identity"), migrations=MIGRATIONS, create_database=True
+            )
+        )
         self.keys = self.use(SigningKeys(self.db, pem=env.get("IDENTITY_SIGNING_KEY_PEM")))
         self._dummy_hash = ""
 

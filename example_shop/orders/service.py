@@ -212,7 +212,11 @@ class Orders(Service):
     ) -> None:
         super().__init__(default_settings("orders", settings), transport=transport)
         self.db = self.use(
-            PostgresResource(postgres_url(self.settings.env, self.name), migrations=MIGRATIONS)
+            PostgresResource(
+                postgres_url(self.settings.env, self.name),
+                migrations=MIGRATIONS,
+                create_database=True,
+            )
         )
         self.outbox = self.use(PostgresOutbox(self.db, self.bus))
         self.inbox = self.use(PostgresInbox(self.db))

@@ -129,7 +129,7 @@ class Payments(Service):
     ) -> None:
         super().__init__(default_settings("payments", settings), transport=transport)
         url = postgres_url(self.settings.env, "payments")
-        self.db = self.use(PostgresResource(url, migrations=MIGRATIONS))
+        self.db = self.use(PostgresResource(url, migrations=MIGRATIONS, create_database=True))
         self.outbox = self.use(PostgresOutbox(self.db, self.bus))
         self.inbox = self.use(PostgresInbox(self.db))
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     )
     from framework.persistence.outbox import PostgresInbox, PostgresOutbox
     from framework.persistence.postgres import (
+        DatabaseMissing,
         Migration,
         MigrationError,
         PostgresResource,
@@ -61,6 +62,7 @@ _MODULES = {
     "framework.errors": ("DatabaseUnavailable",),
     "framework.persistence.contracts": ("Inbox", "Outbox"),
     "framework.persistence.postgres": (
+        "DatabaseMissing",
         "Migration",
         "MigrationError",
         "PostgresResource",
@@ -101,6 +103,7 @@ _HOME = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = [
     "SAGAS_COLLECTION",
     "SAGA_MIGRATIONS",
+    "DatabaseMissing",
     "DatabaseUnavailable",
     "DocumentChange",
     "DocumentNotFound",

@@ -13,9 +13,16 @@ inbox and saga tables are the `msa` component), applied in order at `start()` (o
 exactly once. Each is recorded in `msa_migrations` with a checksum; a recorded migration whose
 SQL changed since is refused with `MigrationError` rather than silently skipped.
 
+A database that does not exist stops `start()` with `DatabaseMissing`, unless the resource is
+made with `create_database=True`: it then connects to the same server's `postgres` maintenance
+database with the same credentials and runs `CREATE DATABASE` (so `msa migrate` creates it too);
+a concurrent creator winning the race is fine, and a role that may not create databases gets
+`DatabaseMissing` naming the statement an admin should run. Off by default, so a mistyped name
+fails instead of starting a service on a new, empty database; the example shop turns it on.
+
 asyncpg errors are translated to `PersistenceError` subclasses at this one edge (`translate`):
-`DatabaseUnavailable` (from `framework.errors`, shared with MongoDB), `UniqueViolation`,
-`SerializationFailure`.
+`DatabaseUnavailable` (from `framework.errors`, shared with MongoDB), `DatabaseMissing`,
+`UniqueViolation`, `SerializationFailure`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from framework.errors import (
     ConfigurationError,
@@ -42,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 __all__ = [
+    "DatabaseMissing",
     "DatabaseUnavailable",
     "Migration",
     "MigrationError",
@@ -53,6 +62,7 @@ __all__ = [
 
 log = logging.getLogger("framework.persistence")
 _LOCK_KEY = 0x6D73615F6D6967  # "msa_mig": the advisory lock serialising migrations
+_MAINTENANCE_DATABASE = "postgres"
 
 
 class UniqueViolation(PersistenceError):
@@ -65,6 +75,10 @@ class SerializationFailure(PersistenceError):
 
 class MigrationError(PersistenceError):
     """A migration failed, or a recorded one no longer matches its SQL."""
+
+
+class DatabaseMissing(PersistenceError):
+    """The database does not exist, and was not created (not asked to, or the role may not)."""
 
 
 @contextlib.contextmanager
@@ -90,6 +104,8 @@ def translate(*, driver_only: bool = False) -> Iterator[None]:
         raise
     except asyncpg.UniqueViolationError as exc:
         raise UniqueViolation(str(exc)) from exc
+    except asyncpg.InvalidCatalogNameError as exc:
+        raise DatabaseMissing(str(exc)) from exc
     except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
         raise SerializationFailure(str(exc)) from exc
     except unavailable as exc:
@@ -136,6 +152,7 @@ class PostgresResource:
         max_size: int = 10,
         command_timeout: float = 30.0,
         apply_migrations: bool = True,
+        create_database: bool = False,
     ) -> None:
         if not url:
             raise ConfigurationError("PostgresResource needs a URL (POSTGRES_URL)")
@@ -144,6 +161,7 @@ class PostgresResource:
         self.max_size = max_size
         self.command_timeout = command_timeout
         self.apply_migrations = apply_migrations
+        self.create_database = create_database
         self._migrations: list[Migration] = []
         self._pool: asyncpg.Pool | None = None
         self.add_migrations(migrations)
@@ -173,19 +191,32 @@ class PostgresResource:
     async def start(self) -> None:
         if self._pool is not None:
             return
-        with translate():
-            self._pool = await asyncpg.create_pool(
-                self.url,
-                min_size=self.min_size,
-                max_size=self.max_size,
-                command_timeout=self.command_timeout,
-            )
+        try:
+            self._pool = await self._connect()
+        except DatabaseMissing as exc:
+            target = _Target.of(self.url)
+            if not self.create_database or target is None:
+                raise DatabaseMissing(
+                    f"{exc}: {target.hint() if target else 'name it in the URL'}"
+                    " (or let the resource create it: create_database=True)"
+                ) from exc
+            await target.create()
+            self._pool = await self._connect()
         if self.apply_migrations:
             try:
                 await self.migrate()
             except BaseException:
                 await self.stop()
                 raise
+
+    async def _connect(self) -> asyncpg.Pool:
+        with translate():
+            return await asyncpg.create_pool(
+                self.url,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                command_timeout=self.command_timeout,
+            )
 
     async def stop(self) -> None:
         pool, self._pool = self._pool, None
@@ -286,3 +317,63 @@ class PostgresResource:
                 finally:
                     await conn.execute("select pg_advisory_unlock($1)", _LOCK_KEY)
         return applied
+
+
+def _quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The database a URL names, and how to create it on the same server."""
+
+    url: str
+    database: str
+    role: str
+
+    @classmethod
+    def of(cls, url: str) -> _Target | None:
+        """None when the URL names no database (asyncpg then picks one from the environment)."""
+        parts = urlsplit(url)
+        database = unquote(parts.path.lstrip("/"))
+        if not database:
+            return None
+        return cls(url, database, unquote(parts.username or ""))
+
+    @property
+    def maintenance_url(self) -> str:
+        parts = urlsplit(self.url)
+        return urlunsplit(
+            (parts.scheme, parts.netloc, "/" + _MAINTENANCE_DATABASE, parts.query, parts.fragment)
+        )
+
+    def hint(self, role: str | None = None) -> str:
+        owner = _quote_identifier(role or self.role) if (role or self.role) else "<role>"
+        return (
+            f"have an admin run: CREATE DATABASE {_quote_identifier(self.database)} OWNER {owner}"
+        )
+
+    async def create(self) -> None:
+        """`CREATE DATABASE` on the maintenance database; another creator's win is fine."""
+        with translate():
+            try:
+                conn = await asyncpg.connect(self.maintenance_url)
+            except asyncpg.PostgresError as exc:  # may not connect there, or it does not exist
+                raise DatabaseMissing(
+                    f'database "{self.database}" does not exist and could not be created '
+                    f"(connecting to {_MAINTENANCE_DATABASE!r}: {exc}): {self.hint()}"
+                ) from exc
+            role = self.role
+            try:
+                role = await conn.fetchval("select current_user")
+                await conn.execute(f"create database {_quote_identifier(self.database)}")
+            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                return  # a concurrent start created it first
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise DatabaseMissing(
+                    f'database "{self.database}" does not exist and role "{role}" may not '
+                    f"create it ({exc}): {self.hint(role)}"
+                ) from exc
+            finally:
+                await conn.close()
+        log.warning("created database %s (it did not exist)", self.database)

@@ -453,9 +453,13 @@ def test_prod_has_three_kafka_brokers_with_replicated_topics(
 
 def test_the_topic_job_creates_every_shop_topic_and_its_dead_letters() -> None:
     lines = (K8S / "base" / "kafka" / "topics.txt").read_text().splitlines()
-    listed = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    entries = [line.split() for line in lines if line.strip() and not line.startswith("#")]
+    listed = {entry[0] for entry in entries}
     topics = {value for name, value in vars(TOPICS).items() if name.isupper()}
     assert listed == topics | {f"{topic}.dlq" for topic in topics}
+    # The read models' sources keep the latest event per product for as long as the topic lives.
+    compacted = {entry[0] for entry in entries if "cleanup.policy=compact" in entry[1:]}
+    assert compacted == {TOPICS.CATALOG_EVENTS, TOPICS.STOCK_EVENTS}
 
 
 def _server_databases(manifests: Manifests, name: str) -> set[str]:

@@ -2,6 +2,8 @@
 `shop = "example_shop.cli:command"` (group `msa.commands`, see framework.cli).
 
     msa shop [--real] [--port 8000]              run the shop on one machine (example_shop.shop)
+    msa shop --processes [--port 8000]           every service as its own `msa run` process,
+                                                 plus the gateway (example_shop.processes)
     msa shop load [--users N] [--duration 30s]   drive the running shop with Locust, print a
                                                  summary (example_shop.load)
 
@@ -28,6 +30,9 @@ __all__ = ["command"]
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", nargs="?", choices=["run", "load"], default="run")
     parser.add_argument("--real", action="store_true", help="Kafka/PostgreSQL/MongoDB from env")
+    parser.add_argument(
+        "--processes", action="store_true", help="each service its own process (Kafka etc.)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="the web gateway's port")
     parser.add_argument("--users", type=int, default=20, help="load: simulated users")
     parser.add_argument("--spawn-rate", type=float, default=10, help="load: users started per s")
@@ -45,6 +50,10 @@ def _run(args: argparse.Namespace) -> int:
             spawn_rate=args.spawn_rate,
             duration=args.duration,
         )
+    if args.processes:
+        from example_shop.processes import serve as serve_processes
+
+        return serve_processes(args.port)
     from example_shop.shop import serve
     from framework.observability.logging import configure_logging
 

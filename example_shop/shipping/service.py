@@ -150,7 +150,9 @@ class Shipping(Service):
                 client=mongo_client,
             )
         )
-        self.outbox = self.use(MongoOutbox(self.db, self.bus, collections=[SHIPMENTS]))
+        # The saga waits at most its step timeout (30 s) for a reply, so the claims of a relay
+        # killed mid-round must lapse well before that: 10 s, publishing bounded by 5 s.
+        self.outbox = self.use(MongoOutbox(self.db, self.bus, collections=[SHIPMENTS], lease=10.0))
         self.inbox = MongoInbox(self.db)
         self.tracker = self.use(ShipmentTracker(self.db, self.outbox, tick=self.tick))
 

@@ -508,7 +508,9 @@ class MongoOutbox:
     those whose documents carry events (`add_collection` adds more before the start; a saga
     orchestrator adds its own). `batch_size` is the number of documents a relay claims per
     collection and round; `lease` how long a claim holds before another relay may take the
-    documents over (publishing is bounded by half of it).
+    documents over (publishing is bounded by half of it); `hold_lease` the same for `holding`,
+    a read-modify-write that takes milliseconds, so a holder killed mid-way blocks the document
+    for seconds, not a relay's lease.
     """
 
     def __init__(
@@ -520,19 +522,23 @@ class MongoOutbox:
         relay: bool = True,
         poll_interval: float = 0.1,
         lease: float = 30.0,
+        hold_lease: float = 5.0,
         batch_size: int = 100,
         claims_collection: str = CLAIMS_COLLECTION,
     ) -> None:
         if isinstance(collections, str):
             raise ConfigurationError("MongoOutbox needs the list of collections holding events")
-        if lease <= 0 or poll_interval <= 0 or batch_size < 1:
-            raise ConfigurationError("lease and poll_interval must be > 0, batch_size >= 1")
+        if lease <= 0 or hold_lease <= 0 or poll_interval <= 0 or batch_size < 1:
+            raise ConfigurationError(
+                "lease, hold_lease and poll_interval must be > 0, batch_size >= 1"
+            )
         self.resource = resource
         self.bus = bus
         self.collections: tuple[str, ...] = ()
         self.relay_enabled = relay
         self.poll_interval = poll_interval
         self.lease = lease
+        self.hold_lease = hold_lease
         self.batch_size = batch_size
         self.claims_collection = claims_collection
         self.owner = f"{bus.source}/{bus.instance_id}/{new_id()[:8]}"
@@ -693,14 +699,14 @@ class MongoOutbox:
 
         Waits while another holds it (backing off), at most `lease` seconds, then raises
         `PersistenceError`; with `wait=False` the block gets False at once instead (and holds
-        nothing). The hold lasts at most `lease` seconds. Its end wakes the relay, which
+        nothing). The hold lasts at most `hold_lease` seconds. Its end wakes the relay, which
         skipped the document meanwhile.
         """
         token = new_id()
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.lease
         attempts = 0
-        while not await self._claim(collection, [doc_id], token):
+        while not await self._claim(collection, [doc_id], token, lease=self.hold_lease):
             if not wait:
                 yield False
                 return
@@ -817,8 +823,11 @@ class MongoOutbox:
             raise PublishError(f"outbox relay could not publish: {failure}") from failure
         return published, full
 
-    async def _claim(self, name: str, ids: list[Any], token: str) -> list[Any]:
-        """Claim the documents no other relay holds; returns their ids."""
+    async def _claim(
+        self, name: str, ids: list[Any], token: str, *, lease: float | None = None
+    ) -> list[Any]:
+        """Claim the documents no other relay holds (for `lease`, else the relay's); returns
+        their ids."""
         claims = self.resource.collection(self.claims_collection)
         now = _now()
         docs = [
@@ -826,7 +835,7 @@ class MongoOutbox:
                 "_id": {"collection": name, "id": doc_id},
                 "owner": self.owner,
                 "token": token,
-                "until": now + timedelta(seconds=self.lease),
+                "until": now + timedelta(seconds=self.lease if lease is None else lease),
             }
             for doc_id in ids
         ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -23,7 +22,7 @@ from aiohttp import web
 
 from framework.gateway.config import AggregateBranch, AggregateTarget
 from framework.gateway.router import fill_template
-from framework.gateway.types import Exchange, GatewayError
+from framework.gateway.types import Exchange, GatewayError, status_title
 from framework.gateway.upstreams import UpstreamPool
 
 __all__ = ["PARTIAL_HEADER", "Aggregator"]
@@ -54,7 +53,7 @@ class Aggregator:
                     # The part the answer hinges on refused the client's request (an unknown
                     # id: 404): that is the answer, not a failure of the gateway's.
                     raise GatewayError(
-                        status, _phrase(status), f"required part {branch.name!r}: {problem}"
+                        status, status_title(status), f"required part {branch.name!r}: {problem}"
                     )
                 if branch.required:
                     raise GatewayError(
@@ -94,13 +93,6 @@ class Aggregator:
             return orjson.loads(answer.body), None, answer.status
         except orjson.JSONDecodeError:
             return None, "answered something that is not JSON", None
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Bad Request"
 
 
 def _timed_out(branch: AggregateBranch) -> GatewayError:

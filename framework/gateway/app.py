@@ -53,7 +53,6 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +101,7 @@ from framework.gateway.types import (
     GatewayError,
     GatewayHandler,
     GatewayMiddleware,
+    status_title,
 )
 from framework.gateway.upstreams import UpstreamPool
 from framework.http import problem
@@ -303,11 +303,11 @@ class _Runtime:
         if 200 <= answer.status < 300:
             return
         if 400 <= answer.status < 500:
-            try:
-                title = HTTPStatus(answer.status).phrase
-            except ValueError:
-                title = "Bad Request"
-            raise GatewayError(answer.status, title, "this stream is not open to this caller")
+            raise GatewayError(
+                answer.status,
+                status_title(answer.status),
+                "this stream is not open to this caller",
+            )
         raise GatewayError(502, "Bad Gateway", "the stream's authorization could not be checked")
 
     def _proxy_target(self, route: RouteConfig) -> GatewayHandler:

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from http import HTTPStatus
 from typing import Final, Literal, cast
 
 import orjson
 from aiohttp import web
 
 from framework.gateway.config import LimitsConfig
+from framework.gateway.types import status_title
+from framework.http import problem
 from framework.observability.metrics import MetricsRegistry
 
 __all__ = ["ConnectionGuard", "ConnectionLimit", "GatewayProtocol", "guard_of"]
@@ -47,16 +48,11 @@ _END_OF_HEAD: Final = b"\r\n\r\n"
 _LINGER_SECONDS: Final = 2.0
 _LINGER_BYTES: Final = 1 << 20
 """After a refusal, what is read and dropped before the connection is closed anyway."""
-_REASONS: Final = {
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
 
 
 def _answer(status: int, detail: str) -> bytes:
     """A complete HTTP/1.1 problem response that closes the connection."""
-    title = _REASONS[status]
+    title = status_title(status)
     body = orjson.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
     extra = "Retry-After: 1\r\n" if status == 503 else ""
     head = (
@@ -288,25 +284,12 @@ class GatewayProtocol(web.RequestHandler):
                 status,
                 type(exc).__name__ if exc is not None else "no detail",
             )
-            try:
-                title = HTTPStatus(status).phrase
-            except ValueError:
-                title = "Bad Request"
-            body = orjson.dumps(
-                {
-                    "type": "about:blank",
-                    "title": title,
-                    "status": status,
-                    "detail": "the request is not well-formed HTTP/1.1",
-                }
+            response = problem(
+                status, status_title(status), "the request is not well-formed HTTP/1.1"
             )
-            response = web.Response(status=status, body=body, content_type=_PROBLEM)
             response.force_close()  # the connection ends after this answer
         response.headers["Server"] = SERVER_NAME
         return response
-
-
-_PROBLEM: Final = "application/problem+json"
 
 
 def guard_of(request: web.BaseRequest) -> ConnectionGuard | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from aiohttp import web
@@ -32,6 +33,7 @@ __all__ = [
     "GatewayError",
     "GatewayHandler",
     "GatewayMiddleware",
+    "status_title",
 ]
 
 
@@ -53,6 +55,15 @@ class GatewayError(MsaError):
         self.detail = detail
         self.headers = dict(headers or {})
         self.extra = extra
+
+
+def status_title(status: int) -> str:
+    """A problem's title for `status`: its standard reason phrase ("Bad Request" for a status
+    the standard does not name)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Bad Request"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

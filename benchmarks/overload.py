@@ -140,10 +140,12 @@ class ShopProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    async def start(self) -> None:
-        busy = [port for port in SHOP_PORTS if port_in_use(port)]
-        if busy:
-            raise Failure(f"the shop's service ports {busy} are in use (is a shop running?)")
+    def ports(self) -> list[int]:
+        """Fixed ports the shop binds, which must be free before it starts."""
+        return list(SHOP_PORTS)
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The shop's argv and environment."""
         if self.baseline:
             argv = [sys.executable, __file__, "--role", "baseline-shop", "--port", str(self.port)]
         else:
@@ -155,6 +157,16 @@ class ShopProcess:
             "GATEWAY_ADMIN_TOKEN_HASH": f"sha256:{digest}",
             "MSA_LOG_LEVEL": "WARNING",
         }
+        return argv, env
+
+    def saw(self, line: bytes) -> None:
+        """A line the shop printed before it was running (a subclass may keep what it says)."""
+
+    async def start(self) -> None:
+        busy = [port for port in self.ports() if port_in_use(port)]
+        if busy:
+            raise Failure(f"the shop's ports {busy} are in use (is a shop running?)")
+        argv, env = self.command()
         with self.stderr.open("ab") as stderr:  # a file: a chatty child never blocks on it
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -166,7 +178,11 @@ class ShopProcess:
         assert self.proc.stdout is not None
         try:
             async with asyncio.timeout(SHOP_START_TIMEOUT):
-                while b"msa shop is running" not in await self.proc.stdout.readline():
+                while True:
+                    line = await self.proc.stdout.readline()
+                    self.saw(line)
+                    if b"msa shop is running" in line:
+                        break
                     if self.proc.stdout.at_eof():
                         raise Failure(f"the shop exited: {self.tail()}")
         except TimeoutError:

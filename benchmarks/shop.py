@@ -63,12 +63,10 @@ from overload import (
     APPROVED,
     PRODUCTS,
     SHOP_PORTS,
-    SHOP_START_TIMEOUT,
     Buyer,
     Failure,
     LoadClient,
     ShopProcess,
-    port_in_use,
     restock,
     sign_up,
 )
@@ -90,40 +88,16 @@ class ProcessesShop(ShopProcess):
         super().__init__(baseline=False, logs=logs)
         self.run_dir: Path | None = None
 
-    async def start(self) -> None:
-        busy = [port for port in [*SHOP_PORTS, 8001] if port_in_use(port)]
-        if busy:
-            raise Failure(f"the shop's ports {busy} are in use (is a shop running?)")
+    def ports(self) -> list[int]:
+        return [*SHOP_PORTS, 8001]
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
         argv = [str(Path(sys.executable).parent / "msa"), "shop", "--processes"]
-        env = {**os.environ, "MSA_LOG_LEVEL": "WARNING"}
-        with self.stderr.open("ab") as stderr:
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv,
-                "--port",
-                str(self.port),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=stderr,
-                env=env,
-            )
-        assert self.proc.stdout is not None
-        try:
-            async with asyncio.timeout(SHOP_START_TIMEOUT):
-                while True:
-                    line = await self.proc.stdout.readline()
-                    if b"logs in " in line:
-                        self.run_dir = Path(line.decode().split("logs in ", 1)[1].strip())
-                    if b"msa shop is running" in line:
-                        break
-                    if self.proc.stdout.at_eof():
-                        raise Failure(f"the shop exited: {self.tail()}")
-        except TimeoutError:
-            await self.stop()
-            raise Failure(f"the shop did not start within {SHOP_START_TIMEOUT:.0f} s") from None
-        except Failure:
-            await self.stop()
-            raise
-        self._stdout = asyncio.create_task(self._drain(self.proc.stdout))
+        return [*argv, "--port", str(self.port)], {**os.environ, "MSA_LOG_LEVEL": "WARNING"}
+
+    def saw(self, line: bytes) -> None:
+        if b"logs in " in line:
+            self.run_dir = Path(line.decode().split("logs in ", 1)[1].strip())
 
     def named(self) -> dict[int, str]:
         assert self.run_dir is not None

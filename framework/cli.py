@@ -3,6 +3,11 @@
 msa run module:Service                 run a service until SIGTERM (see framework.runner)
 msa asyncapi module:Service            print its AsyncAPI 3.0 document
 msa openapi module:Service             print its OpenAPI 3.1 document
+msa migrate module:Service [--admin-url URL]
+                                       apply the migrations of the service's databases, then
+                                       exit; with an admin's URL (or POSTGRES_ADMIN_URL), first
+                                       create the service's missing PostgreSQL role and
+                                       database (PostgresResource.provision)
 msa gateway --config gateway.yaml    run the API gateway until SIGTERM (hot-reloads the file)
 msa gateway --check gateway.yaml     validate a gateway config and exit (1 with its problems)
 msa graph [module:Service ...] [--gateway FILE ...] [--format mermaid|svg]
@@ -51,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -186,6 +192,13 @@ def build_parser(installed: Mapping[str, Command] | None = None) -> argparse.Arg
         "migrate", help="apply the database migrations of a service's resources, then exit"
     )
     migrate.add_argument("target", help="module:Service (a class, an instance or a factory)")
+    migrate.add_argument(
+        "--admin-url",
+        metavar="URL",
+        help="a PostgreSQL admin's URL (default: $POSTGRES_ADMIN_URL, which keeps the password "
+        "off the command line): first create the role and database each PostgreSQL URL of the "
+        "service names, when missing; the migrations then run as the service's own role",
+    )
 
     gateway = commands.add_parser("gateway", help="run the API gateway")
     mode = gateway.add_mutually_exclusive_group(required=True)
@@ -361,8 +374,13 @@ def _graph(
     return 0
 
 
-async def _migrate(target: str) -> int:
-    """Start each resource that has migrations without its service, migrate, stop it."""
+async def _migrate(target: str, admin_url: str | None = None) -> int:
+    """Start each resource that has migrations without its service, migrate, stop it.
+
+    With `admin_url`, each resource that can (`PostgresResource.provision`) first creates its
+    missing role and database as that admin; the migrations still run as the service's role,
+    so what they create belongs to it, as when the service migrates at start.
+    """
     from framework.runner import load_service
 
     service = load_service(target)
@@ -371,6 +389,10 @@ async def _migrate(target: str) -> int:
         print(f"{service.name}: no resource with migrations")
         return 0
     for database in databases:
+        provision = getattr(database, "provision", None)
+        if admin_url and callable(provision):
+            for statement in await provision(admin_url):
+                print(f"{service.name}: {type(database).__name__}: ran {statement}")
         database.apply_migrations = False  # type: ignore[attr-defined]
         await database.start()
         try:
@@ -407,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
             return 0
         if args.command == "migrate":
-            return asyncio.run(_migrate(args.target))
+            admin_url = args.admin_url or os.environ.get("POSTGRES_ADMIN_URL") or None
+            return asyncio.run(_migrate(args.target, admin_url))
         if args.command == "gateway":
             if args.check:
                 return _check_gateway(args.check)

@@ -20,6 +20,18 @@ a concurrent creator winning the race is fine, and a role that may not create da
 `DatabaseMissing` naming the statement an admin should run. Off by default, so a mistyped name
 fails instead of starting a service on a new, empty database; the example shop turns it on.
 
+A role cannot be created that way: a service cannot log in as a role that does not exist, and it
+should not hold an admin's password. So a missing role stops `start()` with `RoleMissing` (or,
+under password authentication, which answers "password authentication failed" for a missing
+role and a wrong password alike, its parent `LoginRefused`), whose message names the
+`CREATE ROLE ... LOGIN PASSWORD '***'` and `CREATE DATABASE ... OWNER ...` an admin should run,
+the password left out. Or the admin hands `msa migrate` their own URL (`POSTGRES_ADMIN_URL`, or
+`--admin-url`): it then runs `provision(admin_url)`, which creates the role (LOGIN, with the
+password of the service's URL) and the database owned by it when they are missing, and only
+then migrates, connected as the service's role, as the service itself will be. An admin role
+that may not create roles (no CREATEROLE) or databases (no CREATEDB) gets `RoleMissing` or
+`DatabaseMissing` naming the statements, as the service does.
+
 asyncpg errors are translated to `PersistenceError` subclasses at this one edge (`translate`):
 `DatabaseUnavailable` (from `framework.errors`, shared with MongoDB), `DatabaseMissing`,
 `UniqueViolation`, `SerializationFailure`.
@@ -52,9 +64,11 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 __all__ = [
     "DatabaseMissing",
     "DatabaseUnavailable",
+    "LoginRefused",
     "Migration",
     "MigrationError",
     "PostgresResource",
+    "RoleMissing",
     "SerializationFailure",
     "UniqueViolation",
     "translate",
@@ -63,6 +77,7 @@ __all__ = [
 log = logging.getLogger("framework.persistence")
 _LOCK_KEY = 0x6D73615F6D6967  # "msa_mig": the advisory lock serialising migrations
 _MAINTENANCE_DATABASE = "postgres"
+_NAME_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL cuts longer names short, silently
 
 
 class UniqueViolation(PersistenceError):
@@ -77,8 +92,37 @@ class MigrationError(PersistenceError):
     """A migration failed, or a recorded one no longer matches its SQL."""
 
 
+class PooledConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg has no types
+    """A pool's connection that is rolled back, not reset, when it returns to the pool.
+
+    asyncpg's pool runs `Connection.get_reset_query()` (`SELECT pg_advisory_unlock_all(); CLOSE
+    ALL; UNLISTEN *; RESET ALL`) on every release: a round trip, and about a tenth of the shop's
+    database work, after every transaction. The release still ends an open transaction and drops
+    the connection's listeners (asyncpg does that before the query); what is no longer undone is
+    session state set on a pooled connection - a plain `SET`, `LISTEN`, an advisory lock or a
+    cursor held past its block - as with SQLAlchemy's default `reset_on_return="rollback"` and
+    PgBouncer's transaction pooling. Use `SET LOCAL` inside a transaction, and a connection of
+    your own (`asyncpg.connect`) for a session-long LISTEN or lock, as the outbox relay does.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 class DatabaseMissing(PersistenceError):
     """The database does not exist, and was not created (not asked to, or the role may not)."""
+
+
+class LoginRefused(PersistenceError):
+    """PostgreSQL refused to log the URL's role in: a wrong password, or a role that does not
+    exist (password authentication reports the two alike, so as not to tell a stranger which
+    roles exist). The message names what an admin would run if the role is missing."""
+
+
+class RoleMissing(LoginRefused):
+    """The role the URL names does not exist, and was not created (no admin URL was given, or
+    the admin role may not create roles). The message names the statements an admin should run.
+    """
 
 
 @contextlib.contextmanager
@@ -202,6 +246,11 @@ class PostgresResource:
                 ) from exc
             await target.create()
             self._pool = await self._connect()
+        except PersistenceError as exc:
+            refused = _login_refused(self.url, exc.__cause__)
+            if refused is None:
+                raise
+            raise refused from exc.__cause__
         if self.apply_migrations:
             try:
                 await self.migrate()
@@ -209,10 +258,54 @@ class PostgresResource:
                 await self.stop()
                 raise
 
+    async def provision(self, admin_url: str) -> list[str]:
+        """Create this resource's role and database when missing, connected as `admin_url`.
+
+        For `msa migrate` (and deploy tooling) run by someone who holds an admin's URL: the
+        service itself never gets one. The role is the URL's user, created with LOGIN and the
+        URL's password; the database is the URL's, created owned by that role, with CONNECT
+        taken from PUBLIC so that only its owner (and superusers) may connect, as
+        k8s/databases/postgres/init-databases.sh does. What exists already is left as it is:
+        a role's password and attributes, a database's owner (a warning says when it is not
+        the URL's role) are the admin's to change. Concurrent provisioners are fine: the loser
+        of a race takes the winner's object. Returns the statements it ran, the password left
+        out (empty when there was nothing to do).
+
+        Names are quoted as identifiers and the password as a literal, never pasted in raw
+        (utility statements take no $1 parameters); a name PostgreSQL would cut short (over 63
+        bytes), reserve (`pg_*` roles) or cannot hold (NUL) is a `ConfigurationError` first. An
+        admin role without CREATEROLE gets `RoleMissing`, one without CREATEDB (or, from
+        PostgreSQL 16 on, without the right to SET ROLE to the owner) `DatabaseMissing`, both
+        naming the statements a more privileged admin should run.
+        """
+        login = _Login.of(self.url)
+        ran: list[str] = []
+        with translate():
+            try:
+                conn = await asyncpg.connect(admin_url, timeout=self.command_timeout)
+            except asyncpg.InvalidAuthorizationSpecificationError as exc:
+                raise LoginRefused(f"PostgreSQL refused the admin URL's login: {exc}") from exc
+            try:
+                admin = await conn.fetchrow(
+                    "select rolname, rolsuper, rolcreaterole, rolcreatedb"
+                    " from pg_roles where rolname = current_user"
+                )
+                assert admin is not None  # the role we are connected as
+                if await login.create_role(conn, admin):
+                    ran.append(login.create_role_statement(elide_password=True))
+                if await login.create_database(conn, admin):
+                    ran.append(login.create_database_statement())
+            finally:
+                await conn.close()
+            for statement in ran:
+                log.warning("provisioned as %s: %s", admin["rolname"], statement)
+        return ran
+
     async def _connect(self) -> asyncpg.Pool:
         with translate():
             return await asyncpg.create_pool(
                 self.url,
+                connection_class=PooledConnection,
                 min_size=self.min_size,
                 max_size=self.max_size,
                 command_timeout=self.command_timeout,
@@ -377,3 +470,146 @@ class _Target:
             finally:
                 await conn.close()
         log.warning("created database %s (it did not exist)", self.database)
+
+
+def _quote_literal(value: str) -> str:
+    """A string literal that means `value` whatever standard_conforming_strings says: the
+    escape-string form, with backslashes and quotes doubled."""
+    if "\x00" in value:
+        raise ConfigurationError("a PostgreSQL string cannot hold a NUL character")
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _checked_name(kind: str, name: str) -> str:
+    """`name` when PostgreSQL would create exactly that object, else a ConfigurationError."""
+    if not name:
+        raise ConfigurationError(f"the PostgreSQL URL names no {kind}")
+    if "\x00" in name:
+        raise ConfigurationError(f"{kind} name {name!r}: a NUL character")
+    if len(name.encode()) > _NAME_BYTES:
+        raise ConfigurationError(
+            f"{kind} name {name!r}: longer than {_NAME_BYTES} bytes (PostgreSQL would cut it "
+            "short and create another name than the URL's)"
+        )
+    if kind == "role" and name.startswith("pg_"):
+        raise ConfigurationError(f"role name {name!r}: names starting pg_ are reserved")
+    return name
+
+
+@dataclass(frozen=True)
+class _Login:
+    """The role, password and database a service's URL names, and how an admin creates them."""
+
+    role: str
+    password: str | None
+    database: str
+
+    @classmethod
+    def of(cls, url: str) -> _Login:
+        parts = urlsplit(url)
+        password = unquote(parts.password) if parts.password is not None else None
+        return cls(
+            _checked_name("role", unquote(parts.username or "")),
+            password,
+            _checked_name("database", unquote(parts.path.lstrip("/"))),
+        )
+
+    def create_role_statement(self, *, elide_password: bool = False) -> str:
+        statement = f"CREATE ROLE {_quote_identifier(self.role)} LOGIN"
+        if self.password is None:
+            return statement
+        return f"{statement} PASSWORD " + (
+            "'***'" if elide_password else _quote_literal(self.password)
+        )
+
+    def create_database_statement(self) -> str:
+        return (
+            f"CREATE DATABASE {_quote_identifier(self.database)} "
+            f"OWNER {_quote_identifier(self.role)}"
+        )
+
+    def hint(self) -> str:
+        return (
+            f"have an admin run: {self.create_role_statement(elide_password=True)}; "
+            f"{self.create_database_statement()} (or give `msa migrate` an admin's URL in "
+            "POSTGRES_ADMIN_URL, and it creates both)"
+        )
+
+    async def create_role(self, conn: asyncpg.Connection, admin: asyncpg.Record) -> bool:
+        """Create the role unless it exists; True when this call created it."""
+        if await conn.fetchval("select 1 from pg_roles where rolname = $1", self.role):
+            return False
+        refusal = (
+            f'role "{self.role}" does not exist and the admin role "{admin["rolname"]}" may '
+            "not create it"
+        )
+        if not (admin["rolsuper"] or admin["rolcreaterole"]):
+            raise RoleMissing(f"{refusal} (it has no CREATEROLE): {self.hint()}")
+        try:
+            await conn.execute(self.create_role_statement())
+        except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
+            return False  # a concurrent provisioner created it first
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise RoleMissing(f"{refusal} ({exc}): {self.hint()}") from exc
+        return True
+
+    async def create_database(self, conn: asyncpg.Connection, admin: asyncpg.Record) -> bool:
+        """Create the database owned by the role unless it exists; True when this call did."""
+        owner = await conn.fetchval(
+            "select pg_get_userbyid(datdba) from pg_database where datname = $1", self.database
+        )
+        if owner is not None:
+            if owner != self.role:
+                log.warning(
+                    'database "%s" exists, owned by "%s" rather than "%s": left as it is',
+                    self.database,
+                    owner,
+                    self.role,
+                )
+            return False
+        refusal = (
+            f'database "{self.database}" does not exist and the admin role '
+            f'"{admin["rolname"]}" may not create it owned by "{self.role}"'
+        )
+        if not (admin["rolsuper"] or admin["rolcreatedb"]):
+            raise DatabaseMissing(
+                f"{refusal} (it has no CREATEDB): have an admin run: "
+                f"{self.create_database_statement()}"
+            )
+        try:
+            await conn.execute(self.create_database_statement())
+        except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+            return False  # a concurrent provisioner created it first
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise DatabaseMissing(
+                f"{refusal} ({exc}): have an admin run: {self.create_database_statement()}"
+            ) from exc
+        database = _quote_identifier(self.database)
+        await conn.execute(f"revoke all on database {database} from public")
+        return True
+
+
+def _login_refused(url: str, cause: BaseException | None) -> LoginRefused | None:
+    """The typed error for a refused login (`cause`, from asyncpg), or None for other errors.
+
+    SQLSTATE 28000 also means "no pg_hba.conf entry" and "not permitted to log in"; only its
+    "role ... does not exist" is `RoleMissing`. Password authentication (28P01) answers the
+    same for a missing role as for a wrong password, so that one is `LoginRefused`, naming
+    both causes.
+    """
+    if not isinstance(cause, asyncpg.InvalidAuthorizationSpecificationError):
+        return None
+    try:
+        hint = _Login.of(url).hint()
+    except ConfigurationError:  # a URL that names no role or database: nothing to create
+        hint = "have an admin create the role and its database"
+    role = unquote(urlsplit(url).username or "")
+    if isinstance(cause, asyncpg.InvalidPasswordError):
+        return LoginRefused(
+            f'PostgreSQL refused the login of role "{role}" ({cause}): its password is wrong, '
+            "or the role does not exist (password authentication does not tell the two "
+            f"apart); if it does not exist, {hint}"
+        )
+    if "does not exist" in str(cause):
+        return RoleMissing(f'role "{role}" does not exist: {hint}')
+    return LoginRefused(f'PostgreSQL refused the login of role "{role}" ({cause})')

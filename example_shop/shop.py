@@ -123,9 +123,9 @@ class Shop:
         else:
             env["MSA_TRANSPORT"] = "memory"
             env["POSTGRES_URL"] = await asyncio.to_thread(self._start_embedded_postgres)
-            from mongomock_motor import AsyncMongoMockClient
+            from example_shop.embedded_mongo import embedded_mongo_client
 
-            self._mongo_client = AsyncMongoMockClient()
+            self._mongo_client = embedded_mongo_client()
             env.setdefault("MONGO_URL", "mongodb://in-memory")
             self._transport = MemoryTransport()
         for name, port in self.ports.items():

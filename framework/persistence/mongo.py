@@ -46,8 +46,17 @@ The relay (a resource: `start`/`stop`; every replica runs one) repeatedly
 
 A crash anywhere leaves the entries in place for the next claim: duplicates on the bus are
 possible, lost events are not (the stable CloudEvents `id` and the inbox make duplicates
-harmless). `poll_interval` is the fallback; `outbox.update_one`/`insert_one` and `wake()` start
-a round at once.
+harmless).
+
+**Wake-ups, not scans.** The outbox's own writes (`update_one`, `insert_one`, `add` through a
+`DocumentChange`) tell the relay which document they gave events to, and wake it: such a round
+claims exactly those documents by `_id`. A full round - the scan of the pending marker over
+every collection, in marker order - runs at start, after a failure, when `wake()` is called
+(for events written by other means) and every `poll_interval` (1 s), for documents whose
+writer died before its relay published them. On MongoDB and FerretDB the scan is an indexed
+query; the embedded engine (mongomock) has no indexes, so before the wake-ups every round,
+several per order, tested every document of every collection: the shop's cost per order grew
+with its stored shipments.
 
 **One document's change as a transaction.** `DocumentChange` collects what several hands add
 to one document (fields, outbox entries, the inbox's record of a message) and writes it in one
@@ -123,6 +132,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -520,7 +530,7 @@ class MongoOutbox:
         *,
         collections: Sequence[str] = (),
         relay: bool = True,
-        poll_interval: float = 0.1,
+        poll_interval: float = 1.0,
         lease: float = 30.0,
         hold_lease: float = 5.0,
         batch_size: int = 100,
@@ -545,10 +555,16 @@ class MongoOutbox:
         self.published = 0
         """Events this relay published and removed from their documents."""
         self.rounds = 0
-        """Relay rounds finished, whether they published, found nothing or failed. The round
-        under way when this is read may have begun earlier; once it grew by two, the relay has
-        looked at everything written before it was read (tests await that, not a sleep)."""
+        """Full relay rounds (scans) finished, whether they published, found nothing or failed.
+        The round under way when this is read may have begun earlier; once it grew by two, the
+        relay has looked at everything written before it was read (tests await that, not a
+        sleep; `wake()` starts a full round at once)."""
         self._wake = asyncio.Event()
+        self._scan_requested = True  # the first round scans
+        self._next_scan = 0.0
+        self._hinted: dict[str, dict[Any, None]] = {}
+        """Per collection, the `_id`s this outbox wrote events to since the relay looked (an
+        ordered set: the order they were written in)."""
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._saturated = False
@@ -599,7 +615,8 @@ class MongoOutbox:
         entry = self.entry(topic, envelope)
         tx.push(OUTBOX_FIELD, entry)
         tx.set_min(PENDING_FIELD, entry["created_at"])
-        tx.after_commit(self.wake)
+        name, doc_id = tx.collection.name, tx.id
+        tx.after_commit(lambda: self._written(name, doc_id))
 
     def event(
         self,
@@ -648,7 +665,8 @@ class MongoOutbox:
             result = await self.resource.collection(collection).insert_one(
                 self.attach(document, *entries)
             )
-        self.wake()
+        if entries:
+            self._written(collection, result.inserted_id)
         return result.inserted_id
 
     async def update_one(
@@ -664,12 +682,28 @@ class MongoOutbox:
             result = await self.resource.collection(collection).update_one(
                 filter, self.push(update, *entries), upsert=upsert
             )
-        if result.matched_count or result.upserted_id is not None:
-            self.wake()
+        if entries and (result.matched_count or result.upserted_id is not None):
+            doc_id = result.upserted_id if result.upserted_id is not None else filter.get("_id")
+            if doc_id is None or (
+                isinstance(doc_id, Mapping) and any(str(key).startswith("$") for key in doc_id)
+            ):
+                self.wake()  # which document is not known: a full round
+            else:
+                self._written(collection, doc_id)
         return result
 
     def wake(self) -> None:
-        """Start a relay round now (after writing events), instead of at the next poll."""
+        """Start a full relay round now (after writing events by other means than this
+        outbox's methods), instead of at the next poll."""
+        self._scan_requested = True
+        self._wake.set()
+
+    def _written(self, collection: str, doc_id: Any) -> None:
+        """Events were written to document `doc_id`: relay it at once (no scan)."""
+        try:
+            self._hinted.setdefault(collection, {})[doc_id] = None
+        except TypeError:  # an unhashable `_id` (a document): a full round finds it
+            self._scan_requested = True
         self._wake.set()
 
     async def pending(self) -> int:
@@ -720,7 +754,7 @@ class MongoOutbox:
             yield True
         finally:
             await self._release(collection, [doc_id], token)
-            self.wake()
+            self._written(collection, doc_id)  # the relay skipped it meanwhile
 
     async def start(self) -> None:
         if self.relay_enabled and self._task is None:
@@ -742,8 +776,13 @@ class MongoOutbox:
                 await self._pause(0.05)  # and stops them after it: nothing to publish with
                 continue
             self._wake.clear()
+            loop = asyncio.get_running_loop()
+            scan = self._scan_requested or failures > 0 or loop.time() >= self._next_scan
+            if scan:
+                self._scan_requested = False
+                self._next_scan = loop.time() + self.poll_interval
             try:
-                await self.publish_once()
+                await self.publish_once(scan=scan)
                 failures = 0
             except MsaError as exc:  # database or broker trouble: keep the events, back off
                 failures += 1
@@ -751,11 +790,12 @@ class MongoOutbox:
             except Exception:
                 failures += 1
                 log.exception("mongo outbox relay failed; retrying")
-            self.rounds += 1
+            if scan:
+                self.rounds += 1
             if failures:
                 await self._pause(RELAY_RETRY.delay(failures))
             elif not self._saturated:
-                await self._pause(self.poll_interval, wake=True)
+                await self._pause(max(0.0, self._next_scan - loop.time()), wake=True)
 
     async def _pause(self, seconds: float, *, wake: bool = False) -> None:
         waiters = [asyncio.ensure_future(self._stopping.wait())]
@@ -767,8 +807,10 @@ class MongoOutbox:
             for waiter in waiters:
                 waiter.cancel()
 
-    async def publish_once(self) -> int:
-        """One relay round over every collection; returns how many events it published.
+    async def publish_once(self, *, scan: bool = True) -> int:
+        """One relay round over every collection; returns how many events it published. It
+        relays the documents this outbox wrote events to, and with `scan` every document with
+        the pending marker.
 
         Raises (after settling what was acknowledged and releasing its claims) when publishing
         or the database failed, so that the relay backs off.
@@ -778,7 +820,7 @@ class MongoOutbox:
         saturated = False
         for name in self.collections:
             try:
-                count, full = await self._publish_collection(name)
+                count, full = await self._publish_collection(name, scan=scan)
             except MsaError as exc:
                 failure = failure or exc
                 continue
@@ -789,27 +831,43 @@ class MongoOutbox:
             raise failure
         return published
 
-    async def _publish_collection(self, name: str) -> tuple[int, bool]:
+    async def _publish_collection(self, name: str, *, scan: bool = True) -> tuple[int, bool]:
         collection = self.resource.collection(name)
-        with translate():
-            candidates = (
-                await collection.find({PENDING_FIELD: {"$exists": True}}, {"_id": 1})
-                .sort(PENDING_FIELD, ASCENDING)
-                .limit(self.batch_size)
-                .to_list(None)
-            )
-        if not candidates:
-            return 0, False
-        full = len(candidates) >= self.batch_size
+        hinted = self._hinted.get(name, {})
+        ids = list(itertools.islice(hinted, self.batch_size))
+        for doc_id in ids:
+            del hinted[doc_id]
+        full = bool(hinted)
+        if scan and len(ids) < self.batch_size:
+            with translate():
+                candidates = (
+                    await collection.find({PENDING_FIELD: {"$exists": True}}, {"_id": 1})
+                    .sort(PENDING_FIELD, ASCENDING)
+                    .limit(self.batch_size)
+                    .to_list(None)
+                )
+            full = full or len(candidates) >= self.batch_size
+            known = set(ids)
+            ids.extend(c["_id"] for c in candidates if c["_id"] not in known)
+        if not ids:
+            return 0, full
         token = new_id()
-        claimed = await self._claim(name, [c["_id"] for c in candidates], token)
+        claimed = await self._claim(name, ids, token)
+        taken = set(claimed)
+        for doc_id in ids:  # held by a holder or another relay: try again at the next wake
+            if doc_id not in taken:
+                self._hinted.setdefault(name, {})[doc_id] = None
         if not claimed:
             return 0, full
         try:
             with translate():  # re-read: another relay may have published since the scan
-                docs = await collection.find({"_id": {"$in": claimed}}, {OUTBOX_FIELD: 1}).to_list(
-                    None
-                )
+                docs = [
+                    doc
+                    for doc in await collection.find(
+                        {"_id": {"$in": claimed}}, {OUTBOX_FIELD: 1, PENDING_FIELD: 1}
+                    ).to_list(None)
+                    if OUTBOX_FIELD in doc or PENDING_FIELD in doc
+                ]
             acknowledged, failure = await self._publish(docs)
             published = 0
             with translate():

@@ -56,6 +56,14 @@ T = TypeVar("T")
 log = logging.getLogger("framework.persistence.outbox")
 _RELAY_LOCK = 0x6D73615F72656C  # "msa_rel"
 CHANNEL = "msa_outbox"
+_ADD = f"""
+with added as (
+    insert into msa_outbox (topic, key, headers, value) values ($1, $2, $3, $4) returning 1
+)
+select pg_notify('{CHANNEL}', '') from added
+"""
+"""One round trip: the row, and the notification the leader's relay LISTENs for (sent at
+commit, and once per transaction however many rows: PostgreSQL folds equal payloads)."""
 RECONNECT = Backoff(initial=0.4, maximum=5.0)
 """Between attempts of the relay to reconnect (the database is down, or the relay failed)."""
 REPUBLISH = Backoff(initial=0.2, maximum=5.0)
@@ -150,14 +158,7 @@ class PostgresOutbox:
         record_key, value, headers = to_binary(envelope)
         encoded = orjson.dumps([[k, v.decode()] for k, v in headers]).decode()
         with translate():
-            await tx.execute(
-                "insert into msa_outbox (topic, key, headers, value) values ($1, $2, $3, $4);",
-                topic,
-                record_key,
-                encoded,
-                value,
-            )
-            await tx.execute(f"notify {CHANNEL}")
+            await tx.execute(_ADD, topic, record_key, encoded, value)
 
     # -- relay ----------------------------------------------------------------------------------
 

@@ -161,6 +161,9 @@ class ConsumerOptions:
     max_buffered: int = 2000
     commit_interval: float = 0.2
     fetch_timeout: float = 0.2
+    revoke_grace: float = 10.0
+    """How long a rebalance waits for the handlers running on the partitions it takes away
+    before committing them (those still running then are redelivered to the new owner)."""
 
     def dlq_topic(self, topic: str) -> str:
         return f"{topic}.dlq"
@@ -231,7 +234,7 @@ class RejectedRecord:
 class _PartitionState:
     """Offsets fetched but not done yet, in fetch order; what may be committed."""
 
-    __slots__ = ("committed", "done", "next_offset", "pending", "revoked")
+    __slots__ = ("closing", "committed", "done", "next_offset", "pending", "revoked", "running")
 
     def __init__(self) -> None:
         self.pending: deque[int] = deque()
@@ -239,6 +242,10 @@ class _PartitionState:
         self.next_offset: int | None = None
         self.committed: int | None = None
         self.revoked = False
+        self.closing = False
+        """Being revoked: no record of it starts; the running ones finish and are committed."""
+        self.running = 0
+        """Records of it being handled by a worker now."""
 
     def track(self, offset: int) -> None:
         self.pending.append(offset)
@@ -327,6 +334,7 @@ class Subscription:
         self._stopping = asyncio.Event()
         self._draining = False
         self._aborting = False
+        self._settled = asyncio.Event()  # a worker finished a record (on_revoked waits)
         self._fetch_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self._retry_origin = {options.retry_topic(t): t for t in self.topics}
@@ -461,7 +469,22 @@ class Subscription:
             self._partitions[tp] = _PartitionState()
 
     async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
+        """Before the partitions move: no more of their records start, the running ones finish
+        (within `revoke_grace`) and everything handled is committed, so the next owner gets
+        none of it again. Without the wait, a record handled during the rebalance was
+        redelivered: the rolling-upgrade test saw events handled twice."""
+        states = [self._partitions[tp] for tp in partitions if tp in self._partitions]
+        for state in states:
+            state.closing = True
         if not self._aborting:
+            deadline = asyncio.get_running_loop().time() + self.options.revoke_grace
+            while any(state.running for state in states):
+                self._settled.clear()
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._settled.wait(), left)
             await self._commit([tp for tp in partitions if tp in self._partitions])
         for tp in partitions:
             state = self._partitions.pop(tp, None)
@@ -533,16 +556,21 @@ class Subscription:
                 return
             lane = self._lanes[lane_key]
             state, record = lane[0]
-            if state.revoked or self._draining:
+            if state.revoked or state.closing or self._draining:
                 self._drop(lane_key)
                 continue
-            outcome = await self._process(record, state)
-            if isinstance(outcome, _Deferred):
-                task = asyncio.create_task(self._resume(lane_key, outcome))
-                self._retry_tasks.add(task)
-                task.add_done_callback(self._retry_tasks.discard)
-                continue
-            self._settle(lane_key, outcome)
+            state.running += 1
+            try:
+                outcome = await self._process(record, state)
+                if isinstance(outcome, _Deferred):
+                    task = asyncio.create_task(self._resume(lane_key, outcome))
+                    self._retry_tasks.add(task)
+                    task.add_done_callback(self._retry_tasks.discard)
+                    continue
+                self._settle(lane_key, outcome)
+            finally:
+                state.running -= 1
+                self._settled.set()
 
     async def _resume(self, lane_key: object, deferred: _Deferred) -> None:
         """A lane waiting to retry its head record: off the workers, so others keep going."""

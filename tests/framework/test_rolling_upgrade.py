@@ -3,7 +3,11 @@
 Two replicas of a service run as `msa run` processes on real Kafka, behind the gateway. While
 clients send HTTP requests through the gateway and events to the service's topic, each replica
 is replaced in turn: start the new one, wait until it is ready, SIGTERM the old one (which drains
-and commits). Every HTTP request must succeed and every event must be handled.
+and commits). Every HTTP request must succeed and every event must be handled exactly once: a
+replica that drains on SIGTERM commits what it handled before its partitions move, so the new
+one redelivers nothing (what is handled is counted per event, not collected in a set, so a
+duplicate would show). Killing a replica (SIGKILL) is the distributed chaos test's part
+(tests/example_shop/test_chaos.py), where the inbox turns redeliveries into no-ops.
 """
 
 from __future__ import annotations
@@ -97,11 +101,11 @@ async def test_replacing_replicas_one_at_a_time_loses_no_request_and_no_event(
     await client.transport.declare(
         [TopicSpec(name=topics["UPGRADE_IN"], partitions=4), TopicSpec(name=topics["UPGRADE_OUT"])]
     )
-    done: dict[int, set[str]] = {}
+    done: dict[int, list[str]] = {}
     progressed = asyncio.Event()
 
     async def on_done(message: Message[Done]) -> None:
-        done.setdefault(message.data.n, set()).add(message.data.replica)
+        done.setdefault(message.data.n, []).append(message.data.replica)
         progressed.set()
 
     await client.subscribe_running(
@@ -188,7 +192,9 @@ routes:
                     await progressed.wait()
         missing = sorted(set(range(sent)) - set(done))
         assert missing == [], f"{len(missing)} of {sent} events never handled: {missing[:20]}"
-        handlers = set().union(*done.values())
+        duplicates = {n: by for n, by in done.items() if len(by) > 1}
+        assert duplicates == {}, f"{len(duplicates)} of {sent} events handled twice: {duplicates}"
+        handlers = {replica for by in done.values() for replica in by}
         assert {"v2-a", "v2-b"} <= handlers  # the new replicas took over the partitions
     finally:
         for replica in replicas:

@@ -487,9 +487,9 @@ class Subscription:
                     await asyncio.wait_for(self._settled.wait(), left)
             await self._commit([tp for tp in partitions if tp in self._partitions])
         for tp in partitions:
-            state = self._partitions.pop(tp, None)
-            if state is not None:
-                state.revoked = True  # queued records are dropped; running ones won't commit
+            gone = self._partitions.pop(tp, None)
+            if gone is not None:
+                gone.revoked = True  # queued records are dropped; late ones won't commit
 
     # -- fetching -------------------------------------------------------------------------------
 

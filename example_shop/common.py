@@ -49,12 +49,17 @@ PORTS = {
 
 
 def default_settings(service: str, settings: ServiceSettings | None = None) -> ServiceSettings:
-    """`settings`, or the environment's with the service's own port (`PORTS`) unless
-    MSA_HTTP_PORT says otherwise: what every shop service starts from."""
-    if settings is not None:
-        return settings
-    settings = ServiceSettings.from_env()
-    if "MSA_HTTP_PORT" not in settings.env:
+    """`settings` (the environment's when not given) with the service's own port (`PORTS`)
+    unless MSA_HTTP_PORT or the settings chose another: what every shop service starts from.
+
+    `msa run` gives the class `ServiceSettings.from_env()`, whose port is the framework's 8080
+    when MSA_HTTP_PORT is unset; that, too, becomes the service's own port, so the README's
+    separate-process commands start eight services on eight ports (they all tried 8080).
+    """
+    if settings is None:
+        settings = ServiceSettings.from_env()
+    framework_default = ServiceSettings.__dataclass_fields__["http_port"].default
+    if "MSA_HTTP_PORT" not in settings.env and settings.http_port == framework_default:
         settings = dataclasses.replace(settings, http_port=PORTS[service])
     return settings
 

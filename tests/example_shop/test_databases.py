@@ -10,9 +10,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from example_shop.common import PORTS
 from example_shop.inventory import Inventory
+from example_shop.shop import service_classes
 from framework.bus import MemoryTransport
 from framework.cli import main
+from framework.runner import load_service
 from framework.service import ServiceSettings
 from framework.testing import ServiceHarness
 from tests.conftest import SERVERS, unique_name
@@ -71,3 +74,20 @@ async def test_msa_migrate_creates_the_missing_database(
     assert await asyncio.to_thread(main, ["migrate", "example_shop.inventory:Inventory"]) == 0
     assert "inventory: PostgresResource: applied" in capsys.readouterr().out
     assert "stock" in await _tables(fresh_database)
+
+
+@pytest.mark.parametrize("name", sorted(PORTS))
+def test_msa_run_starts_each_service_on_its_own_port(name: str) -> None:
+    """`msa run example_shop.<name>:<Class>` as the README gives it: the runner hands the class
+    `ServiceSettings.from_env()` without MSA_HTTP_PORT, and each service takes its own port
+    (all eight took the framework's 8080 before); MSA_HTTP_PORT still wins."""
+    spec = f"example_shop.{name}:{service_classes()[name].__name__}"
+    env = {
+        "MSA_TRANSPORT": "memory",
+        "POSTGRES_URL": "postgresql://postgres@127.0.0.1:5432/postgres",  # not connected to
+        "MONGO_URL": "mongodb://127.0.0.1:27017/",
+    }
+    service = load_service(spec, ServiceSettings.from_env(env))
+    assert service.settings.http_port == PORTS[name]
+    chosen = load_service(spec, ServiceSettings.from_env({**env, "MSA_HTTP_PORT": "9999"}))
+    assert chosen.settings.http_port == 9999

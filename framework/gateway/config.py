@@ -214,6 +214,8 @@ class JwtConfig(_Strict):
     leeway: float = Field(default=30.0, ge=0)
     cookie: str | None = None
     """Also take the token from this cookie (browsers), not only `Authorization: Bearer`."""
+    cache_size: int = Field(default=10_000, ge=0)
+    """Verified tokens remembered until their `exp` (or a key rotation); 0: check every time."""
 
     @model_validator(mode="after")
     def _keys_for_algorithms(self) -> JwtConfig:

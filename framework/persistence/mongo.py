@@ -280,7 +280,9 @@ class MongoResource:
         self.server_selection_timeout = server_selection_timeout
         self.ferretdb = False
         self.server_version = ""
-        self.indexed = client is None or not type(client).__module__.startswith("mongomock")
+        self.indexed = client is None or not any(
+            cls.__module__.startswith("mongomock") for cls in type(client).__mro__
+        )  # (mongomock_motor's client calls itself motor.motor_asyncio.AsyncIOMotorClient)
         """False for mongomock's in-memory engine, which answers every query by testing every
         document (the outbox relay then scans for leftovers less often)."""
         self._given = client

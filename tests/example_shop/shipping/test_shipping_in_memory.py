@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from mongomock_motor import AsyncMongoMockClient
 
@@ -15,9 +16,19 @@ from example_shop.contracts import (
     ShipmentCreated,
     ShipmentTracked,
 )
+from example_shop.embedded_mongo import embedded_mongo_client
 from example_shop.shipping import Shipping
-from framework.bus import MemoryTransport
-from framework.messages import Envelope, decode_payload, from_binary, to_binary, type_name
+from example_shop.shipping.tracking import CREATED, PACKED, SHIPMENTS, ShipmentTracker
+from framework.bus import Bus, MemoryTransport
+from framework.messages import (
+    Envelope,
+    decode_payload,
+    from_binary,
+    to_binary,
+    type_name,
+    utc_now,
+)
+from framework.persistence.mongo import MongoOutbox, MongoResource
 from framework.service import ServiceSettings
 
 
@@ -75,3 +86,36 @@ async def test_runs_on_an_in_memory_mongo_client() -> None:
         assert statuses == ["packed", "in_transit", "delivered"]
     finally:
         await shipping.stop(grace=1)
+
+
+async def test_the_tracker_moves_every_due_shipment_in_one_tick_not_one_batch() -> None:
+    """More shipments due than one batch: all take their step in the same tick (one batch per
+    tick moved 100 shipments every 5 s, fewer than the shop's orders under load)."""
+    resource = MongoResource("mongodb://in-memory", "shipping", client=embedded_mongo_client())
+    assert resource.indexed is False  # mongomock_motor's client is known for what it is
+    bus = Bus(MemoryTransport(), source="shipping")
+    outbox = MongoOutbox(resource, bus, collections=[SHIPMENTS], relay=False)
+    await resource.start()
+    try:
+        past = utc_now() - timedelta(seconds=1)
+        await resource.collection(SHIPMENTS).insert_many(
+            [
+                {
+                    "_id": f"o-{n}",
+                    "order_id": f"o-{n}",
+                    "shipment_id": f"s-{n}",
+                    "status": CREATED,
+                    "version": 1,
+                    "advance_at": past,
+                }
+                for n in range(7)
+            ]
+        )
+        tracker = ShipmentTracker(resource, outbox, tick=5.0, batch_size=3)
+        assert await tracker.advance_due() == 7
+        statuses = await resource.collection(SHIPMENTS).distinct("status")
+        assert statuses == [PACKED]
+        assert await tracker.advance_due() == 0  # the next step is due a tick later
+        assert await outbox.pending() == 7
+    finally:
+        await resource.stop()

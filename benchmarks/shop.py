@@ -32,7 +32,7 @@ Per stage: completed orders/s (terminal orders / the time until the last custome
 p50/p99 place-to-terminal, the outcomes, the orders stored before and after (the analytics'
 all-time `orders_placed`), and CPU ms per completed order of each process: `--mode one` the shop
 process and its children (the embedded PostgreSQL, by command name); `--mode processes` every
-process of `processes.json` plus the machine's `postgres`, `java` (Kafka) and `mongod`
+process of `processes.json` plus the machine's `postgres`, `java` (Kafka) and `mongod` or `ferretdb`
 processes. CPU is read from /proc at the stage's start and end, so work that a stage leaves
 behind (relays, projections) is counted in the next one.
 
@@ -75,7 +75,8 @@ ORDER_WITHIN = 30.0
 """Seconds after the POST by which an order must be terminal (else it counts as timed out)."""
 TERMINAL_EVENTS = {"shop.orders.confirmed": "confirmed", "shop.orders.cancelled": "cancelled"}
 TERMINAL_STATUSES = ("confirmed", "cancelled", "failed")
-INFRA = ("postgres", "java", "mongod")
+INFRA = ("postgres", "java", "mongod", "ferretdb")
+"""Command-name prefixes of the servers' processes (FerretDB's binary is `ferretdb-<version>`)."""
 
 
 # -- the shop and its processes -------------------------------------------------------------------
@@ -139,8 +140,8 @@ def cpu_by_process(shop: ShopProcess, mode: str) -> dict[int, tuple[str, float]]
                 parent, seen = stats[parent][1], seen + 1
             if parent in roots:
                 label = f"{roots[parent]} > {comm}"
-            elif mode == "processes" and comm in INFRA:
-                label = f"infra {comm}"
+            elif mode == "processes" and comm.startswith(INFRA):
+                label = f"infra {next(name for name in INFRA if comm.startswith(name))}"
             elif comm == "postgres" and started >= shop_started:  # the embedded one (daemon)
                 label = "shop's embedded postgres"
         if label is not None:

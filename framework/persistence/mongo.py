@@ -52,11 +52,11 @@ harmless).
 `DocumentChange`) tell the relay which document they gave events to, and wake it: such a round
 claims exactly those documents by `_id`. A full round - the scan of the pending marker over
 every collection, in marker order - runs at start, after a failure, when `wake()` is called
-(for events written by other means) and every `poll_interval` (1 s; 30 s on mongomock), for
-documents whose writer died before its relay published them. On MongoDB and FerretDB the scan
-is an indexed query; the embedded engine (mongomock) has no indexes, so before the wake-ups
-every round, several per order, tested every document of every collection: the shop's cost
-per order grew with its stored shipments.
+(for events written by other means) and every `poll_interval` (1 s; 30 s where
+`MongoResource.indexed` is false), for documents whose writer died before its relay published
+them. On MongoDB the scan is an indexed query; mongomock (the embedded engine) and FerretDB v1
+test every document instead, so before the wake-ups every round, several per order, read every
+document of every collection: the shop's cost per order grew with its stored shipments.
 
 **One document's change as a transaction.** `DocumentChange` collects what several hands add
 to one document (fields, outbox entries, the inbox's record of a message) and writes it in one
@@ -182,6 +182,8 @@ log = logging.getLogger("framework.persistence.mongo")
 Document = dict[str, Any]
 OUTBOX_FIELD = "msa_outbox"
 PENDING_FIELD = "msa_pending"
+INDEXED_POLL_INTERVAL = 1.0
+"""The relay's default scan interval where the pending marker's index is used."""
 UNINDEXED_POLL_INTERVAL = 30.0
 """The relay's scan interval on an engine without indexes (mongomock, FerretDB v1), where the
 scan tests every document (mongomock: 81 ms of CPU at 20,000 shipments; FerretDB v1 on SQLite:
@@ -555,7 +557,7 @@ class MongoOutbox:
             raise ConfigurationError("MongoOutbox needs the list of collections holding events")
         self._default_poll = poll_interval is None
         if poll_interval is None:  # decided again at start, once the server is known
-            poll_interval = 1.0 if resource.indexed else UNINDEXED_POLL_INTERVAL
+            poll_interval = self._default_poll_interval(resource)
         if lease <= 0 or hold_lease <= 0 or poll_interval <= 0 or batch_size < 1:
             raise ConfigurationError(
                 "lease, hold_lease and poll_interval must be > 0, batch_size >= 1"
@@ -596,6 +598,10 @@ class MongoOutbox:
             "msa_outbox_commit_to_publish_seconds",
             "Time from the outbox row's creation to the broker's acknowledgement.",
         )
+
+    @staticmethod
+    def _default_poll_interval(resource: MongoResource) -> float:
+        return INDEXED_POLL_INTERVAL if resource.indexed else UNINDEXED_POLL_INTERVAL
 
     def add_collection(self, name: str) -> None:
         """Relay the events of the documents of collection `name` too (before `start`)."""
@@ -702,11 +708,9 @@ class MongoOutbox:
             )
         if entries and (result.matched_count or result.upserted_id is not None):
             doc_id = result.upserted_id if result.upserted_id is not None else filter.get("_id")
-            if doc_id is None or (
-                isinstance(doc_id, Mapping) and any(str(key).startswith("$") for key in doc_id)
-            ):
+            if doc_id is None:
                 self.wake()  # which document is not known: a full round
-            else:
+            else:  # an operator such as `{"$in": [...]}` is a dict: `_written` scans for it
                 self._written(collection, doc_id)
         return result
 
@@ -720,7 +724,7 @@ class MongoOutbox:
         """Events were written to document `doc_id`: relay it at once (no scan)."""
         try:
             self._hinted.setdefault(collection, {})[doc_id] = None
-        except TypeError:  # an unhashable `_id` (a document): a full round finds it
+        except TypeError:  # an unhashable `_id` (a document, an operator): a full round finds it
             self._scan_requested = True
         self._wake.set()
 
@@ -776,7 +780,7 @@ class MongoOutbox:
 
     async def start(self) -> None:
         if self._default_poll:
-            self.poll_interval = 1.0 if self.resource.indexed else UNINDEXED_POLL_INTERVAL
+            self.poll_interval = self._default_poll_interval(self.resource)
         if self.relay_enabled and self._task is None:
             if not self.collections:
                 raise ConfigurationError("MongoOutbox has no collections to relay events from")

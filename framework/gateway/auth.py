@@ -134,18 +134,17 @@ class _IssuerKeys:
         self._fetching: asyncio.Task[None] | None = None
         self.session: aiohttp.ClientSession | None = None
 
+    def _stale(self, now: float) -> bool:
+        return self._fetched_at is None or now - self._fetched_at >= self._refresh_after
+
     def current(self, kid: str) -> _SigningKey | None:
         """The key named `kid` if the set holding it is fresh (no fetch: for cached tokens)."""
-        fetched = self._fetched_at
-        if fetched is None or self._clock() - fetched >= self._refresh_after:
-            return None
-        return self._keys.get(kid)
+        return None if self._stale(self._clock()) else self._keys.get(kid)
 
     async def find(self, kid: str) -> _SigningKey | None:
         """The key named `kid`, refetching the set first if it is stale or lacks that key."""
         now = self._clock()
-        stale = self._fetched_at is None or now - self._fetched_at >= self._refresh_after
-        if (stale or kid not in self._keys) and self._may_fetch(now):
+        if (self._stale(now) or kid not in self._keys) and self._may_fetch(now):
             await self.refresh()
         return self._keys.get(kid)
 
@@ -318,9 +317,6 @@ class _VerifiedTokens:
         self._entries.move_to_end(digest)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 class Authenticator:

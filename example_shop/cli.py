@@ -38,6 +38,13 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spawn-rate", type=float, default=10, help="load: users started per s")
     parser.add_argument("--duration", default="30s", help="load: how long (Locust syntax)")
     parser.add_argument("--host", default=None, help="load: the shop's URL")
+    parser.add_argument(
+        "--json", action="store_true", help="load: print the report as one JSON object"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="run: where the embedded databases keep the shop's data"
+    )
+    parser.add_argument("--fresh", action="store_true", help="run: start with empty databases")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -49,6 +56,7 @@ def _run(args: argparse.Namespace) -> int:
             users=args.users,
             spawn_rate=args.spawn_rate,
             duration=args.duration,
+            json_output=args.json,
         )
     if args.processes:
         from example_shop.processes import serve as serve_processes

@@ -2,6 +2,8 @@
 `shop = "example_shop.cli:command"` (group `msa.commands`, see framework.cli).
 
     msa shop [--real] [--port 8000]              run the shop on one machine (example_shop.shop)
+    msa shop [--data-dir DIR] [--fresh]          ... keeping its data in DIR (default: the
+                                                 user's data directory); --fresh empties it
     msa shop --processes [--port 8000]           every service as its own `msa run` process,
                                                  plus the gateway (example_shop.processes)
     msa shop load [--users N] [--duration 30s]   drive the running shop with Locust, print a
@@ -16,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from framework.cli import Command
@@ -62,12 +66,22 @@ def _run(args: argparse.Namespace) -> int:
         from example_shop.processes import serve as serve_processes
 
         return serve_processes(args.port)
-    from example_shop.shop import serve
+    from example_shop.shop import default_data_dir, reset_data, serve
     from framework.observability.logging import configure_logging
 
+    data_dir: Path | None = None
+    if args.real or args.processes:
+        if args.fresh or args.data_dir:
+            print("msa shop: --fresh and --data-dir are for the embedded mode", file=sys.stderr)
+            return 2
+    else:
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(os.environ)
+        if args.fresh:
+            reset_data(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
     configure_logging("shop", level=os.environ.get("MSA_LOG_LEVEL", "WARNING"))
     with asyncio.Runner(loop_factory=_uvloop()) as runner:
-        return runner.run(serve(args.real, args.port))
+        return runner.run(serve(args.real, args.port, data_dir=data_dir))
 
 
 def _uvloop() -> Callable[[], asyncio.AbstractEventLoop] | None:

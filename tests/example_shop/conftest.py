@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -33,11 +34,14 @@ def free_ports(count: int) -> list[int]:
     return chosen
 
 
-async def start_shop(real: bool, env: dict[str, str] | None = None) -> Shop:
+async def start_shop(
+    real: bool, env: dict[str, str] | None = None, data_dir: Path | None = None
+) -> Shop:
     ports = free_ports(len(START_ORDER) + 1)
     shop = Shop(
         real=real,
         env=env,
+        data_dir=data_dir,
         gateway_port=ports[0],
         ports=dict(zip(START_ORDER, ports[1:], strict=True)),
     )

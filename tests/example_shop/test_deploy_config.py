@@ -60,7 +60,7 @@ SERVICES = tuple(PORTS)
 GATEWAY = "gateway"
 PROCESSES = (*SERVICES, GATEWAY)
 MIGRATE = "msa migrate"
-TOOLS = (MIGRATE, "msa shop --processes")
+TOOLS = (MIGRATE, "msa shop", "msa shop --processes")
 ALL_SERVICES = "all services"
 
 OWN, PEER = "<SERVICE>", "<PEER>"

@@ -17,7 +17,7 @@ what something costs.
     orders    --ReleaseStock / RefundPayment / CancelShipment-->  (compensations)
     orders    --CommitStock-->         inventory  (the confirmed order's reservation is sold)
     orders    --OrderPlaced / OrderConfirmed / OrderCancelled--> shop.orders.events (SSE, analytics)
-    catalog   --ProductCreated / ProductPriceChanged--> shop.catalog.events
+    catalog   --ProductCreated / ProductPriceChanged / ProductRenamed--> shop.catalog.events
     inventory --StockLevelChanged--> shop.inventory.stock
     shipping  --ShipmentTracked--> shop.shipping.events
 """
@@ -43,6 +43,7 @@ __all__ = [
     "PaymentRefunded",
     "ProductCreated",
     "ProductPriceChanged",
+    "ProductRenamed",
     "RefundPayment",
     "ReleaseStock",
     "ReserveStock",
@@ -71,11 +72,14 @@ class TOPICS:
 
 
 class OrderLine(BaseModel):
-    """A line of an order, priced by the orders service from the catalog's prices."""
+    """A line of an order, priced by the orders service from the catalog's prices. `name` is
+    the product's name when the order was placed (None when the orders service did not know
+    it, or in an event from before lines were named)."""
 
     product_id: str
     quantity: int = Field(gt=0, le=100)
     unit_price_cents: int = Field(ge=0)
+    name: str | None = None
 
 
 # -- catalog --------------------------------------------------------------------------------------
@@ -94,9 +98,22 @@ class ProductCreated(BaseModel):
 
 @message_type("shop.catalog.price_changed")
 class ProductPriceChanged(BaseModel):
+    """A product's new price, with its name (None in events from before they carried it)."""
+
     product_id: str
     old_price_cents: int
     new_price_cents: int
+    name: str | None = None
+
+
+@message_type("shop.catalog.renamed")
+class ProductRenamed(BaseModel):
+    """A product's new name; its price did not change, and is carried for readers that learn
+    of the product from this event alone (the topic is compacted)."""
+
+    product_id: str
+    name: str
+    price_cents: int
 
 
 # -- inventory ------------------------------------------------------------------------------------

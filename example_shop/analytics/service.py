@@ -1,12 +1,23 @@
 """Analytics: sales per product in one-minute windows, trending products and totals.
 
     shop.orders.events  OrderConfirmed  ->  units and revenue per product and minute (kept ~1 h),
-                                            all-time totals
-                        OrderPlaced     ->  the count of placed orders
+                                            the shop's per minute (kept ~1 day), all-time totals
+                        OrderPlaced     ->  the count of placed orders (all time, per minute)
 
     GET /analytics/sales?product_id=&minutes=15   admin: a product's sales, minute by minute
     GET /analytics/trending?minutes=15&limit=5    admin: the most units sold in the last minutes
     GET /analytics/summary                        admin: orders placed/confirmed, revenue, top 5
+    GET /analytics/products?limit=10              admin: the best sellers of all time, named
+    GET /analytics/timeline?minutes=60            admin: the shop's sales, minute by minute
+
+`/analytics/products` answers {"products": [{"product_id", "name", "units", "revenue_cents"}]},
+most units first (then more revenue, then product id), counted since the service's data begins;
+a product's name is the latest the orders' lines gave it (null when none did: orders placed
+before lines carried names). `/analytics/timeline` answers {"minutes": [{"minute", "orders",
+"units", "revenue_cents", "placed"}]}, one entry per minute of the last `minutes` (1 to 1440,
+the current minute included), oldest first, zeros where nothing sold: `orders` counts confirmed
+orders (whose units and revenue the entry sums), `placed` orders placed. Invalid queries are
+refused with a 422 problem naming the field.
 
 **Two ways to consume, one implementation of the math** (`example_shop.analytics.ledger`):
 
@@ -40,9 +51,11 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from example_shop.analytics.ledger import (
+    BestSellers,
     ProductSales,
     SalesLedger,
     Summary,
+    Timeline,
     Trending,
     Windows,
 )
@@ -57,9 +70,16 @@ from framework.types import Transport
 if TYPE_CHECKING:  # framework.streams imports Faust, which only the Kafka mode needs
     from framework.streams import CloudEvents, StreamTable
 
-__all__ = ["Analytics", "SalesQuery", "StreamingAnalytics", "TrendingQuery"]
+__all__ = [
+    "Analytics",
+    "BestSellersQuery",
+    "SalesQuery",
+    "StreamingAnalytics",
+    "TimelineQuery",
+    "TrendingQuery",
+]
 
-WINDOWS = Windows(size=60, retention=3600)
+WINDOWS = Windows(size=60, retention=3600, timeline_retention=24 * 3600)
 
 
 class SalesQuery(BaseModel):
@@ -74,6 +94,18 @@ class TrendingQuery(BaseModel):
 
     minutes: int = Field(15, ge=1, le=WINDOWS.max_minutes)
     limit: int = Field(5, ge=1, le=50)
+
+
+class BestSellersQuery(BaseModel):
+    """The query string of `GET /analytics/products`."""
+
+    limit: int = Field(10, ge=1, le=100)
+
+
+class TimelineQuery(BaseModel):
+    """The query string of `GET /analytics/timeline`."""
+
+    minutes: int = Field(60, ge=1, le=WINDOWS.timeline_minutes)
 
 
 def _settings(settings: ServiceSettings | None) -> ServiceSettings:
@@ -115,7 +147,7 @@ class Analytics(Service):
         self.ledger = self._make_ledger(app_id)
 
     def _make_ledger(self, app_id: str | None) -> SalesLedger:
-        return SalesLedger(products={}, totals={}, seen={}, windows=WINDOWS)
+        return SalesLedger(products={}, totals={}, timeline={}, seen={}, windows=WINDOWS)
 
     # -- consuming (in-memory bus) ---------------------------------------------------------------
 
@@ -157,6 +189,20 @@ class Analytics(Service):
         self._admin_query(request)
         return json_response(self.ledger.summary())
 
+    @route("GET", "/analytics/products", response=BestSellers)
+    async def get_best_sellers(self, request: web.Request) -> web.Response:
+        """The products with the most units sold of all time, with their names (admin)."""
+        self._admin_query(request)
+        query = validate_payload(dict(request.query), BestSellersQuery)
+        return json_response(self.ledger.best_sellers(query.limit))
+
+    @route("GET", "/analytics/timeline", response=Timeline)
+    async def get_timeline(self, request: web.Request) -> web.Response:
+        """The shop's orders, units and revenue in each minute of the last `minutes` (admin)."""
+        self._admin_query(request)
+        query = validate_payload(dict(request.query), TimelineQuery)
+        return json_response(self.ledger.by_minute(query.minutes, self.clock()))
+
 
 class StreamingAnalytics(Analytics):
     """Analytics on Kafka: the same ledger, run by Faust agents on changelog-backed tables.
@@ -182,7 +228,11 @@ class StreamingAnalytics(Analytics):
             self._count_confirmed
         )
         return SalesLedger(
-            products=table("products"), totals=table("totals"), seen=table("seen"), windows=WINDOWS
+            products=table("products"),
+            totals=table("totals"),
+            timeline=table("timeline"),
+            seen=table("seen"),
+            windows=WINDOWS,
         )
 
     # Not handlers here (no @handles): the agents below do their work.

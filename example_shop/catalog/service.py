@@ -5,7 +5,8 @@
     GET   /categories                          the categories and their product counts
     POST  /products                            admin: create a product   -> ProductCreated
     PATCH /products/{product_id}               admin: name, description, price
-                                               (a new price             -> ProductPriceChanged)
+                                               (a new price             -> ProductPriceChanged,
+                                                a new name alone        -> ProductRenamed)
 
 `q` matches name or description case-insensitively, as a literal substring (a regex of the
 escaped query: FerretDB has no text index). Pages count from 1; `size` is 1..100.
@@ -15,7 +16,10 @@ written by `MongoOutbox` *into the product document*, in the same single-documen
 update as the change, and the outbox relay publishes it to `TOPICS.CATALOG_EVENTS` (keyed by
 product id) and removes it. A write that does not happen carries no event; there is no second
 write that could be lost. A price change is guarded by the price it was computed from, so
-`old_price_cents` is the price it really replaced.
+`old_price_cents` is the price it really replaced. Every event carries the product's name (a
+price change the name it has after the change), and a rename its price: the topic is compacted
+by product id, so a product's latest event must tell a reader all it keeps (see
+`example_shop.contracts`).
 
 **Demo data.** At start, an empty collection is seeded with 24 products (`p-001` ... `p-024`,
 see `seed.py`), which the other services' demo data refers to by id. Each is announced with
@@ -23,7 +27,10 @@ see `seed.py`), which the other services' demo data refers to by id. Each is ann
 other product's: the catalog is the single source of prices, and the orders service learns every
 one of them from this topic (its consumer group reads it from the beginning, so a service that
 subscribes later still learns of products created before it). Replicas starting together may
-both seed; the stable ids make the second insert a no-op, events included.
+both seed; the stable ids make the second insert a no-op, events included. Their images are
+the storefront's pictures (`/static/products/<id>.svg`); a collection seeded by an earlier
+version, with emoji, has them replaced at start (`upgrade_demo_images`), products an admin
+created excepted.
 
 Environment: MONGO_URL (or CATALOG_MONGO_URL / CATALOG_MONGO_DB; database `shop_catalog` by
 default, see `example_shop.common`), MSA_HTTP_PORT (default `PORTS["catalog"]`), and the
@@ -42,9 +49,9 @@ from typing import Any, ClassVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from example_shop.catalog.seed import demo_documents
+from example_shop.catalog.seed import DEMO_PRODUCTS, demo_documents, image_path
 from example_shop.common import default_settings, mongo_target, require_admin
-from example_shop.contracts import TOPICS, ProductCreated, ProductPriceChanged
+from example_shop.contracts import TOPICS, ProductCreated, ProductPriceChanged, ProductRenamed
 from framework.http import json_response, read_json
 from framework.messages import new_id, utc_now, validate_payload
 from framework.persistence.mongo import (
@@ -130,7 +137,7 @@ class Catalog(Service):
 
     name = "catalog"
     publishes: ClassVar[Mapping[str, Sequence[type]]] = {
-        TOPICS.CATALOG_EVENTS: [ProductCreated, ProductPriceChanged]
+        TOPICS.CATALOG_EVENTS: [ProductCreated, ProductPriceChanged, ProductRenamed]
     }
 
     def __init__(
@@ -155,6 +162,7 @@ class Catalog(Service):
 
     async def on_start(self) -> None:
         await self.seed()
+        await self.upgrade_demo_images()
 
     async def seed(self) -> int:
         """Insert the demo products if the collection is empty, each with its ProductCreated;
@@ -175,6 +183,29 @@ class Catalog(Service):
             return 0
         self.outbox.wake()
         return len(result.inserted_ids)
+
+    async def upgrade_demo_images(self) -> int:
+        """Replace the emoji an earlier version seeded as the demo products' images with their
+        pictures' paths; returns how many changed. Only a demo product (by its id) whose image
+        is not a path changes, so a second run changes nothing; products admins created keep
+        theirs."""
+        products = self.db.collection(PRODUCTS)
+        demo_ids = [p["product_id"] for p in DEMO_PRODUCTS]
+        with translate():
+            found = await products.find({"_id": {"$in": demo_ids}}, {"image": 1}).to_list(None)
+        upgraded = 0
+        for doc in found:
+            if str(doc.get("image", "")).startswith("/"):
+                continue
+            # Held like an edit: the relay may be removing published events from the document.
+            async with self.outbox.holding(PRODUCTS, doc["_id"]):
+                result = await self.outbox.update_one(
+                    PRODUCTS,
+                    {"_id": doc["_id"], "image": doc.get("image")},
+                    {"$set": {"image": image_path(doc["_id"])}},
+                )
+            upgraded += result.modified_count
+        return upgraded
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -249,7 +280,8 @@ class Catalog(Service):
     @route("PATCH", "/products/{product_id}", body=ProductChanges, response=Product)
     async def update_product(self, request: web.Request) -> web.Response:
         """Change a product's name, description or price (admins); a new price is announced
-        with ProductPriceChanged (old and new price)."""
+        with ProductPriceChanged (old and new price, and the name), a new name alone with
+        ProductRenamed."""
         require_admin(request)
         changes = (await read_json(request, ProductChanges)).model_dump(exclude_none=True)
         product_id = request.match_info["product_id"]
@@ -261,14 +293,10 @@ class Catalog(Service):
                 changed = {k: v for k, v in changes.items() if doc.get(k) != v}
                 if not changed:
                     return json_response(_product(doc))
-                events = []
-                if "price_cents" in changed:
-                    price = ProductPriceChanged(
-                        product_id=product_id,
-                        old_price_cents=doc["price_cents"],
-                        new_price_cents=changed["price_cents"],
-                    )
-                    events.append(self.outbox.event(TOPICS.CATALOG_EVENTS, price, key=product_id))
+                events = [
+                    self.outbox.event(TOPICS.CATALOG_EVENTS, event, key=product_id)
+                    for event in _announced(doc, changed)
+                ]
                 # guarded by the price read: the event's old price is the one really replaced
                 result = await self.outbox.update_one(
                     PRODUCTS,
@@ -286,6 +314,28 @@ class Catalog(Service):
         if doc is None:
             raise web.HTTPNotFound(text=f"no product {product_id!r}")
         return doc
+
+
+def _announced(
+    doc: Mapping[str, Any], changed: Mapping[str, Any]
+) -> list[ProductPriceChanged | ProductRenamed]:
+    """The event of an edit: a new price (with the name it comes with), else a new name (with
+    the price it keeps), else none (a description tells the other services nothing)."""
+    name = changed.get("name", doc["name"])
+    if "price_cents" in changed:
+        return [
+            ProductPriceChanged(
+                product_id=doc["product_id"],
+                old_price_cents=doc["price_cents"],
+                new_price_cents=changed["price_cents"],
+                name=name,
+            )
+        ]
+    if "name" in changed:
+        return [
+            ProductRenamed(product_id=doc["product_id"], name=name, price_cents=doc["price_cents"])
+        ]
+    return []
 
 
 def _created(doc: Mapping[str, Any]) -> ProductCreated:

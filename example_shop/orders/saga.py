@@ -26,6 +26,18 @@ orders topic: they are enqueued in the very transaction that records the reply, 
 (the gateway streams `shop.orders.events` by order id over SSE) sees "stock reserved" exactly
 when the saga moved past it, and in order with `OrderConfirmed` / `OrderCancelled`.
 
+**Milestones.** The saga's data records each milestone the order reaches, with its time
+(`OrderSagaData.milestones`): `stock_reserved`, `payment_authorized`, `shipment_created` as the
+replies come, and, undoing, `shipment_cancelled`, `payment_refunded`, `stock_released` as each
+undo is confirmed (an undo only of what the order's page showed done: a payment refunded is one
+that was authorized, or that payments says it refunded). The order's page lists them between
+"placed" and its outcome (`example_shop.orders.service`). The forward ones are announced by the
+`announce-*` steps; the undone ones by the final hook, before `OrderCancelled` (or the `failed`
+status): the framework has no step to run between two compensations, so an undo confirmed
+before the last one is announced a little late, with the time it happened. Saga data written
+before milestones were recorded still reads: its milestones are told by its fields, without
+times.
+
 The card number travels in the saga's data only to build `AuthorizePayment` (this shop
 simulates payments); it is blanked as soon as payments answers and never stored with the order,
 which keeps its last four digits.
@@ -34,9 +46,10 @@ which keeps its last four digits.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from example_shop.contracts import (
     TOPICS,
@@ -59,12 +72,15 @@ from example_shop.contracts import (
     StockReleased,
     StockReserved,
 )
-from framework.messages import message_type
+from framework.messages import message_type, utc_now
 from framework.persistence.outbox import PostgresOutbox
 from framework.persistence.saga import SagaDefinition, Step, fail, ok
 
 __all__ = [
+    "FORWARD_MILESTONES",
     "STEP_TIMEOUT",
+    "UNDO_MILESTONES",
+    "Milestone",
     "OrderSagaData",
     "OrderStatusChanged",
     "PlaceOrderSaga",
@@ -72,19 +88,33 @@ __all__ = [
 
 STEP_TIMEOUT = 30.0
 """Seconds each participant has to answer a command (and to confirm an undo)."""
+FORWARD_MILESTONES = ("stock_reserved", "payment_authorized", "shipment_created")
+"""What the saga does for an order, in order."""
+UNDO_MILESTONES = ("shipment_cancelled", "payment_refunded", "stock_released")
+"""What it undoes when the order cannot be completed, in the order it undoes it."""
 
 
 @message_type("shop.orders.status_changed")
 class OrderStatusChanged(BaseModel):
     """Progress of an order between `OrderPlaced` and `OrderConfirmed` / `OrderCancelled`.
 
-    `status` is one of `stock_reserved`, `payment_authorized`, `shipment_created`, or `failed`
-    (an undo was never confirmed; `detail` says which).
+    `status` is a milestone (`FORWARD_MILESTONES`, then on the way to a cancellation
+    `UNDO_MILESTONES`), or `failed` (an undo was never confirmed; `detail` says which). `at` is
+    when the order reached it (None in events from before it was sent).
     """
 
     order_id: str
     status: str
     detail: str = ""
+    at: datetime | None = None
+
+
+class Milestone(BaseModel):
+    """A milestone an order reached (a name of `FORWARD_MILESTONES` or `UNDO_MILESTONES`), and
+    when (None: recorded before times were)."""
+
+    step: str
+    at: datetime | None = None
 
 
 class OrderSagaData(BaseModel):
@@ -100,16 +130,37 @@ class OrderSagaData(BaseModel):
     payment_id: str | None = None
     shipment_id: str | None = None
     reason: str | None = None
+    milestones: list[Milestone] = Field(default_factory=list)
 
     @property
     def progress(self) -> list[str]:
-        """The milestones reached, for the order's page."""
+        """The forward milestones reached (what they did, undone or not)."""
         reached = [
             ("stock_reserved", self.stock_reserved),
             ("payment_authorized", self.payment_id is not None),
             ("shipment_created", self.shipment_id is not None),
         ]
         return [name for name, done in reached if done]
+
+    @property
+    def reached(self) -> list[Milestone]:
+        """Every milestone reached, in order, with its time; for data saved before milestones
+        were recorded, the forward ones its fields tell, without times."""
+        return self.milestones or [Milestone(step=name) for name in self.progress]
+
+    def reach(self, step: str) -> OrderSagaData:
+        """A copy that reached `step` now."""
+        milestones = [*self.reached, Milestone(step=step, at=utc_now())]
+        return self.model_copy(update={"milestones": milestones})
+
+    def time_of(self, step: str) -> datetime | None:
+        """When the order last reached `step` (None: not recorded)."""
+        times = [m.at for m in self.reached if m.step == step]
+        return times[-1] if times else None
+
+    def undone(self) -> list[Milestone]:
+        """The undo milestones reached, in order."""
+        return [m for m in self.reached if m.step in UNDO_MILESTONES]
 
     def silent_participant(self) -> str:
         """Who did not answer, for a step that timed out."""
@@ -155,7 +206,7 @@ def cancel_shipment(order: OrderSagaData) -> CancelShipment:
 
 def announce(status: str) -> Callable[[OrderSagaData], OrderStatusChanged]:
     def status_changed(order: OrderSagaData) -> OrderStatusChanged:
-        return OrderStatusChanged(order_id=order.order_id, status=status)
+        return OrderStatusChanged(order_id=order.order_id, status=status, at=order.time_of(status))
 
     return status_changed
 
@@ -164,7 +215,7 @@ def announce(status: str) -> Callable[[OrderSagaData], OrderStatusChanged]:
 
 
 def record_reservation(order: OrderSagaData, reply: StockReserved) -> OrderSagaData:
-    return order.model_copy(update={"stock_reserved": True})
+    return order.reach("stock_reserved").model_copy(update={"stock_reserved": True})
 
 
 def record_rejection(order: OrderSagaData, reply: StockRejected) -> OrderSagaData:
@@ -172,7 +223,9 @@ def record_rejection(order: OrderSagaData, reply: StockRejected) -> OrderSagaDat
 
 
 def record_payment(order: OrderSagaData, reply: PaymentAuthorized) -> OrderSagaData:
-    return order.model_copy(update={"payment_id": reply.payment_id, "card_number": ""})
+    return order.reach("payment_authorized").model_copy(
+        update={"payment_id": reply.payment_id, "card_number": ""}
+    )
 
 
 def record_decline(order: OrderSagaData, reply: PaymentDeclined) -> OrderSagaData:
@@ -180,7 +233,24 @@ def record_decline(order: OrderSagaData, reply: PaymentDeclined) -> OrderSagaDat
 
 
 def record_shipment(order: OrderSagaData, reply: ShipmentCreated) -> OrderSagaData:
-    return order.model_copy(update={"shipment_id": reply.shipment_id})
+    return order.reach("shipment_created").model_copy(update={"shipment_id": reply.shipment_id})
+
+
+# An undo confirmed for a step that timed out may have had nothing to undo: it is a milestone
+# only when its step was one (payments also says whether it refunded a payment).
+
+
+def record_shipment_cancelled(order: OrderSagaData, reply: ShipmentCancelled) -> OrderSagaData:
+    return order.reach("shipment_cancelled") if order.shipment_id is not None else order
+
+
+def record_refund(order: OrderSagaData, reply: PaymentRefunded) -> OrderSagaData:
+    charged = order.payment_id is not None or reply.payment_id is not None
+    return order.reach("payment_refunded") if charged else order
+
+
+def record_release(order: OrderSagaData, reply: StockReleased) -> OrderSagaData:
+    return order.reach("stock_released") if order.stock_reserved else order
 
 
 def _steps(timeout: float) -> tuple[Step[OrderSagaData], ...]:
@@ -191,7 +261,7 @@ def _steps(timeout: float) -> tuple[Step[OrderSagaData], ...]:
             send=reserve_stock,
             on_reply={StockReserved: ok(record_reservation), StockRejected: fail(record_rejection)},
             compensate=release_stock,
-            on_compensate_reply={StockReleased: ok},
+            on_compensate_reply={StockReleased: ok(record_release)},
             timeout=timeout,
         ),
         Step("announce-stock-reserved", send=announce("stock_reserved")),
@@ -201,7 +271,7 @@ def _steps(timeout: float) -> tuple[Step[OrderSagaData], ...]:
             send=authorize_payment,
             on_reply={PaymentAuthorized: ok(record_payment), PaymentDeclined: fail(record_decline)},
             compensate=refund_payment,
-            on_compensate_reply={PaymentRefunded: ok},
+            on_compensate_reply={PaymentRefunded: ok(record_refund)},
             timeout=timeout,
         ),
         Step("announce-payment-authorized", send=announce("payment_authorized")),
@@ -211,7 +281,7 @@ def _steps(timeout: float) -> tuple[Step[OrderSagaData], ...]:
             send=create_shipment,
             on_reply={ShipmentCreated: ok(record_shipment)},
             compensate=cancel_shipment,
-            on_compensate_reply={ShipmentCancelled: ok},
+            on_compensate_reply={ShipmentCancelled: ok(record_shipment_cancelled)},
             timeout=timeout,
         ),
         Step("announce-shipment-created", send=announce("shipment_created")),
@@ -246,22 +316,35 @@ class PlaceOrderSaga(SagaDefinition[OrderSagaData]):
     async def on_compensated(self, tx: Any, saga_id: str, data: OrderSagaData) -> None:
         reason = data.reason or f"{data.silent_participant()} did not answer in time"
         await _set_status(tx, data.order_id, "cancelled", reason)
+        await self._announce_undone(tx, data)
         cancelled = OrderCancelled(
             order_id=data.order_id, customer_id=data.customer_id, reason=reason
         )
         await self.outbox.add(tx, TOPICS.ORDERS_EVENTS, cancelled, key=data.order_id)
 
     async def on_failed(self, tx: Any, saga_id: str, data: OrderSagaData, error: str) -> None:
-        await _set_status(tx, data.order_id, "failed", error)
-        failed = OrderStatusChanged(order_id=data.order_id, status="failed", detail=error)
+        at = await _set_status(tx, data.order_id, "failed", error)
+        await self._announce_undone(tx, data)
+        failed = OrderStatusChanged(order_id=data.order_id, status="failed", detail=error, at=at)
         await self.outbox.add(tx, TOPICS.ORDERS_EVENTS, failed, key=data.order_id)
 
+    async def _announce_undone(self, tx: Any, data: OrderSagaData) -> None:
+        for milestone in data.undone():
+            undone = OrderStatusChanged(
+                order_id=data.order_id, status=milestone.step, at=milestone.at
+            )
+            await self.outbox.add(tx, TOPICS.ORDERS_EVENTS, undone, key=data.order_id)
 
-async def _set_status(tx: Any, order_id: str, status: str, reason: str | None = None) -> None:
-    await tx.execute(
+
+async def _set_status(
+    tx: Any, order_id: str, status: str, reason: str | None = None
+) -> datetime | None:
+    """Move the order to its outcome; returns when (None: no such order)."""
+    at: datetime | None = await tx.fetchval(
         "update orders set status = $2, reason = $3, updated_at = clock_timestamp() "
-        "where order_id = $1",
+        "where order_id = $1 returning updated_at",
         order_id,
         status,
         reason,
     )
+    return at

@@ -2,13 +2,33 @@
 
 Routes (the caller is the user the gateway vouched for, see `example_shop.common.caller`):
 
-    GET    /cart                       the caller's cart with prices and total
+    GET    /cart                       the caller's cart with names, prices and total
     PUT    /cart/items/{product_id}    {"quantity"}: set a line (404 unknown product,
                                        409 sold out or fewer left than asked for)
     DELETE /cart/items/{product_id}    remove a line (404 when it is not in the cart)
-    POST   /orders                     {"address", "card_number"} -> 202 {"order_id", "status"}
+    POST   /orders                     {"address", "card_number"}
+                                       -> 202 {"order_id", "number", "status"}
     GET    /orders                     the caller's orders, newest first
-    GET    /orders/{order_id}          one order with its progress (its owner or an admin)
+    GET    /orders/{order_id}          one order with its steps (its owner or an admin)
+
+What they answer (times are ISO 8601 with their offset):
+
+    cart   {"items": [line, ...], "total_cents"}
+    line   {"product_id", "name", "quantity", "unit_price_cents", "line_total_cents"}
+    order  {"order_id", "number", "customer_id", "status", "total_cents", "address",
+            "card_last4", "reason", "created_at", "updated_at", "lines": [line, ...]}
+           and from GET /orders/{order_id} also
+           "steps": [{"step", "at"}, ...]   placed, the saga's milestones, the outcome
+           "progress": [step, ...]          the forward milestones reached (older clients)
+
+`number` is the order's short number for people (1001, 1002, ... in the order they were
+placed); URLs name orders by `order_id`. A line's `name` is the product's name when it was put
+in the cart (a cart) or when the order was placed (an order); the product id stands in for a
+name the read model never learned. `steps` reads in the order the order went through them:
+`placed`, then the milestones its saga recorded (`stock_reserved`, `payment_authorized`,
+`shipment_created`, and undoing `shipment_cancelled`, `payment_refunded`, `stock_released`;
+see `example_shop.orders.saga`), then `confirmed`, `cancelled` or `failed` once it is over; a
+step's `at` is null for a milestone of a saga recorded before their times were kept.
 
 Placing an order is ONE transaction: the order and its lines are written, the cart emptied,
 `OrderPlaced` added to the outbox and the `PlaceOrderSaga` started (its first command enqueued
@@ -18,10 +38,12 @@ moves the order to `confirmed` or `cancelled` and publishes the outcome.
 **Prices and stock: local read models.** A client's word is no price list: a cart line holds a
 product and a quantity, nothing else (a body naming a price is refused, 422). The catalog owns
 prices and announces every product it holds with `ProductCreated` (its seeded demo products
-too) and every new price with `ProductPriceChanged`; this service keeps the latest price of each
-product in its `prices` table (through the inbox, so a redelivered event changes nothing). Its
-consumer group reads the catalog's topic from the beginning, so products created before this
-service first subscribed are known as well; no HTTP call to the catalog is needed, at any time.
+too), every new price with `ProductPriceChanged` and every new name with `ProductRenamed`; this
+service keeps the latest price and name of each product in its `prices` table (through the
+inbox, so a redelivered event changes nothing; an event from before they carried names leaves
+the name as it was). Its consumer group reads the catalog's topic from the beginning, so
+products created before this service first subscribed are known as well; no HTTP call to the
+catalog is needed, at any time.
 A product the read model does not know is not for sale: 404. The cart shows the current price,
 and an order is priced from the read model when it is placed, in its transaction.
 
@@ -56,6 +78,7 @@ from example_shop.contracts import (
     OrderPlaced,
     ProductCreated,
     ProductPriceChanged,
+    ProductRenamed,
     RefundPayment,
     ReleaseStock,
     ReserveStock,
@@ -124,10 +147,34 @@ MIGRATIONS = [
         alter table carts drop column unit_price_cents
         """,
     ),
+    Migration(
+        3,
+        "product names; order numbers",
+        """
+        alter table prices add column name text;
+        alter table order_lines add column name text;
+        alter table orders add column number bigint unique;
+        update orders set number = numbered.number
+        from (
+            select order_id, 1000 + row_number() over (order by created_at, order_id) as number
+            from orders
+        ) numbered
+        where orders.order_id = numbered.order_id;
+        alter table orders alter column number set not null;
+        alter table orders alter column number add generated always as identity;
+        select setval(
+            pg_get_serial_sequence('orders', 'number'),
+            coalesce((select max(number) from orders), 1000) + 1,
+            false
+        )
+        """,
+    ),
 ]
 
 HISTORY_LIMIT = 100
 """Orders listed by `GET /orders`, newest first."""
+OUTCOMES = ("confirmed", "cancelled", "failed")
+"""The statuses an order ends in: the last of its steps."""
 ORDER_TOTAL_LIMIT_CENTS = 2**31 - 1
 """The largest total an order may have: what `orders.total_cents` holds. A cart worth more is
 refused (409) when it is ordered."""
@@ -170,19 +217,20 @@ class PlaceOrder(BaseModel):
 
 
 _CART = """
-select c.product_id, c.quantity, p.price_cents as unit_price_cents
+select c.product_id, p.name, c.quantity, p.price_cents as unit_price_cents
 from carts c join prices p using (product_id)
 where c.customer_id = $1
 order by c.added_at, c.product_id
 """
 _ORDER_COLUMNS = (
-    "order_id, customer_id, status, total_cents, address, card_last4, reason, "
+    "order_id, number, customer_id, status, total_cents, address, card_last4, reason, "
     "created_at, updated_at"
 )
-_SET_PRICE = """
-insert into prices (product_id, price_cents) values ($1, $2)
+_SET_PRODUCT = """
+insert into prices (product_id, price_cents, name) values ($1, $2, $3)
 on conflict (product_id)
-do update set price_cents = excluded.price_cents, updated_at = clock_timestamp()
+do update set price_cents = excluded.price_cents, name = coalesce(excluded.name, prices.name),
+    updated_at = clock_timestamp()
 """
 _SET_STOCK = """
 insert into stock (product_id, available, version) values ($1, $2, $3)
@@ -230,25 +278,33 @@ class Orders(Service):
         self._heard = asyncio.Condition()
         """Notified whenever a read model took an event (see `until_known`)."""
 
-    # -- the price read model -------------------------------------------------------------------
+    # -- the price read model (prices and names) ------------------------------------------------
 
-    # The catalog's topic carries more than prices: the rest is not this read model's business.
+    # The catalog's topic may carry more: the rest is not this read model's business.
     @handles(TOPICS.CATALOG_EVENTS, unhandled="skip")
     async def on_product_created(
         self, event: ProductCreated, message: Message[ProductCreated]
     ) -> None:
-        await self._set_price(message, event.product_id, event.price_cents)
+        await self._set_product(message, event.product_id, event.price_cents, event.name)
 
     @handles(TOPICS.CATALOG_EVENTS, unhandled="skip")
     async def on_price_changed(
         self, event: ProductPriceChanged, message: Message[ProductPriceChanged]
     ) -> None:
-        await self._set_price(message, event.product_id, event.new_price_cents)
+        await self._set_product(message, event.product_id, event.new_price_cents, event.name)
 
-    async def _set_price(self, message: Message[Any], product_id: str, price_cents: int) -> None:
+    @handles(TOPICS.CATALOG_EVENTS, unhandled="skip")
+    async def on_product_renamed(
+        self, event: ProductRenamed, message: Message[ProductRenamed]
+    ) -> None:
+        await self._set_product(message, event.product_id, event.price_cents, event.name)
+
+    async def _set_product(
+        self, message: Message[Any], product_id: str, price_cents: int, name: str | None
+    ) -> None:
         async with self.db.transaction() as tx:
             if await self.inbox.record(tx, message):
-                await tx.execute(_SET_PRICE, product_id, price_cents)
+                await tx.execute(_SET_PRODUCT, product_id, price_cents, name)
         await self._changed()
 
     # -- the stock read model -------------------------------------------------------------------
@@ -357,9 +413,9 @@ class Orders(Service):
                     text=f"the order totals {total} cents; at most {ORDER_TOTAL_LIMIT_CENTS} "
                     "can be ordered at once"
                 )
-            await tx.execute(
+            number = await tx.fetchval(
                 "insert into orders (order_id, customer_id, status, total_cents, address, "
-                "card_last4) values ($1, $2, 'pending', $3, $4, $5)",
+                "card_last4) values ($1, $2, 'pending', $3, $4, $5) returning number",
                 order_id,
                 who.user_id,
                 total,
@@ -367,9 +423,12 @@ class Orders(Service):
                 body.card_number[-4:],
             )
             await tx.executemany(
-                "insert into order_lines (order_id, product_id, quantity, unit_price_cents) "
-                "values ($1, $2, $3, $4)",
-                [(order_id, li.product_id, li.quantity, li.unit_price_cents) for li in lines],
+                "insert into order_lines (order_id, product_id, name, quantity, "
+                "unit_price_cents) values ($1, $2, $3, $4, $5)",
+                [
+                    (order_id, li.product_id, li.name, li.quantity, li.unit_price_cents)
+                    for li in lines
+                ],
             )
             await tx.execute("delete from carts where customer_id = $1", who.user_id)
             placed = OrderPlaced(
@@ -386,7 +445,7 @@ class Orders(Service):
             )
             await self.sagas.start_saga(tx, self.saga, data, saga_id=order_id)
         return json_response(
-            {"order_id": order_id, "status": "pending"},
+            {"order_id": order_id, "number": number, "status": "pending"},
             status=202,
             headers={"Location": f"/orders/{order_id}"},
         )
@@ -407,7 +466,7 @@ class Orders(Service):
 
     @route("GET", "/orders/{order_id}")
     async def get_order(self, request: web.Request) -> web.Response:
-        """One order, with the milestones its saga reached (its owner or an admin)."""
+        """One order, with the steps it went through (its owner or an admin)."""
         who = caller(request)
         order_id = request.match_info["order_id"]
         async with self.db.connection() as conn:
@@ -418,30 +477,49 @@ class Orders(Service):
             if row is None or (row["customer_id"] != who.user_id and not who.is_admin):
                 raise web.HTTPNotFound(text=f"no order {order_id}")
             [order] = await _with_lines(conn, [row])
+        saga: OrderSagaData | None
         try:
-            saga = await self.sagas.get(order_id)
-            order["progress"] = saga.data.progress
-        except SagaNotFound:  # pragma: no cover - every order starts its saga
-            order["progress"] = []
+            saga = (await self.sagas.get(order_id)).data
+        except SagaNotFound:  # every order placed here starts one; one imported reads without
+            saga = None
+        order["steps"] = _steps(row, saga)
+        order["progress"] = saga.progress if saga is not None else []
         return json_response(order)
 
 
+def _steps(order: Any, saga: OrderSagaData | None) -> list[dict[str, Any]]:
+    """The order's steps: placed, its saga's milestones, its outcome."""
+    steps = [{"step": "placed", "at": order["created_at"]}]
+    if saga is not None:
+        steps += [{"step": m.step, "at": m.at} for m in saga.reached]
+    if order["status"] in OUTCOMES:
+        steps.append({"step": order["status"], "at": order["updated_at"]})
+    return steps
+
+
+def _line(row: Any) -> dict[str, Any]:
+    """A cart or order line as the API shows it."""
+    return {
+        "product_id": row["product_id"],
+        "name": row["name"] or row["product_id"],
+        "quantity": row["quantity"],
+        "unit_price_cents": row["unit_price_cents"],
+        "line_total_cents": row["quantity"] * row["unit_price_cents"],
+    }
+
+
 def _cart(rows: Sequence[Any]) -> dict[str, Any]:
-    items = [
-        {**dict(row), "line_total_cents": row["quantity"] * row["unit_price_cents"]} for row in rows
-    ]
+    items = [_line(row) for row in rows]
     return {"items": items, "total_cents": sum(i["line_total_cents"] for i in items)}
 
 
 async def _with_lines(conn: Any, rows: Sequence[Any]) -> list[dict[str, Any]]:
     orders = {row["order_id"]: {**dict(row), "lines": []} for row in rows}
     lines = await conn.fetch(
-        "select order_id, product_id, quantity, unit_price_cents from order_lines "
+        "select order_id, product_id, name, quantity, unit_price_cents from order_lines "
         "where order_id = any($1::text[]) order by product_id",
         list(orders),
     )
     for line in lines:
-        orders[line["order_id"]]["lines"].append(
-            {k: line[k] for k in ("product_id", "quantity", "unit_price_cents")}
-        )
+        orders[line["order_id"]]["lines"].append(_line(line))
     return list(orders.values())

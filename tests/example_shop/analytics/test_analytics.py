@@ -24,8 +24,17 @@ ADMIN = {"x-user-id": "u-admin", "x-user-roles": "customer admin"}
 _order_ids = itertools.count(1)
 
 
-def confirmed(*lines: tuple[str, int, int], order_id: str | None = None) -> OrderConfirmed:
-    order_lines = [OrderLine(product_id=p, quantity=q, unit_price_cents=c) for p, q, c in lines]
+def confirmed(
+    *lines: tuple[str, int, int],
+    order_id: str | None = None,
+    names: dict[str, str] | None = None,
+) -> OrderConfirmed:
+    """A confirmed order of `lines` (product, quantity, unit price), its products named by
+    `names` (unnamed: as in events from before lines carried names)."""
+    order_lines = [
+        OrderLine(product_id=p, quantity=q, unit_price_cents=c, name=(names or {}).get(p))
+        for p, q, c in lines
+    ]
     return OrderConfirmed(
         order_id=order_id or f"o-{next(_order_ids)}",
         customer_id="c-1",
@@ -151,11 +160,89 @@ async def test_each_order_counts_once_and_placed_orders_are_counted(
     assert fig["units"] == 2
 
 
+async def test_best_sellers_are_ranked_over_all_time_with_their_names(
+    harness: ServiceHarness,
+) -> None:
+    names = {"kiwi": "Kiwi Tea", "plum": "Plum Jam"}
+    await publish_at(harness, confirmed(("kiwi", 5, 100), names=names), NOW)
+    await publish_at(harness, confirmed(("plum", 9, 200), names=names), NOW - 2 * 3600)  # old
+    await publish_at(harness, confirmed(("plum", 1, 200), ("lime", 5, 300)), NOW)  # unnamed
+    await publish_at(harness, confirmed(("date", 1, 100), names={"date": "Dates"}), NOW)
+    await publish_at(harness, confirmed(("date", 1, 100), names={"date": "Medjool"}), NOW)
+    await harness.handled(OrderConfirmed, count=5)
+
+    status, best = await get(harness, "/analytics/products")
+    assert status == 200
+    assert best == {
+        "products": [
+            {"product_id": "plum", "name": "Plum Jam", "units": 10, "revenue_cents": 2000},
+            {"product_id": "lime", "name": None, "units": 5, "revenue_cents": 1500},
+            {"product_id": "kiwi", "name": "Kiwi Tea", "units": 5, "revenue_cents": 500},
+            {"product_id": "date", "name": "Medjool", "units": 2, "revenue_cents": 200},
+        ]
+    }
+    _, top = await get(harness, "/analytics/products?limit=2")
+    assert [p["product_id"] for p in top["products"]] == ["plum", "lime"]
+
+
+async def test_the_timeline_has_every_minute_oldest_first(harness: ServiceHarness) -> None:
+    first = confirmed(("fig", 2, 250), ("kiwi", 1, 100))
+    await publish_at(harness, OrderPlaced(**first.model_dump()), NOW - 40)  # the minute before
+    await publish_at(harness, first, NOW)
+    await publish_at(harness, confirmed(("fig", 1, 250)), NOW - 29)  # the current minute too
+    await publish_at(harness, confirmed(("fig", 3, 250)), NOW - 3 * 3600)
+    await publish_at(harness, confirmed(("fig", 7, 250)), NOW - 25 * 3600)  # over a day ago
+    await harness.handled(OrderPlaced, count=1)
+    await harness.handled(OrderConfirmed, count=4)
+
+    status, three = await get(harness, "/analytics/timeline?minutes=3")
+    assert status == 200
+    assert three["minutes"] == [
+        {
+            "minute": "2025-12-31T23:58:00Z",
+            "orders": 0,
+            "units": 0,
+            "revenue_cents": 0,
+            "placed": 0,
+        },
+        {
+            "minute": "2025-12-31T23:59:00Z",
+            "orders": 0,
+            "units": 0,
+            "revenue_cents": 0,
+            "placed": 1,
+        },
+        {
+            "minute": "2026-01-01T00:00:00Z",
+            "orders": 2,
+            "units": 4,
+            "revenue_cents": 850,
+            "placed": 0,
+        },
+    ]
+
+    _, hour = await get(harness, "/analytics/timeline")
+    assert len(hour["minutes"]) == 60
+    assert hour["minutes"][-1]["minute"] == "2026-01-01T00:00:00Z"
+
+    _, day = await get(harness, "/analytics/timeline?minutes=1440")
+    assert len(day["minutes"]) == 1440
+    assert sum(m["units"] for m in day["minutes"]) == 4 + 3  # not the one over a day old
+    [three_hours_ago] = [m for m in day["minutes"] if m["units"] == 3]
+    assert three_hours_ago["minute"] == "2025-12-31T21:00:00Z"
+
+
 async def test_only_admins_may_ask_and_queries_are_validated(harness: ServiceHarness) -> None:
     status, _ = await get(harness, "/analytics/summary", headers={})
     assert status == 401
     customer = {"x-user-id": "u-1", "x-user-roles": "customer"}
-    for path in ("/analytics/summary", "/analytics/trending", "/analytics/sales?product_id=x"):
+    for path in (
+        "/analytics/summary",
+        "/analytics/trending",
+        "/analytics/sales?product_id=x",
+        "/analytics/products",
+        "/analytics/timeline",
+    ):
         status, body = await get(harness, path, headers=customer)
         assert (status, body["title"]) == (403, "Forbidden")
     for path in (
@@ -163,6 +250,12 @@ async def test_only_admins_may_ask_and_queries_are_validated(harness: ServiceHar
         "/analytics/sales?product_id=x&minutes=0",
         "/analytics/sales?product_id=x&minutes=61",
         "/analytics/trending?limit=many",
+        "/analytics/products?limit=0",
+        "/analytics/products?limit=101",
+        "/analytics/timeline?minutes=0",
+        "/analytics/timeline?minutes=1441",
+        "/analytics/timeline?minutes=-5",
+        "/analytics/timeline?minutes=an%20hour",
     ):
         status, body = await get(harness, path)
         assert status == 422, path
@@ -171,9 +264,13 @@ async def test_only_admins_may_ask_and_queries_are_validated(harness: ServiceHar
 
 async def test_the_service_documents_its_routes_and_consumption(harness: ServiceHarness) -> None:
     _, openapi = await get(harness, "/docs/openapi.json")
-    assert {"/analytics/sales", "/analytics/trending", "/analytics/summary"} <= set(
-        openapi["paths"]
-    )
+    assert {
+        "/analytics/sales",
+        "/analytics/trending",
+        "/analytics/summary",
+        "/analytics/products",
+        "/analytics/timeline",
+    } <= set(openapi["paths"])
     _, asyncapi = await get(harness, "/docs/asyncapi.json")
     assert TOPICS.ORDERS_EVENTS in str(asyncapi)
 
@@ -192,12 +289,14 @@ def test_windows_are_aligned_minutes_and_the_last_n_include_the_current_one() ->
 
 def test_the_ledger_forgets_expired_windows_and_duplicates_on_a_sweep() -> None:
     products: dict[str, Any] = {}
+    timeline: dict[str, Any] = {}
     seen: dict[str, Any] = {}
-    ledger = SalesLedger(products=products, totals={}, seen=seen, sweep_every=60)
+    ledger = SalesLedger(products=products, totals={}, timeline=timeline, seen=seen, sweep_every=60)
     at = datetime.fromtimestamp(NOW, UTC)
     assert ledger.confirmed(confirmed(("fig", 1, 100), order_id="o-a"), at, NOW)
     assert not ledger.confirmed(confirmed(("fig", 1, 100), order_id="o-a"), at, NOW)
     assert set(products["fig"]["windows"]) == {str(int(NOW - 30))}
+    assert set(timeline) == {str(int(NOW - 30))}
 
     two_hours_later = NOW + 7200
     later = datetime.fromtimestamp(two_hours_later, UTC)
@@ -205,4 +304,10 @@ def test_the_ledger_forgets_expired_windows_and_duplicates_on_a_sweep() -> None:
     assert products["fig"]["windows"] == {}  # swept: older than the retention
     assert products["fig"]["units"] == 1  # the all-time total stays
     assert set(seen) == {"confirmed:o-b"}
+    assert set(timeline) == {str(int(NOW - 30)), str(int(two_hours_later - 30))}  # kept a day
     assert ledger.summary().orders_confirmed == 2
+    next_day = NOW + 25 * 3600
+    at = datetime.fromtimestamp(next_day, UTC)
+    assert ledger.confirmed(confirmed(("pear", 1, 100), order_id="o-c"), at, next_day)
+    # swept: the minute over a day old; kept: the one of two hours later, 23 hours ago now
+    assert set(timeline) == {str(int(two_hours_later - 30)), str(int(next_day - 30))}

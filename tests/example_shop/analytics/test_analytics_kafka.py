@@ -127,5 +127,7 @@ async def test_a_restarted_service_recovers_its_windows_from_the_changelog(
     async with second:
         _, jam = await get(second, f"/analytics/sales?product_id={run}-jam")
         assert jam["units"] == 7  # recovered before the service reported ready
+        _, timeline = await get(second, "/analytics/timeline?minutes=5")
+        assert sum(m["units"] for m in timeline["minutes"]) >= 7  # the shop's minutes too
         await second.bus.publish(TOPICS.ORDERS_EVENTS, order(run, 2, ("jam", 2, 300)))
         await until(second, f"/analytics/sales?product_id={run}-jam", lambda b: b["units"] == 9)

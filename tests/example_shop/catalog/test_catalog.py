@@ -12,7 +12,8 @@ import pytest
 
 from example_shop.catalog import Catalog
 from example_shop.catalog.seed import CATEGORIES, DEMO_PRODUCTS
-from example_shop.contracts import TOPICS, ProductCreated, ProductPriceChanged
+from example_shop.catalog.service import PRODUCTS
+from example_shop.contracts import TOPICS, ProductCreated, ProductPriceChanged, ProductRenamed
 from framework.bus import MemoryTransport
 from framework.messages import Envelope, decode_payload, from_binary, type_name
 from framework.service import ServiceSettings
@@ -173,8 +174,9 @@ async def test_price_change_is_published_exactly_once(env: dict[str, str]) -> No
         [changed] = await wait_for_events(catalog, ProductPriceChanged, 1)
         assert changed.partitionkey == "p-003"
         assert decode_payload(changed.data, ProductPriceChanged) == ProductPriceChanged(
-            product_id="p-003", old_price_cents=1890, new_price_cents=1990
+            product_id="p-003", old_price_cents=1890, new_price_cents=1990, name="Glass Mug XL"
         )
+        assert events(catalog, ProductRenamed) == []  # the price change carries the new name
         stored = await get_json(http, "/products/p-003")
         assert (stored["price_cents"], stored["name"]) == (1990, "Glass Mug XL")
 
@@ -201,6 +203,26 @@ async def test_price_change_is_published_exactly_once(env: dict[str, str]) -> No
         for invalid in ({"price_cents": -5}, {"colour": "red"}):
             async with http.patch("/products/p-003", json=invalid, headers=ADMIN) as response:
                 assert response.status == 422
+
+
+async def test_a_new_name_is_published_with_the_price_it_keeps(env: dict[str, str]) -> None:
+    async with running(env) as (catalog, http):
+        for change in ({"name": "Camp Mug"}, {"name": "Camp Mug", "description": "Blue."}):
+            async with http.patch("/products/p-002", json=change, headers=ADMIN) as response:
+                assert response.status == 200
+                assert (await response.json())["name"] == "Camp Mug"
+        [renamed] = await wait_for_events(catalog, ProductRenamed, 1)  # the same name: no event
+        assert renamed.partitionkey == "p-002"
+        assert decode_payload(renamed.data, ProductRenamed) == ProductRenamed(
+            product_id="p-002", name="Camp Mug", price_cents=1490
+        )
+        # a later price change carries the name the product has now
+        async with http.patch(
+            "/products/p-002", json={"price_cents": 1590}, headers=ADMIN
+        ) as response:
+            assert response.status == 200
+        [changed] = await wait_for_events(catalog, ProductPriceChanged, 1)
+        assert decode_payload(changed.data, ProductPriceChanged).name == "Camp Mug"
 
 
 async def test_create_product(env: dict[str, str]) -> None:
@@ -271,3 +293,32 @@ async def test_seeding_is_idempotent_across_restarts(env: dict[str, str]) -> Non
         assert (await get_json(http, "/products?size=100"))["total"] == 24
         # the restart did not reseed over the edit
         assert (await get_json(http, "/products/p-010"))["price_cents"] == 999
+
+
+async def test_demo_products_seeded_with_emoji_get_their_pictures(env: dict[str, str]) -> None:
+    """A catalog seeded by an earlier version (emoji images) is upgraded at start: the demo
+    products' images become the storefront's pictures; an admin's product keeps its own."""
+    async with running(env) as (catalog, http):
+        await outbox_drained(catalog)  # the relay is done with the documents edited below
+        products = catalog.db.collection(PRODUCTS)
+        for product_id, emoji in (("p-001", "☕"), ("p-013", "🫘")):  # as the earlier seed had
+            await products.update_one({"_id": product_id}, {"$set": {"image": emoji}})
+        new = {"product_id": "p-100", "name": "Tin", "category": "tea", "price_cents": 990}
+        async with http.post("/products", json={**new, "image": "🥫"}, headers=ADMIN) as response:
+            assert response.status == 201
+        assert (await get_json(http, "/products/p-001"))["image"] == "☕"
+        await outbox_drained(catalog)  # the admin's product is announced by this catalog
+
+    async with running(env) as (catalog, http):
+        images = {
+            p["product_id"]: p["image"]
+            for p in (await get_json(http, "/products?size=100"))["items"]
+        }
+        assert images == {
+            **{p["product_id"]: f"/static/products/{p['product_id']}.svg" for p in DEMO_PRODUCTS},
+            "p-100": "🥫",
+        }
+        assert await catalog.upgrade_demo_images() == 0  # nothing left to upgrade
+        await outbox_drained(catalog)
+        assert events(catalog, ProductCreated) == []  # and nothing to tell: seeded before
+        assert events(catalog, ProductRenamed) == events(catalog, ProductPriceChanged) == []

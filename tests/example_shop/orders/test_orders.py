@@ -10,16 +10,19 @@ participant's). The shop-level tests run the real payments and shipping services
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 
 from example_shop.catalog.seed import DEMO_PRODUCTS
@@ -36,6 +39,7 @@ from example_shop.contracts import (
     PaymentRefunded,
     ProductCreated,
     ProductPriceChanged,
+    ProductRenamed,
     RefundPayment,
     ShipmentCancelled,
     ShipmentCreated,
@@ -43,8 +47,11 @@ from example_shop.contracts import (
 )
 from example_shop.inventory import Inventory
 from example_shop.orders import Orders, OrderStatusChanged
+from example_shop.orders.saga import Milestone, OrderSagaData
+from example_shop.orders.service import MIGRATIONS
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message
-from framework.messages import Envelope, from_binary, to_binary, type_name
+from framework.messages import Envelope, decode_payload, from_binary, to_binary, type_name
+from framework.persistence.postgres import PostgresResource
 from framework.service import ServiceSettings
 from framework.types import RecordMetadata, TopicPartition
 
@@ -54,6 +61,19 @@ DECLINED_CARD = "4000 0000 0000 0002"
 GOOD_CARD = "4242 4242 4242 4242"
 PRICES = {p["product_id"]: p["price_cents"] for p in DEMO_PRODUCTS}
 """The catalog's prices of the demo products: p-001 costs 1290, p-002 1490, p-003 1890."""
+NAMES = {p["product_id"]: p["name"] for p in DEMO_PRODUCTS}
+
+
+def line(product_id: str, quantity: int, unit_price_cents: int | None = None) -> dict[str, Any]:
+    """A cart or order line as the API shows it, of a demo product."""
+    price = PRICES[product_id] if unit_price_cents is None else unit_price_cents
+    return {
+        "product_id": product_id,
+        "name": NAMES[product_id],
+        "quantity": quantity,
+        "unit_price_cents": price,
+        "line_total_cents": quantity * price,
+    }
 
 
 # -- the participants this test does not own ------------------------------------------------------
@@ -61,9 +81,11 @@ PRICES = {p["product_id"]: p["price_cents"] for p in DEMO_PRODUCTS}
 
 @dataclass
 class FakePayments:
-    """Authorizes every card but DECLINED_CARD; refunds whatever it is asked to."""
+    """Authorizes every card but DECLINED_CARD; refunds whatever it is asked to (or, when
+    `silent_refunds`, never answers a refund)."""
 
     bus: Bus
+    silent_refunds: bool = False
     seen: list[Any] = field(default_factory=list)
 
     def subscribe(self) -> None:
@@ -92,6 +114,8 @@ class FakePayments:
 
     async def on_refund(self, message: Message[RefundPayment]) -> None:
         self.seen.append(message.data)
+        if self.silent_refunds:
+            return
         refunded = PaymentRefunded(order_id=message.data.order_id)
         await self.bus.publish(TOPICS.PAYMENTS_EVENTS, refunded, key=message.data.order_id)
 
@@ -160,13 +184,19 @@ class Shop:
         return cart
 
     async def place(self, user: str, card: str = GOOD_CARD) -> str:
+        order_id: str = (await self.place_answer(user, card))["order_id"]
+        return order_id
+
+    async def place_answer(self, user: str, card: str = GOOD_CARD) -> dict[str, Any]:
+        """The 202 answer of placing the cart of `user`."""
         body = {"address": "1 Main St, Springfield", "card_number": card}
         status, placed, response = await self.call("POST", "/orders", user, json=body)
         assert status == 202, placed
+        assert set(placed) == {"order_id", "number", "status"}
         assert placed["status"] == "pending"
         assert response.headers["Location"] == f"/orders/{placed['order_id']}"
-        order_id: str = placed["order_id"]
-        return order_id
+        answer: dict[str, Any] = placed
+        return answer
 
     async def outcome(self, order_id: str, user: str = "alice", timeout: float = 15.0) -> Any:
         """The order once its saga finished."""
@@ -185,6 +215,14 @@ class Shop:
 
     def order_events(self, order_id: str) -> list[str]:
         return [e.type for e in self.events(TOPICS.ORDERS_EVENTS, order_id)]
+
+    def announced(self, order_id: str) -> list[OrderStatusChanged]:
+        """The order's status changes, as published."""
+        return [
+            OrderStatusChanged.model_validate_json(e.data)
+            for e in self.events(TOPICS.ORDERS_EVENTS, order_id)
+            if e.type == type_name(OrderStatusChanged)
+        ]
 
     async def stock(self, product_id: str) -> tuple[int, int]:
         async with self.inventory.db.connection() as conn:
@@ -221,6 +259,29 @@ class Shop:
             )
 
         await eventually_async(quiet)
+
+
+def step_names(order: dict[str, Any]) -> list[str]:
+    """The names of an order's steps, once their times are checked: each has an offset, they
+    are in the order they happened, "placed" is when the order was created and its outcome
+    (once it has one) when it last changed."""
+    steps = order["steps"]
+    times = [datetime.fromisoformat(step["at"]) for step in steps]
+    assert all(at.tzinfo is not None for at in times)
+    assert times == sorted(times)
+    assert steps[0] == {"step": "placed", "at": order["created_at"]}
+    if order["status"] != "pending":
+        assert steps[-1] == {"step": order["status"], "at": order["updated_at"]}
+    return [step["step"] for step in steps]
+
+
+def announced_as_listed(shop: Shop, order: dict[str, Any]) -> list[str]:
+    """The statuses the order's events announced, once each is checked to carry the time its
+    step has on the order's page."""
+    listed = {step["step"]: datetime.fromisoformat(step["at"]) for step in order["steps"]}
+    changes = shop.announced(order["order_id"])
+    assert [change.at for change in changes] == [listed[change.status] for change in changes]
+    return [change.status for change in changes]
 
 
 async def _all_zero(*counts: Awaitable[int]) -> bool:
@@ -296,8 +357,14 @@ async def test_cart_lines_are_set_replaced_and_removed_per_customer(shop: Shop) 
     await shop.add("alice", "p-002", 1)
     cart = await shop.add("alice", "p-001", 3)  # sets, does not add up
     assert cart["items"] == [
-        {"product_id": "p-001", "quantity": 3, "unit_price_cents": 1290, "line_total_cents": 3870},
-        {"product_id": "p-002", "quantity": 1, "unit_price_cents": 1490, "line_total_cents": 1490},
+        {
+            "product_id": "p-001",
+            "name": "Classic White Mug",
+            "quantity": 3,
+            "unit_price_cents": 1290,
+            "line_total_cents": 3870,
+        },
+        line("p-002", 1),
     ]
     assert cart["total_cents"] == 5360
     status, cart, _ = await shop.call("DELETE", "/cart/items/p-002")
@@ -324,9 +391,7 @@ async def test_the_client_cannot_set_a_price(shop: Shop) -> None:
     order = await shop.outcome(await shop.place("alice"))
     assert order["status"] == "confirmed"
     assert order["total_cents"] == 2 * PRICES["p-001"]
-    assert order["lines"] == [
-        {"product_id": "p-001", "quantity": 2, "unit_price_cents": PRICES["p-001"]}
-    ]
+    assert order["lines"] == [line("p-001", 2)]
     [authorize] = shop.payments.seen
     assert authorize.amount_cents == 2 * PRICES["p-001"]
 
@@ -424,6 +489,69 @@ async def test_cart_prices_come_from_the_catalogs_events(shop: Shop) -> None:
         await catalog.stop(grace=1)
 
 
+async def test_names_come_from_the_catalogs_events_and_orders_keep_theirs(shop: Shop) -> None:
+    catalog = Bus(shop.transport, source="catalog")
+    await catalog.start()
+
+    async def announce(event: ProductCreated | ProductPriceChanged | ProductRenamed) -> None:
+        await catalog.publish(TOPICS.CATALOG_EVENTS, event, key=event.product_id)
+
+    try:
+        await announce(
+            ProductCreated(product_id="p-003", name="Mug", category="mugs", price_cents=1500)
+        )
+        await eventually_async(lambda: _name_is(shop, "p-003", "Mug"))
+        # An event from before price changes carried names leaves the name as it was.
+        await announce(
+            ProductPriceChanged(product_id="p-003", old_price_cents=1500, new_price_cents=1400)
+        )
+        await eventually_async(lambda: _price_is(shop, "p-003", 1400))
+        assert await _name_is(shop, "p-003", "Mug")
+        assert (await shop.add("alice", "p-003", 2))["items"] == [
+            {
+                "product_id": "p-003",
+                "name": "Mug",
+                "quantity": 2,
+                "unit_price_cents": 1400,
+                "line_total_cents": 2800,
+            }
+        ]
+        order = await shop.outcome(await shop.place("alice"))
+
+        await announce(ProductRenamed(product_id="p-003", name="Big Mug", price_cents=1400))
+        await eventually_async(lambda: _name_is(shop, "p-003", "Big Mug"))
+        cart = await shop.add("bob", "p-003", 1)
+        assert [(i["name"], i["unit_price_cents"]) for i in cart["items"]] == [("Big Mug", 1400)]
+        await announce(
+            ProductPriceChanged(
+                product_id="p-003", old_price_cents=1400, new_price_cents=1300, name="Huge Mug"
+            )
+        )
+        await eventually_async(lambda: _name_is(shop, "p-003", "Huge Mug"))
+        assert [i["name"] for i in (await shop.call("GET", "/cart", "bob"))[1]["items"]] == [
+            "Huge Mug"
+        ]
+        # The order keeps the name the product had when it was placed.
+        _, again, _ = await shop.call("GET", f"/orders/{order['order_id']}")
+        assert [(li["name"], li["unit_price_cents"]) for li in again["lines"]] == [("Mug", 1400)]
+        _, history, _ = await shop.call("GET", "/orders")
+        assert history["orders"][0]["lines"] == again["lines"]
+
+        # A product whose name the read model never learned shows its id instead.
+        async with shop.orders.db.connection() as conn:
+            await conn.execute("update prices set name = null where product_id = 'p-004'")
+        cart = await shop.add("bob", "p-004", 1)
+        assert [i["name"] for i in cart["items"]] == ["Huge Mug", "p-004"]
+    finally:
+        await catalog.stop(grace=1)
+
+
+async def _name_is(shop: Shop, product_id: str, name: str) -> bool:
+    async with shop.orders.db.connection() as conn:
+        found = await conn.fetchval("select name from prices where product_id = $1", product_id)
+    return bool(found == name)
+
+
 async def _handled(shop: Shop, group: str, record: RecordMetadata) -> bool:
     """Whether `group` is done with `record`: it committed past it."""
     committed = shop.transport.committed(group, TopicPartition(record.topic, record.partition))
@@ -452,10 +580,7 @@ async def test_an_order_is_reserved_paid_shipped_and_confirmed(shop: Shop) -> No
     assert order["total_cents"] == 2 * 1290 + 1490
     assert order["card_last4"] == "4242"
     assert order["progress"] == ["stock_reserved", "payment_authorized", "shipment_created"]
-    assert order["lines"] == [
-        {"product_id": "p-001", "quantity": 2, "unit_price_cents": 1290},
-        {"product_id": "p-002", "quantity": 1, "unit_price_cents": 1490},
-    ]
+    assert order["lines"] == [line("p-001", 2, 1290), line("p-002", 1, 1490)]
     assert (await shop.call("GET", "/cart"))[1]["items"] == []  # the cart became the order
     [authorize] = shop.payments.seen
     assert authorize == AuthorizePayment(
@@ -481,12 +606,18 @@ async def test_an_order_is_reserved_paid_shipped_and_confirmed(shop: Shop) -> No
         type_name(OrderStatusChanged),
         type_name(OrderConfirmed),  # once
     ]
-    statuses = [
-        OrderStatusChanged.model_validate_json(e.data).status
-        for e in shop.events(TOPICS.ORDERS_EVENTS, order_id)
-        if e.type == type_name(OrderStatusChanged)
+    assert announced_as_listed(shop, order) == [
+        "stock_reserved",
+        "payment_authorized",
+        "shipment_created",
     ]
-    assert statuses == ["stock_reserved", "payment_authorized", "shipment_created"]
+    assert step_names(order) == [
+        "placed",
+        "stock_reserved",
+        "payment_authorized",
+        "shipment_created",
+        "confirmed",
+    ]
     [confirmed] = [
         OrderConfirmed.model_validate_json(e.data)
         for e in shop.events(TOPICS.ORDERS_EVENTS, order_id)
@@ -514,6 +645,7 @@ async def test_missing_stock_cancels_the_order_and_holds_nothing(shop: Shop) -> 
     assert order["status"] == "cancelled"
     assert order["reason"] == "p-002 is sold out"
     assert order["progress"] == []
+    assert step_names(order) == ["placed", "cancelled"]  # nothing was done, nothing undone
     assert await shop.stock("p-001") == (50, 0)
     assert shop.payments.seen == []
     await shop.settled()
@@ -535,11 +667,14 @@ async def test_a_declined_payment_releases_the_stock_and_cancels(shop: Shop) -> 
     assert [type(c) for c in shop.payments.seen] == [AuthorizePayment]  # nothing to refund
     assert shop.shipping.seen == []
     await shop.settled()
+    assert step_names(order) == ["placed", "stock_reserved", "stock_released", "cancelled"]
     assert shop.order_events(order_id) == [
         type_name(OrderPlaced),
         type_name(OrderStatusChanged),
+        type_name(OrderStatusChanged),
         type_name(OrderCancelled),
     ]
+    assert announced_as_listed(shop, order) == ["stock_reserved", "stock_released"]
 
 
 async def test_a_shipment_that_never_comes_is_undone_step_by_step(shop: Shop) -> None:
@@ -564,6 +699,89 @@ async def test_a_shipment_that_never_comes_is_undone_step_by_step(shop: Shop) ->
     saga = await shop.orders.sagas.get(order_id)
     undone = [e.step for e in saga.history if e.event == "compensation-ok"]
     assert undone == ["create-shipment", "authorize-payment", "reserve-stock"]  # newest first
+    # The shipment was never created, so its page shows no cancelled one; the rest was undone.
+    assert step_names(order) == [
+        "placed",
+        "stock_reserved",
+        "payment_authorized",
+        "payment_refunded",
+        "stock_released",
+        "cancelled",
+    ]
+    await shop.settled()
+    assert announced_as_listed(shop, order) == [
+        "stock_reserved",
+        "payment_authorized",
+        "payment_refunded",
+        "stock_released",
+    ]
+
+
+def test_saga_data_saved_before_milestones_were_recorded_still_reads() -> None:
+    """A saga under way across the upgrade: its milestones are told by its fields, without
+    times, and those it reaches from then on are added after them, with times."""
+    saved = {
+        "order_id": "o-1",
+        "customer_id": "alice",
+        "lines": [{"product_id": "p-001", "quantity": 1, "unit_price_cents": 1290}],
+        "total_cents": 1290,
+        "address": "1 Main St",
+        "stock_reserved": True,
+        "payment_id": "pay-1",
+    }
+    data = decode_payload(orjson.dumps(saved), OrderSagaData)
+    assert data.reached == [
+        Milestone(step="stock_reserved", at=None),
+        Milestone(step="payment_authorized", at=None),
+    ]
+    refunded = data.reach("payment_refunded")
+    assert [m.step for m in refunded.reached] == [
+        "stock_reserved",
+        "payment_authorized",
+        "payment_refunded",
+    ]
+    assert refunded.time_of("payment_authorized") is None
+    at = refunded.time_of("payment_refunded")
+    assert at is not None
+    assert at.tzinfo is not None
+    assert refunded.undone() == [Milestone(step="payment_refunded", at=at)]
+    assert refunded.progress == data.progress == ["stock_reserved", "payment_authorized"]
+
+
+async def test_an_undo_never_confirmed_fails_the_order_at_a_time(shop: Shop) -> None:
+    shop.shipping.silent = True
+    shop.payments.silent_refunds = True
+    await shop.add("alice", "p-001", 1)
+    order_id = await shop.place("alice")
+
+    await eventually_async(lambda: _waits_for(shop, order_id, "create-shipment"))
+    await _deadline_passes(shop, order_id)  # the shipment never comes: undo, newest first
+    for refunds in (1, 2, 3):  # the refund is asked for three times, never confirmed
+        await eventually_async(functools.partial(_refunds_asked, shop, refunds))
+        await _deadline_passes(shop, order_id)
+
+    order = await shop.outcome(order_id)
+    assert order["status"] == "failed"
+    assert order["reason"] == "compensation of 'authorize-payment' not confirmed after 3 attempt(s)"
+    assert step_names(order) == ["placed", "stock_reserved", "payment_authorized", "failed"]
+    await shop.settled()
+    assert announced_as_listed(shop, order) == [
+        "stock_reserved",
+        "payment_authorized",
+        "failed",
+    ]
+
+
+async def _deadline_passes(shop: Shop, order_id: str) -> None:
+    """The saga's current deadline (kept by the database clock) is moved to now."""
+    async with shop.orders.db.connection() as conn:
+        await conn.execute(
+            "update msa_saga set deadline = clock_timestamp() where id = $1", order_id
+        )
+
+
+async def _refunds_asked(shop: Shop, count: int) -> bool:
+    return sum(isinstance(c, RefundPayment) for c in shop.payments.seen) == count
 
 
 async def _waits_for(shop: Shop, order_id: str, step: str) -> bool:
@@ -617,9 +835,7 @@ async def test_history_is_the_callers_newest_first_and_others_see_404(shop: Shop
     status, history, _ = await shop.call("GET", "/orders")
     assert status == 200
     assert [o["order_id"] for o in history["orders"]] == [newer, older]
-    assert history["orders"][0]["lines"] == [
-        {"product_id": "p-002", "quantity": 2, "unit_price_cents": 1490}
-    ]
+    assert history["orders"][0]["lines"] == [line("p-002", 2)]
     assert [o["order_id"] for o in (await shop.call("GET", "/orders", "bob"))[1]["orders"]] == [
         bobs
     ]
@@ -630,3 +846,99 @@ async def test_history_is_the_callers_newest_first_and_others_see_404(shop: Shop
     assert order["customer_id"] == "bob"
     assert (await shop.call("GET", "/orders/nope"))[0] == 404
     assert (await shop.call("GET", "/orders", None))[0] == 401
+
+
+async def test_orders_are_numbered_from_1001_in_the_order_they_are_placed(shop: Shop) -> None:
+    numbers = []
+    for customer in ("alice", "bob", "alice"):
+        await shop.add(customer, "p-001", 1)
+        numbers.append((await shop.place_answer(customer))["number"])
+    assert numbers == [1001, 1002, 1003]
+
+    customers = [f"customer-{n}" for n in range(6)]
+    for customer in customers:
+        await shop.add(customer, "p-002", 1)
+    answers = await asyncio.gather(*(shop.place_answer(customer) for customer in customers))
+    assert sorted(a["number"] for a in answers) == list(range(1004, 1010))  # none twice
+
+    # The number is the order's, wherever it is shown; URLs still name the order by its id.
+    first = answers[0]
+    _, order, _ = await shop.call("GET", f"/orders/{first['order_id']}", customers[0])
+    assert order["number"] == first["number"]
+    _, history, _ = await shop.call("GET", "/orders")
+    assert [o["number"] for o in history["orders"]] == [1003, 1001]  # newest first
+    assert (await shop.call("GET", "/orders/1001"))[0] == 404
+
+
+# -- upgrading ------------------------------------------------------------------------------------
+
+
+async def test_orders_from_before_names_and_numbers_get_numbers_and_show_ids(
+    postgres_database: str,
+) -> None:
+    """Migration 3 on a database with orders in it: they are numbered in the order they were
+    placed (not as their rows lie), later orders go on from there, and a line or read-model
+    product without a name shows its product id."""
+    before = PostgresResource(postgres_database, migrations=MIGRATIONS[:2])
+    await before.start()
+    try:
+        async with before.transaction() as tx:
+            await tx.execute(
+                "insert into orders (order_id, customer_id, status, total_cents, address, "
+                "card_last4, created_at, updated_at) values "
+                "('o-newer', 'alice', 'confirmed', 1290, '1 Main St', '4242', "
+                "now() - interval '1 hour', now() - interval '1 hour'), "
+                "('o-older', 'alice', 'cancelled', 2580, '1 Main St', '4242', "
+                "now() - interval '2 hours', now() - interval '2 hours')"
+            )
+            await tx.execute(
+                "insert into order_lines (order_id, product_id, quantity, unit_price_cents) "
+                "values ('o-newer', 'p-001', 1, 1290), ('o-older', 'p-001', 2, 1290)"
+            )
+            await tx.execute("insert into prices (product_id, price_cents) values ('p-001', 1290)")
+            await tx.execute(
+                "insert into stock (product_id, available, version) values ('p-001', 5, 1)"
+            )
+            await tx.execute(
+                "insert into carts (customer_id, product_id, quantity) values ('alice', 'p-001', 1)"
+            )
+    finally:
+        await before.stop()
+
+    env = {
+        "ORDERS_DATABASE_URL": postgres_database,
+        "MSA_HTTP_HOST": "127.0.0.1",
+        "MSA_HTTP_PORT": "0",
+    }
+    orders = Orders(ServiceSettings.from_env(env), transport=MemoryTransport())
+    await orders.start()
+    try:
+        base = f"http://127.0.0.1:{orders.http_port}"
+        alice = {"x-user-id": "alice", "x-user-roles": "customer"}
+        async with aiohttp.ClientSession(base, headers=alice) as http:
+            async with http.get("/orders") as response:
+                history = (await response.json())["orders"]
+            assert [(o["order_id"], o["number"]) for o in history] == [
+                ("o-newer", 1002),
+                ("o-older", 1001),
+            ]
+            assert history[1]["lines"] == [
+                {
+                    "product_id": "p-001",
+                    "name": "p-001",
+                    "quantity": 2,
+                    "unit_price_cents": 1290,
+                    "line_total_cents": 2580,
+                }
+            ]
+            async with http.get("/orders/o-older") as response:
+                older = await response.json()
+            assert step_names(older) == ["placed", "cancelled"]
+            async with http.get("/cart") as response:
+                assert [i["name"] for i in (await response.json())["items"]] == ["p-001"]
+            body = {"address": "1 Main St", "card_number": GOOD_CARD}
+            async with http.post("/orders", json=body) as response:
+                assert response.status == 202
+                assert (await response.json())["number"] == 1003
+    finally:
+        await orders.stop(grace=1)

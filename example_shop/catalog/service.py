@@ -109,6 +109,11 @@ class ProductQuery(BaseModel):
     size: int = Field(default=20, ge=1, le=100)
 
 
+DEFAULT_IMAGE = "/static/products/default.svg"
+"""The picture of a product created without one."""
+_IMAGE = r"^(/static/products/[a-z0-9][a-z0-9-]{0,63}\.(svg|png)|https://[^\s\"'<>]+)$"
+
+
 class NewProduct(BaseModel):
     """The body of `POST /products`; the id is generated unless given."""
 
@@ -119,7 +124,8 @@ class NewProduct(BaseModel):
     description: str = Field(default="", max_length=2000)
     category: str = Field(pattern=_CATEGORY)
     price_cents: int = Field(gt=0, le=100_000_000)
-    image: str = Field(default="📦", min_length=1, max_length=64)
+    image: str = Field(default=DEFAULT_IMAGE, max_length=200, pattern=_IMAGE)
+    """A picture the storefront serves (`/static/products/<name>.svg|.png`) or an https URL."""
 
 
 class ProductChanges(BaseModel):

@@ -12,7 +12,7 @@ import pytest
 
 from example_shop.catalog import Catalog
 from example_shop.catalog.seed import CATEGORIES, DEMO_PRODUCTS
-from example_shop.catalog.service import PRODUCTS
+from example_shop.catalog.service import DEFAULT_IMAGE, PRODUCTS
 from example_shop.contracts import TOPICS, ProductCreated, ProductPriceChanged, ProductRenamed
 from framework.bus import MemoryTransport
 from framework.messages import Envelope, decode_payload, from_binary, type_name
@@ -233,7 +233,7 @@ async def test_create_product(env: dict[str, str]) -> None:
             "description": "Airtight tea tin, 200 g.",
             "category": "accessories",
             "price_cents": 990,
-            "image": "🥫",
+            "image": "/static/products/tin-caddy.svg",
         }
         async with http.post("/products", json=new, headers=ADMIN) as response:
             assert response.status == 201
@@ -243,7 +243,7 @@ async def test_create_product(env: dict[str, str]) -> None:
         assert decode_payload(created.data, ProductCreated) == ProductCreated(
             product_id="p-100", name="Tin Caddy", category="accessories", price_cents=990
         )
-        assert (await get_json(http, "/products/p-100"))["image"] == "🥫"
+        assert (await get_json(http, "/products/p-100"))["image"] == new["image"]
         async with http.post("/products", json=new, headers=ADMIN) as response:
             assert response.status == 409
         generated = {"name": "Oolong", "category": "tea", "price_cents": 1290}
@@ -251,6 +251,11 @@ async def test_create_product(env: dict[str, str]) -> None:
             assert response.status == 201
             product_id = (await response.json())["product_id"]
         assert product_id.startswith("p-")
+        assert (await get_json(http, f"/products/{product_id}"))["image"] == DEFAULT_IMAGE
+        for image in ("🥫", "javascript:alert(1)", "/static/../secrets.svg", "http://x/a.png"):
+            bad = {**generated, "image": image}
+            async with http.post("/products", json=bad, headers=ADMIN) as response:
+                assert response.status == 422, image
         assert (await get_json(http, "/products?category=tea"))["total"] == 7
         async with http.post("/products", json={"name": "x"}, headers=ADMIN) as response:
             assert response.status == 422
@@ -304,7 +309,8 @@ async def test_demo_products_seeded_with_emoji_get_their_pictures(env: dict[str,
         for product_id, emoji in (("p-001", "☕"), ("p-013", "🫘")):  # as the earlier seed had
             await products.update_one({"_id": product_id}, {"$set": {"image": emoji}})
         new = {"product_id": "p-100", "name": "Tin", "category": "tea", "price_cents": 990}
-        async with http.post("/products", json={**new, "image": "🥫"}, headers=ADMIN) as response:
+        own = {**new, "image": "https://img.example/tin.png"}
+        async with http.post("/products", json=own, headers=ADMIN) as response:
             assert response.status == 201
         assert (await get_json(http, "/products/p-001"))["image"] == "☕"
         await outbox_drained(catalog)  # the admin's product is announced by this catalog
@@ -316,7 +322,7 @@ async def test_demo_products_seeded_with_emoji_get_their_pictures(env: dict[str,
         }
         assert images == {
             **{p["product_id"]: f"/static/products/{p['product_id']}.svg" for p in DEMO_PRODUCTS},
-            "p-100": "🥫",
+            "p-100": "https://img.example/tin.png",
         }
         assert await catalog.upgrade_demo_images() == 0  # nothing left to upgrade
         await outbox_drained(catalog)

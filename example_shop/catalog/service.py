@@ -109,7 +109,7 @@ class ProductQuery(BaseModel):
     size: int = Field(default=20, ge=1, le=100)
 
 
-DEFAULT_IMAGE = "/static/products/default.svg"
+DEFAULT_IMAGE = "/static/products/placeholder.svg"
 """The picture of a product created without one."""
 _IMAGE = r"^(/static/products/[a-z0-9][a-z0-9-]{0,63}\.(svg|png)|https://[^\s\"'<>]+)$"
 

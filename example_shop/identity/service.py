@@ -2,8 +2,9 @@
 
     POST /auth/signup            {email, password, name} -> 201 profile; 409 taken; 422 weak
     POST /auth/login             {email, password} -> 200 {access_token, token_type, expires_in}
-                                 and the same token in the `session` cookie; 401 otherwise
-    POST /auth/logout            clears the `session` cookie (204)
+                                 and the same token in the `session` cookie (plus the
+                                 `signed_in` hint cookie); 401 otherwise
+    POST /auth/logout            clears both cookies (204)
     GET  /auth/me                the profile of `x-user-id` (set by the gateway)
     GET  /.well-known/jwks.json  the public signing keys
 
@@ -11,6 +12,11 @@ Tokens: `iss` (JWT_ISSUER), `aud` "shop", `sub` (the user id), `roles` ("custome
 "admin"), `tier` "browser", `iat`, `exp` (one hour), and the signing key's `kid` in the header
 (keys: `example_shop.identity.keys`). Tokens are not revocable: logout only drops the cookie,
 and a token stays valid until it expires.
+
+The `session` cookie is HttpOnly, so a page cannot tell whether it holds one. Login therefore
+also sets `signed_in=1`, readable by scripts, with the same lifetime and path: the storefront
+asks `/auth/me` only when it is there, and an anonymous visitor's page makes no request that is
+bound to fail (401). It is a hint, never a credential: the gateway reads only `session`.
 
 Environment (besides POSTGRES_URL / IDENTITY_DATABASE_URL):
 
@@ -52,6 +58,8 @@ AUDIENCE = "shop"
 DEFAULT_ISSUER = "msa-shop-identity"
 TOKEN_TTL = 3600
 COOKIE = "session"
+HINT_COOKIE = "signed_in"
+"""Set beside `COOKIE`, not HttpOnly: tells the page that a session cookie is there."""
 TIER = "browser"
 # DEV-ONLY defaults, for a shop on a laptop; production sets SHOP_ADMIN_* from a Secret.
 DEV_ADMIN_EMAIL = "admin@shop.test"
@@ -249,15 +257,24 @@ class Identity(Service):
             samesite="Lax",
             secure=self.cookie_secure,
         )
+        response.set_cookie(
+            HINT_COOKIE,
+            "1",
+            max_age=TOKEN_TTL,
+            path="/",
+            samesite="Lax",
+            secure=self.cookie_secure,
+        )
         return response
 
     @route("POST", "/auth/logout")
     async def logout(self, request: web.Request) -> web.Response:
-        """Sign out of the browser: clears the `session` cookie."""
+        """Sign out of the browser: clears the `session` cookie and its hint."""
         response = web.Response(status=204, headers=_NO_STORE)
         response.del_cookie(
             COOKIE, path="/", httponly=True, samesite="Lax", secure=self.cookie_secure
         )
+        response.del_cookie(HINT_COOKIE, path="/", samesite="Lax", secure=self.cookie_secure)
         return response
 
     @route("GET", "/auth/me", response=Profile)

@@ -120,6 +120,32 @@ async def test_sign_up_log_in_and_read_the_profile(
     assert "HttpOnly" in cleared
 
 
+async def test_login_sets_a_readable_hint_beside_the_session_cookie_and_logout_clears_both(
+    service: Identity, http: aiohttp.ClientSession
+) -> None:
+    """The page cannot read the HttpOnly session cookie; `signed_in` tells it one is there, so
+    an anonymous visitor's page never asks /auth/me (a 401 in its console)."""
+    credentials = {"email": "demo@shop.test", "password": "demo-password-123"}
+    async with http.post(f"{base(service)}/auth/login", json=credentials) as response:
+        assert response.status == 200
+        cookies = {morsel.key: morsel for morsel in response.cookies.values()}
+    session, hint = cookies["session"], cookies["signed_in"]
+    assert hint.value == "1"
+    assert not hint["httponly"]  # readable by the page's script
+    assert session["httponly"]
+    for name in ("max-age", "path", "samesite", "secure"):
+        assert hint[name] == session[name], name
+    assert hint["max-age"] == "3600"
+
+    async with http.post(f"{base(service)}/auth/logout") as response:
+        assert response.status == 204
+        cleared = {morsel.key: morsel for morsel in response.cookies.values()}
+    assert set(cleared) == {"session", "signed_in"}
+    assert cleared["signed_in"].value == ""
+    assert cleared["signed_in"]["max-age"] == "0"
+    assert cleared["signed_in"]["path"] == "/"
+
+
 async def test_refuses_duplicates_weak_passwords_and_wrong_credentials(
     service: Identity, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -28,6 +28,9 @@ defence: stock never goes negative even if that check had a bug.
 Routes (callers as forwarded by the gateway, see `example_shop.common`):
 
     GET /stock/{product_id}   public   {"product_id", "available"}
+    GET /availability?ids=p-001,p-002   public   {"items": [{"product_id", "available"}]}, the
+                              products stock is kept for, in the order asked (a page of the
+                              storefront's grid in one request; at most 100 ids)
     GET /stock                admin    every row, with on_hand and reserved
     PUT /stock/{product_id}   admin    {"on_hand"}; below what is reserved -> 409
 
@@ -56,7 +59,7 @@ from example_shop.contracts import (
 )
 from framework.bus import Message
 from framework.http import json_response, read_json
-from framework.messages import message_type
+from framework.messages import message_type, validate_payload
 from framework.persistence.outbox import PostgresInbox, PostgresOutbox
 from framework.persistence.postgres import Migration, PostgresResource
 from framework.service import Service, ServiceSettings, handles, route
@@ -112,6 +115,24 @@ class RestockProduct(BaseModel):
 
     product_id: str = Field(min_length=1, max_length=64)
     quantity: int = Field(gt=0, le=1_000_000)
+
+
+AVAILABILITY_LIMIT = 100
+"""The most product ids one `GET /availability` may ask for."""
+
+
+class AvailabilityQuery(BaseModel):
+    """The query of `GET /availability`: comma-separated product ids."""
+
+    ids: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}(,[A-Za-z0-9_-]{1,64})*$")
+
+    def product_ids(self) -> list[str]:
+        ids = list(dict.fromkeys(self.ids.split(",")))
+        if len(ids) > AVAILABILITY_LIMIT:
+            raise web.HTTPUnprocessableEntity(
+                text=f"at most {AVAILABILITY_LIMIT} product ids, {len(ids)} asked"
+            )
+        return ids
 
 
 class StockUpdate(BaseModel):
@@ -230,6 +251,20 @@ class Inventory(Service):
         if available is None:
             raise web.HTTPNotFound(text=f"no stock is kept for {product_id!r}")
         return json_response({"product_id": product_id, "available": available})
+
+    @route("GET", "/availability")
+    async def get_availability(self, request: web.Request) -> web.Response:
+        """How many units of each of several products can be ordered now (public)."""
+        ids = validate_payload(dict(request.query), AvailabilityQuery).product_ids()
+        async with self.db.connection() as conn:
+            rows = await conn.fetch(
+                "select product_id, on_hand - reserved as available from stock "
+                "where product_id = any($1::text[])",
+                ids,
+            )
+        found = {row["product_id"]: row["available"] for row in rows}
+        items = [{"product_id": i, "available": found[i]} for i in ids if i in found]
+        return json_response({"items": items})
 
     @route("GET", "/stock", response=list[StockLevel])
     async def list_stock(self, request: web.Request) -> web.Response:

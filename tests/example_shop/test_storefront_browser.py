@@ -216,20 +216,33 @@ async def test_a_customer_finds_buys_and_follows_an_order(
 async def test_an_order_finished_before_its_live_stream_opens_shows_its_whole_progress(
     embedded_shop: Shop, shopper: Browsing
 ) -> None:
-    """The saga may finish before the browser's event stream is open (here: held until the
-    order is confirmed); the page shows what was stored, not an empty, pending timeline."""
+    """The saga may finish before the browser's event stream is open (here: the page's first
+    read of the order is answered as still pending, and its stream is held until the order is
+    confirmed); the page shows what was stored, not an empty, pending timeline."""
     from playwright.async_api import Route, expect
 
     page = shopper.page
     confirmed = asyncio.Event()
     held: list[str] = []
+    first_reads: list[str] = []
 
     async def hold_until_confirmed(route: Route) -> None:
         held.append(route.request.url)
         await confirmed.wait()
         await route.continue_()
 
+    async def first_read_pending(route: Route) -> None:
+        if route.request.method != "GET" or first_reads:
+            await route.continue_()
+            return
+        first_reads.append(route.request.url)
+        response = await route.fetch()
+        order = await response.json()
+        order.update(status="pending", reason=None, steps=order["steps"][:1])
+        await route.fulfill(response=response, json=order)
+
     await page.route("**/api/live/**", hold_until_confirmed)
+    await page.route(re.compile(r".*/api/orders/[0-9a-f]+$"), first_read_pending)
     await shopper.sign_in()
     order_id = await place_order(shopper, "p-001")
     assert await stored_status(page, embedded_shop.url, order_id, until={"confirmed"})
@@ -237,7 +250,7 @@ async def test_an_order_finished_before_its_live_stream_opens_shows_its_whole_pr
 
     await expect(page.get_by_test_id("order-status")).to_have_text("Confirmed")
     await expect(page.get_by_test_id("timeline").locator("li .words")).to_have_text(TIMELINE)
-    assert held, "the page opened no event stream for its pending order"
+    assert first_reads and held, "the page opened no event stream for its pending order"
 
 
 async def test_a_past_order_opened_from_the_history_shows_its_timeline(

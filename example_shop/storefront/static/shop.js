@@ -55,13 +55,16 @@ export async function showProducts(view, params) {
   for (const button of view.querySelectorAll("[data-add]")) {
     button.addEventListener("click", () => addToCart(button.dataset.add, 1, button.dataset.name));
   }
-  // Each card asks inventory for its stock (public, per product); a card shows it when it comes.
-  for (const card of view.querySelectorAll("[data-product-id]")) {
-    const id = card.dataset.productId;
-    api(`/stock/${encodeURIComponent(id)}`)
-      .then((stock) => showStock(card, stock.available))
-      .catch(() => showStock(card, null));
-  }
+  // One request for the page's stock (public); a product inventory keeps no stock for has none.
+  const cards = [...view.querySelectorAll("[data-product-id]")];
+  if (!cards.length) return;
+  const ids = cards.map((card) => card.dataset.productId).join(",");
+  api(`/availability?ids=${encodeURIComponent(ids)}`)
+    .then((stock) => {
+      const available = new Map(stock.items.map((item) => [item.product_id, item.available]));
+      for (const card of cards) showStock(card, available.get(card.dataset.productId) ?? 0);
+    })
+    .catch(() => { for (const card of cards) showStock(card, null); });
 }
 
 function productCard(p) {

@@ -28,6 +28,7 @@ from example_shop.contracts import (
     StockReserved,
 )
 from example_shop.inventory import Inventory, RestockProduct
+from example_shop.inventory.service import AVAILABILITY_LIMIT
 from framework.bus import MemoryTransport
 from framework.errors import PersistenceError
 from framework.messages import Envelope, from_binary, to_binary, type_name
@@ -355,6 +356,27 @@ async def test_available_stock_is_public(stockroom: Stockroom) -> None:
     async with stockroom.http.get(stockroom.url("/stock/p-404")) as response:
         assert response.status == 404
         assert response.content_type == "application/problem+json"
+
+
+async def test_availability_answers_several_products_in_one_request(stockroom: Stockroom) -> None:
+    await stockroom.send(reserve("o-7", ("p-003", 8)))
+    await stockroom.wait_replies(1)
+    http, url = stockroom.http, stockroom.url
+
+    async with http.get(url("/availability?ids=p-014,p-003,p-404,p-013,p-003")) as response:
+        assert response.status == 200
+        assert await response.json() == {
+            "items": [  # as asked, once each; no stock is kept for p-404
+                {"product_id": "p-014", "available": 2},
+                {"product_id": "p-003", "available": 42},
+                {"product_id": "p-013", "available": 0},
+            ]
+        }
+    too_many = ",".join(f"p-{n}" for n in range(AVAILABILITY_LIMIT + 1))
+    for query in ("", "?ids=", "?ids=p-001,,p-002", "?ids=p-001;drop", f"?ids={too_many}"):
+        async with http.get(url(f"/availability{query}")) as response:
+            assert response.status == 422, query
+            assert response.content_type == "application/problem+json"
 
 
 async def test_listing_and_counting_stock_is_for_admins(stockroom: Stockroom) -> None:

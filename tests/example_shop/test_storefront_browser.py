@@ -250,7 +250,8 @@ async def test_an_order_finished_before_its_live_stream_opens_shows_its_whole_pr
 
     await expect(page.get_by_test_id("order-status")).to_have_text("Confirmed")
     await expect(page.get_by_test_id("timeline").locator("li .words")).to_have_text(TIMELINE)
-    assert first_reads and held, "the page opened no event stream for its pending order"
+    assert first_reads, "the page did not read the order"
+    assert held, "the page opened no event stream for its pending order"
 
 
 async def test_a_past_order_opened_from_the_history_shows_its_timeline(

@@ -78,6 +78,7 @@ from framework.persistence.saga import SagaDefinition, Step, fail, ok
 
 __all__ = [
     "FORWARD_MILESTONES",
+    "REFUSAL_MILESTONES",
     "STEP_TIMEOUT",
     "UNDO_MILESTONES",
     "Milestone",
@@ -90,6 +91,8 @@ STEP_TIMEOUT = 30.0
 """Seconds each participant has to answer a command (and to confirm an undo)."""
 FORWARD_MILESTONES = ("stock_reserved", "payment_authorized", "shipment_created")
 """What the saga does for an order, in order."""
+REFUSAL_MILESTONES = ("stock_rejected", "payment_declined")
+"""A participant's refusal, which turns the saga round (a timeout has none)."""
 UNDO_MILESTONES = ("shipment_cancelled", "payment_refunded", "stock_released")
 """What it undoes when the order cannot be completed, in the order it undoes it."""
 
@@ -99,7 +102,7 @@ class OrderStatusChanged(BaseModel):
     """Progress of an order between `OrderPlaced` and `OrderConfirmed` / `OrderCancelled`.
 
     `status` is a milestone (`FORWARD_MILESTONES`, then on the way to a cancellation
-    `UNDO_MILESTONES`), or `failed` (an undo was never confirmed; `detail` says which). `at` is
+    `REFUSAL_MILESTONES` and `UNDO_MILESTONES`), or `failed` (an undo was never confirmed; `detail` says which). `at` is
     when the order reached it (None in events from before it was sent).
     """
 
@@ -110,8 +113,8 @@ class OrderStatusChanged(BaseModel):
 
 
 class Milestone(BaseModel):
-    """A milestone an order reached (a name of `FORWARD_MILESTONES` or `UNDO_MILESTONES`), and
-    when (None: recorded before times were)."""
+    """A milestone an order reached (a name of `FORWARD_MILESTONES`, `REFUSAL_MILESTONES` or
+    `UNDO_MILESTONES`), and when (None: recorded before times were)."""
 
     step: str
     at: datetime | None = None
@@ -158,9 +161,9 @@ class OrderSagaData(BaseModel):
         times = [m.at for m in self.reached if m.step == step]
         return times[-1] if times else None
 
-    def undone(self) -> list[Milestone]:
-        """The undo milestones reached, in order."""
-        return [m for m in self.reached if m.step in UNDO_MILESTONES]
+    def turned_round(self) -> list[Milestone]:
+        """The refusal and undo milestones reached, in order."""
+        return [m for m in self.reached if m.step in (*REFUSAL_MILESTONES, *UNDO_MILESTONES)]
 
     def silent_participant(self) -> str:
         """Who did not answer, for a step that timed out."""
@@ -219,7 +222,7 @@ def record_reservation(order: OrderSagaData, reply: StockReserved) -> OrderSagaD
 
 
 def record_rejection(order: OrderSagaData, reply: StockRejected) -> OrderSagaData:
-    return order.model_copy(update={"reason": reply.reason})
+    return order.reach("stock_rejected").model_copy(update={"reason": reply.reason})
 
 
 def record_payment(order: OrderSagaData, reply: PaymentAuthorized) -> OrderSagaData:
@@ -229,7 +232,9 @@ def record_payment(order: OrderSagaData, reply: PaymentAuthorized) -> OrderSagaD
 
 
 def record_decline(order: OrderSagaData, reply: PaymentDeclined) -> OrderSagaData:
-    return order.model_copy(update={"reason": reply.reason, "card_number": ""})
+    return order.reach("payment_declined").model_copy(
+        update={"reason": reply.reason, "card_number": ""}
+    )
 
 
 def record_shipment(order: OrderSagaData, reply: ShipmentCreated) -> OrderSagaData:
@@ -316,7 +321,7 @@ class PlaceOrderSaga(SagaDefinition[OrderSagaData]):
     async def on_compensated(self, tx: Any, saga_id: str, data: OrderSagaData) -> None:
         reason = data.reason or f"{data.silent_participant()} did not answer in time"
         await _set_status(tx, data.order_id, "cancelled", reason)
-        await self._announce_undone(tx, data)
+        await self._announce_turning_round(tx, data)
         cancelled = OrderCancelled(
             order_id=data.order_id, customer_id=data.customer_id, reason=reason
         )
@@ -324,12 +329,12 @@ class PlaceOrderSaga(SagaDefinition[OrderSagaData]):
 
     async def on_failed(self, tx: Any, saga_id: str, data: OrderSagaData, error: str) -> None:
         at = await _set_status(tx, data.order_id, "failed", error)
-        await self._announce_undone(tx, data)
+        await self._announce_turning_round(tx, data)
         failed = OrderStatusChanged(order_id=data.order_id, status="failed", detail=error, at=at)
         await self.outbox.add(tx, TOPICS.ORDERS_EVENTS, failed, key=data.order_id)
 
-    async def _announce_undone(self, tx: Any, data: OrderSagaData) -> None:
-        for milestone in data.undone():
+    async def _announce_turning_round(self, tx: Any, data: OrderSagaData) -> None:
+        for milestone in data.turned_round():
             undone = OrderStatusChanged(
                 order_id=data.order_id, status=milestone.step, at=milestone.at
             )

@@ -26,7 +26,8 @@ placed); URLs name orders by `order_id`. A line's `name` is the product's name w
 in the cart (a cart) or when the order was placed (an order); the product id stands in for a
 name the read model never learned. `steps` reads in the order the order went through them:
 `placed`, then the milestones its saga recorded (`stock_reserved`, `payment_authorized`,
-`shipment_created`, and undoing `shipment_cancelled`, `payment_refunded`, `stock_released`;
+`shipment_created`; a refusal `stock_rejected` or `payment_declined`; and undoing
+`shipment_cancelled`, `payment_refunded`, `stock_released`;
 see `example_shop.orders.saga`), then `confirmed`, `cancelled` or `failed` once it is over; a
 step's `at` is null for a milestone of a saga recorded before their times were kept.
 

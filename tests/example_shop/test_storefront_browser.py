@@ -294,6 +294,8 @@ async def test_a_declined_card_cancels_the_order_and_the_page_says_what_was_undo
         ["Order placed", "Stock reserved", "Payment declined", "Stock released", "Order cancelled"]
     )
     await expect(steps.nth(2).locator(".detail")).to_have_text("card declined")
+    for step in range(5):  # every step with its time, the refusal included
+        await expect(steps.nth(step).locator("time")).not_to_have_text("")
     await shopper.shoot("order-declined")
 
     # Read again from the history, the cancelled order tells the same.

@@ -53,7 +53,9 @@ const STEPS = {
   stock_reserved: [1, "Stock reserved"],
   payment_authorized: [2, "Payment authorised"],
   shipment_created: [3, "Shipment created"],
-  refused: [4, ""], // words from which step refused, see `refusal`
+  stock_rejected: [4, "Not enough stock"],
+  payment_declined: [4, "Payment declined"],
+  refused: [4, ""], // a step that did not answer in time (no refusal step), see `refusal`
   shipment_cancelled: [5, "Shipment cancelled"],
   payment_refunded: [6, "Payment refunded"],
   stock_released: [7, "Stock released"],
@@ -63,8 +65,9 @@ const STEPS = {
 };
 
 /**
- * The step a cancelled order stopped at, in words: the saga goes forward one step at a time,
- * so the refusal came from the first step it did not reach (the order's reason says why).
+ * The step a cancelled order stopped at, in words, when no participant's refusal was recorded
+ * (older orders, timeouts): the saga goes forward one step at a time, so it stopped at the
+ * first step it did not reach (the order's reason says why).
  */
 function refusal(reached, reason) {
   const silent = /did not answer/.test(reason || "");
@@ -173,10 +176,13 @@ class Timeline {
 
   /** The order's outcome: its step (with the reason and, if cancelled, which step refused). */
   finish(status, reason, at) {
-    if (status === "cancelled") {
-      const words = refusal(this.reached(), reason);
+    const reached = this.reached();
+    const refusedBy = ["stock_rejected", "payment_declined"].find((step) => reached.has(step));
+    if (refusedBy) {
+      this.add(refusedBy, null, reason || "");
+    } else if (status === "cancelled") {
       const refused = this.add("refused", null, reason || "");
-      refused.querySelector(".words").textContent = words;
+      refused.querySelector(".words").textContent = refusal(reached, reason);
     }
     this.add(status, at, status === "failed" ? reason || "" : "");
     this.setStatus(status, reason);

@@ -645,11 +645,17 @@ async def test_missing_stock_cancels_the_order_and_holds_nothing(shop: Shop) -> 
     assert order["status"] == "cancelled"
     assert order["reason"] == "p-002 is sold out"
     assert order["progress"] == []
-    assert step_names(order) == ["placed", "cancelled"]  # nothing was done, nothing undone
+    # refused at once: nothing was done, nothing undone
+    assert step_names(order) == ["placed", "stock_rejected", "cancelled"]
     assert await shop.stock("p-001") == (50, 0)
     assert shop.payments.seen == []
     await shop.settled()
-    assert shop.order_events(order_id) == [type_name(OrderPlaced), type_name(OrderCancelled)]
+    assert shop.order_events(order_id) == [
+        type_name(OrderPlaced),
+        type_name(OrderStatusChanged),
+        type_name(OrderCancelled),
+    ]
+    assert announced_as_listed(shop, order) == ["stock_rejected"]
     [cancelled] = shop.events(TOPICS.ORDERS_EVENTS, order_id)[-1:]
     assert OrderCancelled.model_validate_json(cancelled.data).reason == "p-002 is sold out"
 
@@ -667,14 +673,25 @@ async def test_a_declined_payment_releases_the_stock_and_cancels(shop: Shop) -> 
     assert [type(c) for c in shop.payments.seen] == [AuthorizePayment]  # nothing to refund
     assert shop.shipping.seen == []
     await shop.settled()
-    assert step_names(order) == ["placed", "stock_reserved", "stock_released", "cancelled"]
+    assert step_names(order) == [
+        "placed",
+        "stock_reserved",
+        "payment_declined",
+        "stock_released",
+        "cancelled",
+    ]
     assert shop.order_events(order_id) == [
         type_name(OrderPlaced),
         type_name(OrderStatusChanged),
         type_name(OrderStatusChanged),
+        type_name(OrderStatusChanged),
         type_name(OrderCancelled),
     ]
-    assert announced_as_listed(shop, order) == ["stock_reserved", "stock_released"]
+    assert announced_as_listed(shop, order) == [
+        "stock_reserved",
+        "payment_declined",
+        "stock_released",
+    ]
 
 
 async def test_a_shipment_that_never_comes_is_undone_step_by_step(shop: Shop) -> None:
@@ -744,7 +761,7 @@ def test_saga_data_saved_before_milestones_were_recorded_still_reads() -> None:
     at = refunded.time_of("payment_refunded")
     assert at is not None
     assert at.tzinfo is not None
-    assert refunded.undone() == [Milestone(step="payment_refunded", at=at)]
+    assert refunded.turned_round() == [Milestone(step="payment_refunded", at=at)]
     assert refunded.progress == data.progress == ["stock_reserved", "payment_authorized"]
 
 

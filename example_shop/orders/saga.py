@@ -102,8 +102,9 @@ class OrderStatusChanged(BaseModel):
     """Progress of an order between `OrderPlaced` and `OrderConfirmed` / `OrderCancelled`.
 
     `status` is a milestone (`FORWARD_MILESTONES`, then on the way to a cancellation
-    `REFUSAL_MILESTONES` and `UNDO_MILESTONES`), or `failed` (an undo was never confirmed; `detail` says which). `at` is
-    when the order reached it (None in events from before it was sent).
+    `REFUSAL_MILESTONES` and `UNDO_MILESTONES`), or `failed` (an undo was never confirmed;
+    `detail` says which). `at` is when the order reached it (None in events from before it
+    was sent).
     """
 
     order_id: str

@@ -127,7 +127,11 @@ class ShopLayout:
         return env
 
     def service_env(self, name: str) -> dict[str, str]:
-        return {**self.shared_env(), "MSA_HTTP_PORT": str(self.ports[name])}
+        env = {**self.shared_env(), "MSA_HTTP_PORT": str(self.ports[name])}
+        # The admin page's fault switches (framework.faults); one process may crash alone.
+        env["MSA_SHOP_PROCESSES"] = "1"
+        env.setdefault("MSA_FAULTS", "1")
+        return env
 
     def gateway_env(self, files_signing_key: str) -> dict[str, str]:
         env = self.shared_env()

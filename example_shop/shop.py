@@ -193,6 +193,7 @@ class Shop:
         # A key of this run's own: the web profile refuses its public dev-only fallback.
         env.setdefault("FILES_SIGNING_KEY", secrets.token_urlsafe(32))
         env.setdefault("STOREFRONT_ORIGIN", f"http://localhost:{self.gateway_port}")
+        env.setdefault("MSA_FAULTS", "1")  # the admin page's fault switches (framework.faults)
 
     def _settings(self, name: str) -> ServiceSettings:
         settings = ServiceSettings.from_env(self.env)

@@ -90,6 +90,7 @@ environment (read by ServiceSettings.from_env and KafkaSettings.from_env):
   MSA_INSTANCE_ID          this replica's id, e.g. in its reply topic (default: a random one)
   MSA_LOG_LEVEL            DEBUG, INFO, WARNING or ERROR (default: INFO)
   MSA_LOG_FORMAT           json or text (default: json)
+  MSA_FAULTS               1 obeys the fault switches on topic msa.faults (default: 0)
   KAFKA_BOOTSTRAP          the Kafka brokers, host:port[,host:port] (default: none)
   KAFKA_CLIENT_ID          the client id the brokers see (default: msa)
   KAFKA_LINGER_MS          milliseconds a record waits for its batch to fill (default: 5)

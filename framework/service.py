@@ -33,13 +33,15 @@ service's name, so every replica of a service shares the work.
 Lifecycle, in this order (the promises Kubernetes probes rely on):
 
 - `start()`: the HTTP side starts first (`/alive` answers 200, `/ready` 503); then resources
-  start in the order they were `use`d; then the bus (and every subscription) starts; then
-  `on_start()`; only then is the service ready (`/ready` 200).
+  start in the order they were `use`d; then the bus (and every subscription) starts; then, when
+  `settings.faults` is on, the fault switches are read (`framework.faults`; handlers wait for
+  them); then `on_start()`; only then is the service ready (`/ready` 200).
 - `stop(grace)` (what SIGTERM triggers): ready goes false at once (`/ready` 503, so the Pod
   leaves its Service's endpoints); fetching stops; handlers already running finish within
-  `grace` seconds; done offsets are committed; consumers leave their groups; `on_stop()` runs;
-  resources stop in reverse order; the HTTP side stops last. Records fetched but not started
-  are not committed, so another replica receives them.
+  `grace` seconds; done offsets are committed; consumers leave their groups; the fault
+  switches' reader stops; `on_stop()` runs; resources stop in reverse order; the HTTP side
+  stops last. Records fetched but not started are not committed, so another replica receives
+  them.
 - `kill()`: stops at once, without draining or committing (tests of crash recovery).
 """
 
@@ -57,6 +59,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, get_type_hints, runtime_che
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message
 from framework.bus.transports import transport_from_env, transport_name
 from framework.errors import ConfigurationError
+from framework.faults import FaultInjector
 from framework.messages import Envelope, is_declared, type_name
 from framework.observability.metrics import MetricsRegistry
 from framework.types import (
@@ -99,7 +102,8 @@ class ServiceSettings:
     MSA_TRANSPORT (memory | kafka; unset: kafka when KAFKA_BOOTSTRAP is set, else memory),
     KAFKA_BOOTSTRAP (and the other KAFKA_* of `KafkaSettings`; see `framework.bus.transports`),
     MSA_HTTP_HOST, MSA_HTTP_PORT (0 picks a free port; -1 turns the HTTP side off),
-    MSA_SHUTDOWN_GRACE (seconds), MSA_INSTANCE_ID, MSA_LOG_LEVEL, MSA_LOG_FORMAT.
+    MSA_SHUTDOWN_GRACE (seconds), MSA_INSTANCE_ID, MSA_LOG_LEVEL, MSA_LOG_FORMAT, MSA_FAULTS
+    (1: obey the fault-injection switches, `framework.faults`; default 0).
     """
 
     transport: str = "memory"
@@ -109,6 +113,8 @@ class ServiceSettings:
     instance_id: str | None = None
     log_level: str = "INFO"
     log_format: str = "json"
+    faults: bool = False
+    """Obey this service's fault-injection switches (`framework.faults`): off unless asked."""
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -130,6 +136,14 @@ class ServiceSettings:
                 what = "a whole number" if kind is int else "a number"
                 raise ConfigurationError(f"{name} must be {what}, not {raw!r}") from None
 
+        def flag(name: str) -> bool:
+            raw = env.get(name, "").strip().lower()
+            if raw in ("", "0", "false", "no", "off"):
+                return False
+            if raw in ("1", "true", "yes", "on"):
+                return True
+            raise ConfigurationError(f"{name} must be 1 or 0, not {raw!r}")
+
         return cls(
             transport=transport_name(env),
             http_host=env.get("MSA_HTTP_HOST", "0.0.0.0"),
@@ -138,6 +152,7 @@ class ServiceSettings:
             instance_id=env.get("MSA_INSTANCE_ID") or None,
             log_level=env.get("MSA_LOG_LEVEL", "INFO"),
             log_format=env.get("MSA_LOG_FORMAT", "json"),
+            faults=flag("MSA_FAULTS"),
             env=env,
         )
 
@@ -264,6 +279,11 @@ class Service:
             metrics=self.metrics,
             instance_id=self.settings.instance_id,
         )
+        self.faults: FaultInjector | None = None
+        """Applies this service's fault-injection switches, when `settings.faults` is on."""
+        if self.settings.faults:
+            self.faults = FaultInjector(self.bus, self.name)
+            self.bus.add_consume_middleware(self.faults.apply)
         self._resources: list[Resource] = []
         self._ready = False
         self._stopping = False
@@ -440,9 +460,13 @@ class Service:
                 await resource.start()
                 started.append(resource)
             await self.bus.start()
+            if self.faults is not None:
+                await self.faults.start()
             await self.on_start()
         except BaseException:
             await self.bus.stop(grace=0)
+            if self.faults is not None:
+                await self.faults.stop()
             for resource in reversed(started):
                 with contextlib.suppress(Exception):
                     await resource.stop()
@@ -468,7 +492,11 @@ class Service:
         grace = self.settings.shutdown_grace if grace is None else grace
         log.info("service %s stopping (grace %.1fs)", self.name, grace)
         try:
-            await self.bus.stop(grace=grace)
+            try:
+                await self.bus.stop(grace=grace)
+            finally:
+                if self.faults is not None:
+                    await self.faults.stop()
             await self.on_stop()
         finally:
             for resource in reversed(self._resources):
@@ -487,6 +515,8 @@ class Service:
         """Stop at once: no draining, no commits (to test crash recovery)."""
         self._stopping = True
         await self.bus.abort()
+        if self.faults is not None:
+            await self.faults.stop()
         if self._http is not None:
             await self._http.stop()
             self._http = None

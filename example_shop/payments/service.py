@@ -12,6 +12,12 @@ One row per order in `payments`, which keeps the card's last four digits and nev
                                     a late AuthorizePayment is declined instead of charging a
                                     cancelled order
 
+**Fault injection.** With `MSA_FAULTS=1` (`msa shop` sets it), the switch `decline_rate` (0.0 to
+1.0, `framework.faults`; the admin page sets it) declines that fraction of the authorizations a
+card would have got, with the reason `FAULT_DECLINE_REASON`: an ordinary business decline, so
+the order saga cancels the order and releases its stock. The decision is recorded like any
+other, so a redelivered command is answered the same.
+
 Idempotent answers: each command is handled in one transaction that records it in the inbox,
 changes the order's row at most once (an authorization is decided once per order; a refund
 only moves `authorized` to `refunded`), and enqueues the reply in the outbox. Whatever the
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -42,7 +49,7 @@ from example_shop.contracts import (
     PaymentRefunded,
     RefundPayment,
 )
-from example_shop.payments.processor import decide
+from example_shop.payments.processor import Decision, decide
 from framework.bus import Message
 from framework.http import json_response
 from framework.persistence.outbox import PostgresInbox, PostgresOutbox
@@ -50,11 +57,14 @@ from framework.persistence.postgres import Migration, PostgresResource
 from framework.service import Service, ServiceSettings, handles, route
 from framework.types import Transport
 
-__all__ = ["PaymentRecord", "Payments"]
+__all__ = ["DECLINE_RATE", "FAULT_DECLINE_REASON", "PaymentRecord", "Payments"]
 
 log = logging.getLogger("example_shop.payments")
 
 VOIDED_REASON = "order cancelled before the payment was authorized"
+DECLINE_RATE = "decline_rate"
+"""The fault switch (a rate, `framework.faults.Switches.rate`) of authorizations to decline."""
+FAULT_DECLINE_REASON = "card declined (injected fault)"
 
 MIGRATIONS = [
     Migration(
@@ -113,7 +123,8 @@ def reply_id(command: Message[Any]) -> str:
 
 
 class Payments(Service):
-    """The payments service. No injectable resources: extra keyword arguments are ignored."""
+    """The payments service. `rng` draws the injected declines (a seeded one in tests); no
+    injectable resources: other keyword arguments are ignored."""
 
     name = "payments"
     publishes: ClassVar[Mapping[str, Sequence[type]]] = {
@@ -125,9 +136,11 @@ class Payments(Service):
         settings: ServiceSettings | None = None,
         *,
         transport: Transport | None = None,
+        rng: random.Random | None = None,
         **resources: Any,
     ) -> None:
         super().__init__(default_settings("payments", settings), transport=transport)
+        self._rng = rng or random.Random()
         url = postgres_url(self.settings.env, "payments")
         self.db = self.use(PostgresResource(url, migrations=MIGRATIONS, create_database=True))
         self.outbox = self.use(PostgresOutbox(self.db, self.bus))
@@ -160,7 +173,7 @@ class Payments(Service):
 
     async def _authorize_once(self, tx: Any, command: AuthorizePayment) -> None:
         """Decide and record the order's authorization, unless it has a row already."""
-        decision = decide(command.card_number, command.amount_cents)
+        decision = self._injected_decline(decide(command.card_number, command.amount_cents))
         status = await tx.execute(
             "insert into payments (order_id, payment_id, status, amount_cents, card_last4, reason)"
             " values ($1, $2, $3, $4, $5, $6) on conflict (order_id) do nothing",
@@ -173,6 +186,13 @@ class Payments(Service):
         )
         if status == "INSERT 0 1":
             log.info("order %s: payment %s", command.order_id, decision.reason or "authorized")
+
+    def _injected_decline(self, decision: Decision) -> Decision:
+        """`decision`, or a decline when the `decline_rate` fault switch draws one."""
+        rate = self.faults.current.rate(DECLINE_RATE) if self.faults is not None else 0.0
+        if decision.approved and rate > 0 and self._rng.random() < rate:
+            return Decision(False, FAULT_DECLINE_REASON, decision.last4)
+        return decision
 
     async def _payment(self, conn: Any, order_id: str) -> Any:
         return await conn.fetchrow("select * from payments where order_id = $1", order_id)

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from example_shop.common import PORTS, default_settings
 from example_shop.registry import backend_services, system_graph
+from example_shop.storefront.faults import FaultsAdmin, FaultsChange
 from framework.graph import SystemGraph, render_mermaid, render_svg
 from framework.service import Service, ServiceSettings, route
 from framework.types import Transport
@@ -70,6 +71,13 @@ class Storefront(Service):
         super().__init__(default_settings("storefront", settings), transport=transport)
         self._graph: SystemGraph | None = None
         self._sample: tuple[float, dict[str, float]] | None = None
+        self.faults_admin = FaultsAdmin(self.bus, self.settings.env)
+
+    async def on_start(self) -> None:
+        await self.faults_admin.start()
+
+    async def on_stop(self) -> None:
+        await self.faults_admin.stop()
 
     @route("GET", "/")
     async def index(self, request: web.Request) -> web.StreamResponse:
@@ -101,8 +109,18 @@ class Storefront(Service):
             }
         )
 
-    # -- fault switches: GET /faults, PUT /faults/{service} (the admin page's panel) ------------
-    # The web gateway forwards /api/admin/faults... here (admins only); the routes belong here.
+    # -- fault switches (the admin page's panel; the web gateway forwards /api/admin/faults...
+    # here, for admins only) ----------------------------------------------------------------------
+
+    @route("GET", "/faults")
+    async def get_faults(self, request: web.Request) -> web.Response:
+        """Every service's fault-injection switches (admin view; framework.faults)."""
+        return await self.faults_admin.get(request)
+
+    @route("PUT", "/faults/{service}", body=FaultsChange)
+    async def put_faults(self, request: web.Request) -> web.Response:
+        """Change some of a service's fault-injection switches (admin)."""
+        return await self.faults_admin.put(request)
 
     async def _rates(self) -> dict[str, float]:
         """Messages per second published to each topic since the previous call."""

@@ -59,6 +59,10 @@ return value is published to that topic as the reply; a failure is replied as an
 
 **Graceful stop.** `stop(grace)` stops fetching, lets handlers already running finish within
 `grace` seconds, abandons records not started (they are redelivered), commits and leaves.
+
+**Pausing.** `pause()` stops fetching without leaving the group (the transport's partition
+pause, renewed after every rebalance); `resume()` goes on from where it stopped. Records already
+fetched are still handled. `framework.faults` pauses a service's subscriptions this way.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -81,6 +85,7 @@ from framework.errors import (
     DecodeError,
     MessageError,
     MsaError,
+    NotStartedError,
     Reject,
     RetryLater,
     TransportError,
@@ -351,6 +356,7 @@ class Subscription:
         """Isolated: each partition's end when it started; the records below are not ours."""
         self.failure: UnknownMessageType | None = None
         """Set when `unhandled="fail"` stopped this subscription (the service is not ready)."""
+        self._paused = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -455,6 +461,32 @@ class Subscription:
         with contextlib.suppress(Exception):
             await consumer.stop()
 
+    def pause(self) -> None:
+        """Stop fetching, until `resume()`: records fetched already are still handled, the
+        others wait on the broker (the group's lag grows), and the group keeps its partitions.
+        A partition assigned while paused is paused too. Fault injection's `paused` switch."""
+        self._paused = True
+        self._pause_assigned()
+
+    def resume(self) -> None:
+        """Fetch again after `pause()`, from where the subscription stopped."""
+        self._paused = False
+        consumer = self._consumer
+        if consumer is not None:
+            with contextlib.suppress(NotStartedError):
+                consumer.resume(list(consumer.assignment()))
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _pause_assigned(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        with contextlib.suppress(NotStartedError):  # not started yet, or stopping
+            consumer.pause(list(consumer.assignment() if partitions is None else partitions))
+
     @property
     def in_flight(self) -> int:
         return self._buffered
@@ -467,6 +499,8 @@ class Subscription:
     async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
         for tp in partitions:
             self._partitions[tp] = _PartitionState()
+        if self._paused:  # a rebalance forgets pauses (the fetch loop pauses them again too)
+            self._pause_assigned(partitions)
 
     async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
         """Before the partitions move: no more of their records start, the running ones finish
@@ -503,6 +537,8 @@ class Subscription:
                 self._space.clear()
                 await self._space.wait()
                 continue
+            if self._paused:  # again before each fetch: a rebalance may have unpaused some
+                self._pause_assigned()
             try:
                 records = await consumer.fetch(
                     timeout=options.fetch_timeout, max_records=min(room, options.max_poll_records)

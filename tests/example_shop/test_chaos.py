@@ -1,11 +1,16 @@
 """Chaos: the shop as separate processes keeps its promises while its services crash.
 
 Buyers place orders through the web gateway while orders, inventory, payments and shipping are
-each SIGKILLed and restarted (`ROUNDS` times), and the Kafka broker is restarted once. Then,
-once every accepted order is terminal, the services' own databases and the broker's topics are
-checked: each order ended as its card and stock dictate, none is missing or duplicated, stock
-is conserved per product, payments and shipments match the outcomes, no outbox entry is stale
-and no dead letter was written.
+each crashed and restarted (`ROUNDS` times), and the Kafka broker is restarted once. The crashes
+are SIGKILLs, but for one service each round, which the admin crashes with its `crash_next`
+fault switch (`framework.faults`, through `PUT /api/admin/faults/...`): the test awaits that
+process's exit, restarts it, and sees it handle messages without crashing again. Once, the
+admin pauses the shipping consumers until its commands pile up on the broker, then resumes them
+and the test awaits that they drained.
+Then, once every accepted order is terminal, the services' own databases and the broker's topics
+are checked: each order ended as its card and stock dictate, none is missing or duplicated,
+stock is conserved per product, payments and shipments match the outcomes, no outbox entry is
+stale and no dead letter was written.
 
 The test runs its own broker (`scripts/devservices up kafka` in its own run folder and port),
 so restarting it disturbs nobody else's tests; PostgreSQL and MongoDB are the environment's,
@@ -33,8 +38,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from example_shop.contracts import TOPICS
 from example_shop.processes import ShopLayout, ShopProcesses
 from example_shop.shop import START_ORDER
+from framework.faults import CRASH_EXIT_CODE
 from tests.conftest import unique_name
 from tests.example_shop.conftest import free_ports
 from tests.example_shop.test_processes import drop_databases
@@ -48,6 +55,12 @@ DECLINED_CARD = "4000000000000002"
 PLENTIFUL = tuple(f"p-{n:03}" for n in range(1, 13))  # 50 units each
 SCARCE = "p-014"  # 2 units in the demo stock: some orders for it must be refused
 PASSWORD = "chaos-password-123"
+ADMIN = ("admin@shop.test", "admin-password-123")
+PAUSE_LAG = 5
+"""Shipping commands that must pile up on the broker while the shipping consumers are paused
+(a running shipping service keeps its lag below it: the test waits for that before pausing)."""
+PAUSE_DEADLINE = 15.0
+"""Seconds they have to pile up: well below the order saga's 30 s step timeout."""
 QUIESCENCE = timedelta(seconds=15)
 """How long an outbox entry may wait for the relay once the shop is quiet."""
 SETTLE_DEADLINE = 150.0
@@ -198,6 +211,103 @@ async def wait_until_sellable(buyer: Buyer) -> None:
     await buyer.empty_cart()
 
 
+@dataclass(kw_only=True)
+class Admin:
+    """The shop's admin, flipping the fault switches through the gateway."""
+
+    http: aiohttp.ClientSession
+    base: str
+
+    async def sign_in(self) -> None:
+        email, password = ADMIN
+        credentials = {"email": email, "password": password}
+        async with self.http.post(f"{self.base}/api/auth/login", json=credentials) as response:
+            assert response.status == 200, await response.text()
+
+    async def faults(self) -> dict[str, Any]:
+        async with self.http.get(f"{self.base}/api/admin/faults") as response:
+            assert response.status == 200, await response.text()
+            switches: dict[str, Any] = await response.json()
+        assert switches["processes"] is True
+        return switches
+
+    async def switch(self, service: str, **change: object) -> dict[str, Any]:
+        """PUT the change, again while the answer is a 5xx (the broker restarting)."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                async with self.http.put(
+                    f"{self.base}/api/admin/faults/{service}", json=change
+                ) as response:
+                    if response.status == 200:
+                        switches: dict[str, Any] = await response.json()
+                        return switches
+                    assert response.status >= 500 or response.status == 429, (
+                        response.status,
+                        await response.text(),
+                    )
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, f"PUT faults/{service} {change}: no 200 in 60 s"
+            await asyncio.sleep(0.5)
+
+
+async def handled_messages(port: int) -> float:
+    """How many messages a service's process handled since it started (its /metrics)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as http, http.get(url) as response:
+        text = await response.text()
+    return sum(
+        float(value)
+        for value in re.findall(
+            r'^msa_messages_in_total\{[^}]*outcome="ok"[^}]*\} (\S+)$', text, re.M
+        )
+    )
+
+
+@dataclass(kw_only=True)
+class GroupLag:
+    """A consumer group's committed offsets and its topic's ends, as the broker has them."""
+
+    bootstrap: str
+    group: str
+    topic: str
+    _admin: Any = None
+    _consumer: Any = None
+
+    async def __aenter__(self) -> GroupLag:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await self._admin.start()
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap)
+        await self._consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+        await self._admin.close()
+
+    async def ends(self) -> dict[int, int]:
+        from aiokafka import TopicPartition
+
+        [described] = await self._admin.describe_topics([self.topic])
+        numbers = [partition["partition"] for partition in described["partitions"]]
+        assert numbers, described
+        ends = await self._consumer.end_offsets([TopicPartition(self.topic, p) for p in numbers])
+        return {tp.partition: offset for tp, offset in ends.items()}
+
+    async def committed(self) -> dict[int, int]:
+        offsets = await self._admin.list_consumer_group_offsets(self.group)
+        return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == self.topic}
+
+    async def lag(self) -> int:
+        ends, committed = await self.ends(), await self.committed()
+        return sum(end - committed.get(partition, 0) for partition, end in ends.items())
+
+
 # -- the chaos -----------------------------------------------------------------------------------
 
 
@@ -206,9 +316,12 @@ class Chaos:
     shop: ShopProcesses
     broker: OwnBroker
     ledger: Ledger
+    admin: Admin
     kills: Counter[str] = field(default_factory=Counter)
+    switch_crashes: Counter[str] = field(default_factory=Counter)
     restarts: Counter[str] = field(default_factory=Counter)
     downtime: dict[str, float] = field(default_factory=dict)
+    paused_lag: int = 0
 
     async def orders_flow(self, count: int = 1) -> None:
         """Wait until `count` more orders were accepted (orders flow between crashes)."""
@@ -226,6 +339,65 @@ class Chaos:
         self.restarts[name] += 1
         self.downtime[f"{name}#{self.kills[name]}"] = time.monotonic() - began
 
+    async def crash_by_switch(self, name: str) -> None:
+        """Arm `name`'s crash_next switch; await its process's exit, restart it, and see the
+        restarted process handle messages without crashing again (the switch is spent)."""
+        began = time.monotonic()
+        process = self.shop.processes[name]
+        armed = await self.admin.switch(name, crash_next=True)
+        assert armed["crash_next"] is True, armed
+        try:
+            code = await asyncio.to_thread(process.wait, 60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} did not crash within 60 s of crash_next") from None
+        assert code == CRASH_EXIT_CODE, f"{name} exited with {code}, not {CRASH_EXIT_CODE}"
+        self.switch_crashes[name] += 1
+        await asyncio.to_thread(self.shop.restart, name)
+        self.restarts[name] += 1
+        self.downtime[f"{name}#switch{self.switch_crashes[name]}"] = time.monotonic() - began
+        assert (await self.admin.faults())["services"][name]["crash_next"] is False
+        restarted = self.shop.processes[name]
+        deadline = time.monotonic() + 60
+        while await handled_messages(self.shop.layout.ports[name]) == 0:
+            assert restarted.poll() is None, f"{name} crashed again after its restart"
+            assert time.monotonic() < deadline, f"{name} handled nothing for 60 s"
+            await asyncio.sleep(0.2)
+        assert restarted.poll() is None, f"{name} crashed again after its restart"
+
+    async def pause_shipping(self) -> None:
+        """Pause the shipping consumers until their commands pile up, then resume them and
+        await that everything that piled up was handled and committed."""
+        async with GroupLag(
+            bootstrap=self.broker.bootstrap, group="shipping", topic=TOPICS.SHIPPING_COMMANDS
+        ) as watch:
+            deadline = time.monotonic() + 60
+            while await watch.lag() >= PAUSE_LAG:  # caught up first: what piles up is the pause's
+                assert time.monotonic() < deadline, "shipping did not catch up in 60 s"
+                await asyncio.sleep(0.2)
+            paused = await self.admin.switch("shipping", paused=True)
+            assert paused["paused"] is True, paused
+            began = time.monotonic()
+            try:
+                while (lag := await watch.lag()) < PAUSE_LAG:
+                    assert time.monotonic() - began < PAUSE_DEADLINE, (
+                        f"shipping's lag stayed at {lag} while it was paused"
+                    )
+                    await asyncio.sleep(0.2)
+                self.paused_lag = lag
+            finally:
+                resumed = await self.admin.switch("shipping", paused=False)
+            assert resumed["paused"] is False, resumed
+            piled_up = await watch.ends()
+            deadline = time.monotonic() + 60
+            while any(
+                committed.get(partition, 0) < end
+                for committed in [await watch.committed()]
+                for partition, end in piled_up.items()
+            ):
+                assert time.monotonic() < deadline, "shipping did not drain its lag in 60 s"
+                await asyncio.sleep(0.2)
+            self.downtime["shipping#paused"] = time.monotonic() - began
+
     async def restart_broker(self) -> None:
         began = time.monotonic()
         await asyncio.to_thread(self.broker.devservices, "restart")
@@ -233,10 +405,19 @@ class Chaos:
         self.downtime["kafka"] = time.monotonic() - began
 
     async def run(self, rng: random.Random) -> None:
+        first = rng.randrange(len(VICTIMS))
         for round_ in range(ROUNDS):
+            # Each round one victim (another each round) crashes by its switch, not a SIGKILL.
+            by_switch = VICTIMS[(first + round_) % len(VICTIMS)]
             for name in rng.sample(VICTIMS, len(VICTIMS)):
                 await self.orders_flow()
-                await self.crash(name)
+                if name == by_switch:
+                    await self.crash_by_switch(name)
+                else:
+                    await self.crash(name)
+            if round_ == 0:
+                await self.orders_flow()
+                await self.pause_shipping()
             if round_ == 1:
                 await self.orders_flow()
                 await self.restart_broker()
@@ -288,23 +469,29 @@ async def settled(orders_db: Any, inventory_db: Any, accepted: set[str]) -> bool
 
 
 async def dead_letters(bootstrap: str) -> dict[str, int]:
-    """Records on every `*.dlq` topic of the broker."""
+    """Records on every `*.dlq` topic of the broker. (The partitions come from the admin
+    client: a bare consumer's `partitions_for_topic` knows none, which counted nothing.)"""
     from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await consumer.start()
+    await admin.start()
     try:
-        topics = [t for t in await consumer.topics() if t.endswith(".dlq")]
+        topics = [t for t in await admin.list_topics() if t.endswith(".dlq")]
+        assert topics, "no dead-letter topic: the services declare one per topic they consume"
         counts: dict[str, int] = {}
-        for topic in topics:
-            partitions = [
-                TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()
-            ]
+        for described in await admin.describe_topics(topics):
+            topic = described["topic"]
+            partitions = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+            assert partitions, described
             ends = await consumer.end_offsets(partitions)
             starts = await consumer.beginning_offsets(partitions)
             counts[topic] = sum(ends[tp] - starts[tp] for tp in partitions)
         return counts
     finally:
+        await admin.close()
         await consumer.stop()
 
 
@@ -333,7 +520,6 @@ async def test_orders_survive_crashing_services_and_a_broker_restart(tmp_path: P
         )
         shop = ShopProcesses(layout)
         ledger = Ledger()
-        chaos = Chaos(shop=shop, broker=broker, ledger=ledger)
         pg = os.environ["POSTGRES_URL"].rsplit("/", 1)[0]
         databases: dict[str, Any] = {}
         mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(os.environ["MONGO_URL"])
@@ -353,12 +539,15 @@ async def test_orders_survive_crashing_services_and_a_broker_restart(tmp_path: P
             timeout = aiohttp.ClientTimeout(total=20)
             sessions = [
                 aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), timeout=timeout)
-                for _ in range(BUYERS)
+                for _ in range(BUYERS + 1)
             ]
             try:
+                admin = Admin(http=sessions[BUYERS], base=base)
+                await admin.sign_in()
+                chaos = Chaos(shop=shop, broker=broker, ledger=ledger, admin=admin)
                 buyers = [
                     Buyer(http=http, base=base, email=f"{unique_name('buyer')}@shop.test")
-                    for http in sessions
+                    for http in sessions[:BUYERS]
                 ]
                 for buyer in buyers:
                     await buyer.sign_up()
@@ -447,7 +636,8 @@ async def test_orders_survive_crashing_services_and_a_broker_restart(tmp_path: P
         f"\nchaos: {len(accepted)} orders accepted, {sum(ledger.ambiguous.values())} POSTs "
         f"unanswered, refused {dict(ledger.refused)}; in the database {len(orders)}: "
         f"{dict(statuses)}; cancelled for {dict(reasons)}\n"
-        f"  kills {dict(chaos.kills)}, restarts {dict(chaos.restarts)}, "
+        f"  kills {dict(chaos.kills)}, crash_next {dict(chaos.switch_crashes)}, "
+        f"restarts {dict(chaos.restarts)}, shipping's lag while paused {chaos.paused_lag}, "
         f"down (s) { {k: round(v, 1) for k, v in chaos.downtime.items()} }\n"
         f"  stock (initial / demand / sold / on hand / reserved): "
         + ", ".join(
@@ -519,4 +709,7 @@ async def test_orders_survive_crashing_services_and_a_broker_restart(tmp_path: P
     # -- nothing stuck on the way out ------------------------------------------------------------
     assert not any(stale_outbox.values()), f"outbox entries older than {QUIESCENCE}: {stale_outbox}"
     assert not any(letters.values()), f"dead letters: {letters}"
-    assert sum(chaos.kills.values()) == ROUNDS * len(VICTIMS)
+    assert sum(chaos.kills.values()) == ROUNDS * (len(VICTIMS) - 1)
+    assert sum(chaos.switch_crashes.values()) == ROUNDS
+    assert len(chaos.switch_crashes) == ROUNDS  # a different service each round
+    assert chaos.paused_lag >= PAUSE_LAG

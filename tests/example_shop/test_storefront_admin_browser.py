@@ -57,12 +57,6 @@ async def confirmed_order(url: str, product_id: str, quantity: int) -> None:
     raise AssertionError(f"order {order_id} was not confirmed")
 
 
-async def faults_wired(url: str) -> bool:
-    """Whether the storefront answers /api/admin/faults (its routes are wired separately)."""
-    async with api_session(url, ADMIN) as http, http.get("/api/admin/faults") as response:
-        return response.status == 200
-
-
 async def open_admin(admin: Browsing) -> None:
     from playwright.async_api import expect
 
@@ -79,8 +73,6 @@ async def test_an_admin_sees_sales_stock_and_the_system_drawn(
 
     page = admin.page
     await confirmed_order(embedded_shop.url, "p-005", 2)
-    if not await faults_wired(embedded_shop.url):
-        admin.watch.allow(404, "/api/admin/faults")  # until the storefront serves /faults
 
     async with stock_set_to(embedded_shop.url, "p-023", 3):
         await open_admin(admin)
@@ -128,14 +120,6 @@ async def test_an_admin_flips_a_fault_switch_through_the_page_and_back(
 
     page = admin.page
     url = embedded_shop.url
-    if not await faults_wired(url):
-        admin.watch.allow(404, "/api/admin/faults")
-        await open_admin(admin)
-        await expect(page.get_by_test_id("faults")).to_contain_text("not available")
-        pytest.xfail(
-            "GET /api/admin/faults answers 404: the storefront's /faults routes are not wired"
-        )
-
     await open_admin(admin)
     analytics = page.get_by_test_id("fault-analytics")
     await expect(analytics.get_by_test_id("fault-state")).to_have_text("normal")
@@ -205,8 +189,6 @@ async def test_the_admin_page_fits_a_phone(embedded_shop: Shop) -> None:
     from playwright.async_api import expect
 
     async with browsing(embedded_shop.url, "phone-admin", PHONE) as phone:
-        if not await faults_wired(embedded_shop.url):
-            phone.watch.allow(404, "/api/admin/faults")
         await open_admin(phone)
         await expect(phone.page.get_by_test_id("graph").locator("svg")).to_be_visible()
         await expect(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -21,7 +21,9 @@ from example_shop.contracts import (
 )
 from example_shop.payments import Payments
 from example_shop.payments.processor import decide, luhn_valid
-from framework.bus import MemoryTransport
+from example_shop.payments.service import DECLINE_RATE, FAULT_DECLINE_REASON
+from framework.bus import Bus, MemoryTransport
+from framework.faults import FaultSwitches
 from framework.messages import Envelope, decode_payload, from_binary, to_binary, type_name
 from framework.service import ServiceSettings
 from framework.testing import ServiceHarness
@@ -230,3 +232,57 @@ async def test_a_refund_without_authorization_has_nothing_to_undo(
         PaymentDeclined(order_id="o-4", reason="card declined"),
         PaymentRefunded(order_id="o-4", payment_id=None),
     ]
+
+
+async def test_the_decline_rate_switch_declines_good_cards(postgres_database: str) -> None:
+    transport = MemoryTransport()
+    settings = ServiceSettings(
+        http_host="127.0.0.1",
+        http_port=0,
+        faults=True,
+        env={"PAYMENTS_DATABASE_URL": postgres_database},
+    )
+    admin = Bus(transport, source="admin")
+    switches = FaultSwitches(admin)
+    async with ServiceHarness(Payments(settings, transport=transport)) as harness:
+        await admin.start()
+        await switches.start()
+        try:
+            injector = harness.service.faults
+            assert injector is not None
+            await switches.set("payments", rates={DECLINE_RATE: 1.0})
+            await eventually(lambda: injector.current.rate(DECLINE_RATE) == 1.0)
+            good = AuthorizePayment(
+                order_id="o-fault", amount_cents=500, card_number="4242424242424242"
+            )
+            envelope = command_envelope(good, saga_id="saga-fault")
+            await deliver(harness, envelope)
+            [(_, declined)] = await replies(harness, 1)
+            assert declined == PaymentDeclined(order_id="o-fault", reason=FAULT_DECLINE_REASON)
+
+            # Decided once: with the switch off again, the redelivered command gets the same
+            # answer; a new order is authorized.
+            await switches.set("payments", rates={DECLINE_RATE: 0.0})
+            await eventually(lambda: injector.current.rate(DECLINE_RATE) == 0.0)
+            await deliver(harness, envelope)
+            again = AuthorizePayment(
+                order_id="o-after", amount_cents=500, card_number="4242424242424242"
+            )
+            await deliver(harness, command_envelope(again, saga_id="saga-after"))
+            answered = {reply.order_id: reply for _, reply in await replies(harness, 3)}
+            assert answered["o-fault"] == declined
+            assert isinstance(answered["o-after"], PaymentAuthorized)
+            rows = {row["order_id"]: row for row in await payment_rows(harness)}
+            assert rows["o-fault"]["status"] == "declined"
+            assert rows["o-fault"]["reason"] == FAULT_DECLINE_REASON
+            assert rows["o-fault"]["card_last4"] == "4242"
+        finally:
+            await switches.stop()
+            await admin.stop()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
+        await asyncio.sleep(0.01)

@@ -10,6 +10,7 @@ MONGO_URL; `eval "$(scripts/devservices up)"` starts them):
     print(shop.url)         # http://localhost:8000/
     shop.kill("payments")   # SIGKILL one service (a chaos test's crash) ...
     shop.restart("payments")  # ... and start it again, ready-checked
+    shop.revive_exited()    # start again whatever exited (a crash), as Kubernetes would
     shop.stop()             # SIGTERM in reverse order, SIGKILL after the grace period
 
 Lifecycle promises:
@@ -23,6 +24,11 @@ Lifecycle promises:
   lists pid, port and log of each (what `status()` and `scripts/processes status` read).
 - `stop()` sends SIGTERM to the gateway, then to the services in reverse start order, waiting
   for each to exit for `grace` seconds before SIGKILL. It is idempotent.
+- `revive_exited()` starts again, ready-checked, each process that exited on its own (a crash,
+  e.g. the admin page's `crash_next` fault switch), like a Pod's `restartPolicy: Always`;
+  `msa shop --processes` calls it twice a second. A process that exits `CRASH_LOOP` times within
+  `CRASH_LOOP_WINDOW` seconds is not started again: `ProcessFailed` (a crash loop, as
+  Kubernetes' CrashLoopBackOff shows it).
 - The processes run in their own sessions: a Ctrl-C in the terminal reaches `msa shop
   --processes` only, which then stops them in order.
 
@@ -59,6 +65,9 @@ GATEWAY = "gateway"
 """The name of the web gateway's process, after the services'."""
 REQUIRED_VARIABLES = ("KAFKA_BOOTSTRAP", "POSTGRES_URL", "MONGO_URL")
 STATE_FILE = "processes.json"
+CRASH_LOOP = 5
+"""Exits within `CRASH_LOOP_WINDOW` seconds after which `revive_exited` gives a process up."""
+CRASH_LOOP_WINDOW = 60.0
 
 
 class ProcessFailed(RuntimeError):
@@ -167,6 +176,7 @@ class ShopProcesses:
         self._logs: dict[str, IO[bytes]] = {}
         self._files_signing_key = secrets.token_urlsafe(32)
         self._started = False
+        self._exits: dict[str, list[float]] = {}  # name -> when it was found exited (monotonic)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -222,6 +232,30 @@ class ShopProcesses:
         process.wait()
         self._close_log(name)
         self._write_state()
+
+    def revive_exited(self) -> list[str]:
+        """Start again, each ready before the next, the processes that exited since they were
+        started; returns their names. `ProcessFailed` for a process in a crash loop."""
+        revived = []
+        for name, process in list(self.processes.items()):
+            if process.poll() is None:
+                continue
+            now = time.monotonic()
+            exits = [t for t in self._exits.get(name, []) if now - t < CRASH_LOOP_WINDOW]
+            self._exits[name] = [*exits, now]
+            if len(self._exits[name]) >= CRASH_LOOP:
+                raise ProcessFailed(
+                    f"{name} exited {CRASH_LOOP} times within {CRASH_LOOP_WINDOW:.0f} s (last "
+                    f"code {process.returncode}); see {self.log_path(name)}:\n"
+                    + self._log_tail(name)
+                )
+            self._close_log(name)
+            self._spawn(name, append=True)
+            self.wait_ready(name)
+            revived.append(name)
+        if revived:
+            self._write_state()
+        return revived
 
     def restart(self, name: str) -> None:
         """Stop `name` (SIGTERM, then SIGKILL after the grace period) if it runs, start it again
@@ -355,15 +389,14 @@ def serve(port: int) -> int:
             flush=True,
         )
         while True:
-            for name, process in shop.processes.items():
-                if process.poll() is not None:
-                    print(
-                        f"msa shop --processes: {name} exited with code {process.returncode} "
-                        f"(see {shop.log_path(name)}); stopping the others",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return 1
+            exited = {n: p.returncode for n, p in shop.processes.items() if p.poll() is not None}
+            for name in shop.revive_exited():
+                print(
+                    f"msa shop --processes: {name} exited with code {exited.get(name)} (see "
+                    f"{shop.log_path(name)}); started it again",
+                    file=sys.stderr,
+                    flush=True,
+                )
             time.sleep(0.5)
     except KeyboardInterrupt:
         return 0

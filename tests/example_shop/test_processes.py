@@ -56,7 +56,7 @@ async def test_every_service_runs_as_its_own_process(tmp_path: Path) -> None:
     try:
         await asyncio.to_thread(shop.start)
         assert set(shop.processes) == {*START_ORDER, GATEWAY}
-        started = dict(shop.processes)
+        started = {n: p for n, p in shop.processes.items() if n != "payments"}  # payments: below
         assert all(status["ready"] for status in shop.status().values()), shop.status()
 
         base = shop.url.rstrip("/")
@@ -79,6 +79,22 @@ async def test_every_service_runs_as_its_own_process(tmp_path: Path) -> None:
                 order = await response.json()
             confirmed = await wait_for_status(http, base, order["order_id"], {"confirmed"})
             assert confirmed["status"] == "confirmed"
+
+            # A crash (SIGKILL, or the admin page's crash switch): the process is started again.
+            payments = shop.processes["payments"]
+            assert await asyncio.to_thread(shop.revive_exited) == []
+            payments.kill()
+            await asyncio.to_thread(payments.wait)
+            assert await asyncio.to_thread(shop.revive_exited) == ["payments"]
+            assert shop.processes["payments"].pid != payments.pid
+            assert shop.status()["payments"]["ready"]
+            async with http.put(f"{base}/api/cart/items/p-002", json={"quantity": 1}) as response:
+                assert response.status == 200, await response.text()
+            async with http.post(f"{base}/api/orders", json=order_request) as response:
+                assert response.status == 202, await response.text()
+                again = await response.json()
+            confirmed = await wait_for_status(http, base, again["order_id"], {"confirmed"})
+            assert confirmed["status"] == "confirmed"  # the new payments process authorized it
     finally:
         await asyncio.to_thread(shop.stop)
         await drop_databases(prefix)

@@ -20,8 +20,9 @@ one process is a 409 problem: the crash would stop all of it. The storefront kno
 as separate processes from `MSA_SHOP_PROCESSES=1`, which `msa shop --processes` sets.
 
 The switches live on the bus (`framework.faults`, topic `msa.faults`), where every process of
-the shop reads them; the services obey them when `MSA_FAULTS=1`, which `msa shop` and
-`msa shop --processes` set.
+the shop reads them; the services obey them when `MSA_FAULTS=1`, which `msa shop`,
+`msa shop --processes`, compose and the k8s dev overlay set. Where the storefront has it off
+(the k8s prod overlay), both routes answer 404: no switch is offered that nothing would obey.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ _DOMAIN_SWITCHES: Final = {DECLINE_RATE: "payments"}
 """Switches only one service has: switch -> that service."""
 PROCESSES_VARIABLE = "MSA_SHOP_PROCESSES"
 """Set to 1 when every service runs as its own process (`msa shop --processes`)."""
+ENABLED_VARIABLE = "MSA_FAULTS"
+"""`framework.service.ServiceSettings.faults`: 1 where the services obey the switches."""
+OFF = "fault injection is off on this deployment (the services obey it with MSA_FAULTS=1)"
 ONE_PROCESS_CRASH = (
     "the shop runs in one process: a crash would stop all of it; run msa shop --processes"
 )
@@ -89,18 +93,30 @@ class FaultsAdmin:
         self, bus: Bus, env: Mapping[str, str], *, switches: FaultSwitches | None = None
     ) -> None:
         self.switches = switches if switches is not None else FaultSwitches(bus, topic=FAULTS_TOPIC)
-        self.processes = env.get(PROCESSES_VARIABLE, "").strip().lower() in ("1", "true", "yes")
+        self.processes = _on(env, PROCESSES_VARIABLE)
         """Whether the services run as separate processes (so one may crash alone)."""
+        self.enabled = _on(env, ENABLED_VARIABLE)
+        """Whether this deployment obeys the switches (the storefront's own `MSA_FAULTS`)."""
 
     async def start(self) -> None:
-        await self.switches.start()
+        if self.enabled:
+            await self.switches.start()
 
     async def stop(self) -> None:
-        await self.switches.stop()
+        if self.enabled:
+            await self.switches.stop()
+
+    def _off(self) -> web.Response | None:
+        """The answer of both routes where fault injection is off."""
+        if self.enabled:
+            return None
+        return problem(404, "Not Found", OFF)
 
     async def get(self, request: web.Request) -> web.Response:
         """`GET /faults`: every service's switches, and whether they run as processes."""
         require_admin(request)
+        if (off := self._off()) is not None:
+            return off
         return json_response(
             {
                 "processes": self.processes,
@@ -111,6 +127,8 @@ class FaultsAdmin:
     async def put(self, request: web.Request) -> web.Response:
         """`PUT /faults/{service}`: change some of a service's switches; answers them after."""
         require_admin(request)
+        if (off := self._off()) is not None:
+            return off
         service = request.match_info["service"]
         if service not in SERVICES:
             return problem(404, "Not Found", f"no service {service!r}; the services are {SERVICES}")
@@ -141,3 +159,7 @@ class FaultsAdmin:
                 503, "Service Unavailable", f"the switches could not be stored on the bus: {exc}"
             )
         return json_response(switches_view(switches))
+
+
+def _on(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")

@@ -79,7 +79,7 @@ async def panel(transport: Transport, env: dict[str, str]) -> FaultsPanel:
 @pytest.fixture
 async def one_process() -> AsyncIterator[tuple[str, MemoryTransport]]:
     transport = MemoryTransport()
-    service = await panel(transport, {})
+    service = await panel(transport, {"MSA_FAULTS": "1"})
     try:
         yield f"http://127.0.0.1:{service.http_port}", transport
     finally:
@@ -104,6 +104,22 @@ async def call(
             return r.status, problem
         assert r.content_type == "application/json"
         return r.status, await r.json()
+
+
+async def test_where_fault_injection_is_off_no_switch_is_offered() -> None:
+    service = await panel(MemoryTransport(), {})  # no MSA_FAULTS: what the prod overlay runs
+    base = f"http://127.0.0.1:{service.http_port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for method, path, body in (
+                ("GET", "/faults", None),
+                ("PUT", "/faults/payments", {"latency_ms": 5}),
+            ):
+                status, problem = await call(http, method, f"{base}{path}", json=body)
+                assert status == 404
+                assert "MSA_FAULTS=1" in problem["detail"]
+    finally:
+        await service.stop(grace=1)
 
 
 async def test_every_service_has_the_four_switches(
@@ -209,7 +225,7 @@ async def test_bodies_that_are_not_json_and_callers_who_are_not_admins_are_refus
 
 async def test_crash_next_is_accepted_when_the_services_run_as_processes() -> None:
     transport = MemoryTransport()
-    service = await panel(transport, {"MSA_SHOP_PROCESSES": "1"})
+    service = await panel(transport, {"MSA_FAULTS": "1", "MSA_SHOP_PROCESSES": "1"})
     base = f"http://127.0.0.1:{service.http_port}"
     try:
         async with aiohttp.ClientSession() as http:

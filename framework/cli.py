@@ -92,6 +92,7 @@ environment (read by ServiceSettings.from_env and KafkaSettings.from_env):
   MSA_LOG_FORMAT           json or text (default: json)
   MSA_FAULTS               1 obeys the fault switches on topic msa.faults (default: 0)
   KAFKA_BOOTSTRAP          the Kafka brokers, host:port[,host:port] (default: none)
+  KAFKA_CLIENT             aiokafka or confluent: the Kafka client (default: aiokafka)
   KAFKA_CLIENT_ID          the client id the brokers see (default: msa)
   KAFKA_LINGER_MS          milliseconds a record waits for its batch to fill (default: 5)
   KAFKA_COMPRESSION        gzip, lz4, zstd, snappy or none (default: none)
@@ -99,6 +100,7 @@ environment (read by ServiceSettings.from_env and KafkaSettings.from_env):
   KAFKA_SASL_MECHANISM     PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (default: PLAIN)
   KAFKA_SASL_USERNAME      the SASL user name (default: none)
   KAFKA_SASL_PASSWORD      the SASL password (default: none)
+  KAFKA_SSL_CA_LOCATION    with KAFKA_CLIENT=confluent: the brokers' CA file (default: system)
 Resources read their own variables from the same environment (e.g. POSTGRES_URL, MONGO_URL).
 """
 """The `msa run --help` epilog; a test holds it to what the settings' `from_env` read."""

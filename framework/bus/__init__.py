@@ -5,6 +5,8 @@
   (framework.bus.consumer): ordered concurrency, at-least-once commits, retries, dead letters.
 - `MemoryTransport` (framework.bus.memory): Kafka-like, in process.
 - `KafkaTransport`, `KafkaSettings` (framework.bus.kafka, extra `kafka`): Apache Kafka via aiokafka.
+- `ConfluentTransport`, `ConfluentSettings` (framework.bus.confluent, extra `kafka-confluent`):
+  Apache Kafka via librdkafka (confluent-kafka), for throughput; `KAFKA_CLIENT=confluent`.
 - `transport_from_env` (framework.bus.transports): the transport `MSA_TRANSPORT` and the
   `KAFKA_*` variables describe; services, the gateway and the CLI build theirs with it.
 """

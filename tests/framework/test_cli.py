@@ -19,10 +19,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message
+from framework.bus.confluent import ConfluentSettings
 from framework.bus.consumer import DLQ_PREFIX
 from framework.bus.dlq import REPLAY_COUNT
 from framework.bus.kafka import KafkaSettings, KafkaTransport
-from framework.bus.transports import transport_name
+from framework.bus.transports import kafka_client, transport_name
 from framework.cli import COMMANDS_GROUP, Command, installed_commands, main
 from framework.errors import Reject
 from framework.graph import SystemGraph, describe
@@ -124,14 +125,18 @@ def test_bad_targets_are_explained(
 
 
 def variables_read_by_the_settings() -> set[str]:
-    """The environment variables `ServiceSettings.from_env` (with `transport_name`, which it
-    asks) and `KafkaSettings.from_env` read, found in their source: quoted `MSA_*`/`KAFKA_*`
-    names, and the `get("NAME")` keys Kafka's reads after its `prefix`."""
-    source = inspect.getsource(ServiceSettings) + inspect.getsource(transport_name)
+    """The environment variables `ServiceSettings.from_env` (with `transport_name` and
+    `kafka_client`, which choose the transport) and the Kafka clients' settings (`KafkaSettings`,
+    `ConfluentSettings`) read, found in their source: quoted `MSA_*`/`KAFKA_*` names, and the
+    `get("NAME")` keys the clients' `from_env` read after their `prefix`."""
+    source = "".join(inspect.getsource(f) for f in (ServiceSettings, transport_name, kafka_client))
     names = set(re.findall(r'"((?:MSA|KAFKA)_[A-Z0-9_]+)"', source))
-    prefix = inspect.signature(KafkaSettings.from_env).parameters["prefix"].default
-    kafka_source = inspect.getsource(KafkaSettings.from_env)
-    names |= {prefix + key for key in re.findall(r'\bget\("([A-Z][A-Z0-9_]*)"\)', kafka_source)}
+    for settings in (KafkaSettings, ConfluentSettings):
+        prefix = inspect.signature(settings.from_env).parameters["prefix"].default
+        client_source = inspect.getsource(settings.from_env)
+        names |= {
+            prefix + key for key in re.findall(r'\bget\("([A-Z][A-Z0-9_]*)"\)', client_source)
+        }
     return names
 
 

@@ -1,8 +1,13 @@
-"""Any Kafka client can read and write our events: CloudEvents Kafka binding, binary mode."""
+"""Any Kafka client can read and write our events: CloudEvents Kafka binding, binary mode.
+
+Each test runs on both of our Kafka clients (`[kafka]` aiokafka, `[confluent]` librdkafka), with
+a plain aiokafka client on the other side.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -12,8 +17,21 @@ from pydantic import BaseModel
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message
 from framework.bus.kafka import KafkaSettings, KafkaTransport
 from framework.messages import message_type
+from framework.types import Transport
 
 pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(params=["kafka", "confluent"])
+def kafka_transport(
+    request: pytest.FixtureRequest, kafka_bootstrap: str
+) -> Callable[[], Transport]:
+    """New transports on the real Kafka, through one of our two clients."""
+    if request.param == "confluent":
+        from framework.bus.confluent import ConfluentSettings, ConfluentTransport
+
+        return lambda: ConfluentTransport(ConfluentSettings(bootstrap_servers=kafka_bootstrap))
+    return lambda: KafkaTransport(KafkaSettings(bootstrap_servers=kafka_bootstrap))
 
 
 @message_type("shop.stock.reserved")
@@ -23,11 +41,11 @@ class StockReserved(BaseModel):
 
 
 async def test_a_plain_aiokafka_producer_feeds_our_handlers(
-    kafka_bootstrap: str, topic_name: str
+    kafka_bootstrap: str, kafka_transport: Callable[[], Transport], topic_name: str
 ) -> None:
     got: list[Message[StockReserved]] = []
     arrived = asyncio.Event()
-    bus = Bus(KafkaTransport(KafkaSettings(bootstrap_servers=kafka_bootstrap)), source="it")
+    bus = Bus(kafka_transport(), source="it")
 
     async def on_reserved(message: Message[StockReserved]) -> None:
         got.append(message)
@@ -66,9 +84,9 @@ async def test_a_plain_aiokafka_producer_feeds_our_handlers(
 
 
 async def test_a_plain_aiokafka_consumer_reads_our_events(
-    kafka_bootstrap: str, topic_name: str
+    kafka_bootstrap: str, kafka_transport: Callable[[], Transport], topic_name: str
 ) -> None:
-    bus = Bus(KafkaTransport(KafkaSettings(bootstrap_servers=kafka_bootstrap)), source="inventory")
+    bus = Bus(kafka_transport(), source="inventory")
     await bus.start()
     try:
         sent = bus.envelope(StockReserved(sku="cup", quantity=3), key="cup")

@@ -1,78 +1,90 @@
-"""The message bus against raw aiokafka, FastStream and faust-streaming, on one real Kafka broker.
+"""The message bus against raw aiokafka and FastStream at equal settings and equal work.
 
-    eval "$(scripts/devservices env)"            # KAFKA_BOOTSTRAP (and KAFKA_VERSION)
-    .venv/bin/python benchmarks/bus.py            # full run, about 3 minutes on 2 cores
-    .venv/bin/python benchmarks/bus.py --quick    # a smoke run, under a minute
+    source /tmp/devenv.sh   # or: eval "$(scripts/devservices env)"  -> KAFKA_BOOTSTRAP
+    .venv/bin/python benchmarks/bus.py            # full run: 3 interleaved rounds, 3-4 minutes
+    .venv/bin/python benchmarks/bus.py --quick    # smoke run: 1 round, small counts
+    .venv/bin/python benchmarks/bus.py --only publish,consume --rounds 5
 
-Scenarios (1 KiB JSON payloads, fresh 3-partition topics, uvloop for everyone, one process):
+Scenarios (1 KiB JSON `OrderPlaced` payloads, fresh topics, uvloop for everyone):
 
-1. publish   - pipelined sends awaited together at the end, then one-at-a-time awaited sends.
-2. consume   - read N pre-filled CloudEvents records, no-op handler, offsets committed.
-3. request   - request/reply round trips: sequential (latency) and 32 in flight (throughput).
-4. envelope  - CloudEvent encode + decode of a typed event, no broker.
+1. publish         N pipelined sends, acknowledgements gathered at the end.
+2. consume         N records written by our Bus, decoded + validated, offsets committed.
+3. request/reply   M sequential round trips (p50/p99), then M with 32 in flight.
+4. scale-out       1 vs 2 consumer processes in one group, 12 partitions, CPU-bound handler.
 
-Every producer uses our `KafkaSettings` defaults (acks=all, idempotence, linger_ms,
-max_batch_size) unless its row says otherwise, so the comparisons measure the libraries, not
-their configuration. README.md in this folder explains each scenario's delivery semantics and
-holds a dated table. Each measurement is bounded in time; if the broker goes away the remaining
-broker measurements are skipped, and the exit status is 1 whenever a row is an error.
+Rules the table keeps: rows that are compared run with the same producer settings (printed in
+the `settings` column), the same delivery guarantee and the same encode/validate work (the
+`work / delivery` and `payload` columns); a row that is not comparable says so (a ceiling, a
+reference). Each row is the median of `--rounds` rounds, interleaved (round 1 of every row of a
+scenario, then round 2, ...), with the process CPU time per operation beside the rate, because
+the machine is shared. README.md in this folder explains every row.
+
+Hooks for the framework's other transports and payload codecs: `--transports kafka,kafka-confluent`
+(the default) measures our Bus on each (the confluent-kafka transport built with the same
+settings; an "n/a" row where it is not installed), `--payload msgspec` runs the raw and our
+rows with a `msgspec.Struct` payload (FastStream's rows stay pydantic and are then not compared).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import json
+import importlib
+import importlib.metadata
 import logging
 import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import uvloop
-from _common import Check, Clock, Result, environment, median, render, require_env
+from _common import Clock, environment, percentile, require_env
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+from bus_table import Row, Sample, Target, Variant, render
 from pydantic import BaseModel
 
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message
 from framework.bus.kafka import KafkaSettings, KafkaTransport
-from framework.messages import (
-    Envelope,
-    decode_payload,
-    from_binary,
-    from_structured,
-    message_type,
-    to_binary,
-    to_structured,
-    type_name,
-)
-from framework.types import Record, TopicSpec
+from framework.messages import message_type, to_binary, type_name
+from framework.types import Transport
 
 log = logging.getLogger("benchmarks.bus")
 
 PAYLOAD_BYTES = 1024
 KEYS = 1024
-"""Distinct partition keys (entity ids), cycled through: a realistic spread of keys."""
+"""Distinct partition keys (order ids), cycled through."""
 
-OURS = "our Bus"
-OURS_BYTES = "our Bus, bytes handler"
-OURS_NO_LINGER = "our Bus, linger_ms=0"
-RAW = "raw aiokafka"
-FASTSTREAM = "FastStream"
-FASTSTREAM_OWN = "FastStream, own defaults"
-FAUST = "faust-streaming"
-STDLIB = "stdlib json"
+RAW = "raw aiokafka, encode each"
+RAW_CEILING = "raw aiokafka, pre-encoded (ceiling)"
+RAW_CONSUME = "raw aiokafka, decode+validate"
+FS = "FastStream (aiokafka)"
+FS_CONFLUENT = "FastStream (confluent)"
+FS_ACK = "FastStream (aiokafka), AckPolicy.ACK"
+FS_ACK_FIRST = "FastStream (aiokafka), default ACK_FIRST"
+FSC_ACK = "FastStream (confluent), AckPolicy.ACK"
+FSC_ACK_FIRST = "FastStream (confluent), default ACK_FIRST"
 
 
-# -- the payload -------------------------------------------------------------------------------
+def ours(transport: str) -> str:
+    return "our Bus" if transport == "kafka" else f"our Bus ({transport})"
+
+
+class Unavailable(Exception):
+    """A row that cannot run here (a library or transport is missing): an n/a row."""
+
+
+class BrokerUnreachable(Exception):
+    pass
+
+
+# -- payloads ------------------------------------------------------------------------------------
 
 
 class Line(BaseModel):
@@ -135,63 +147,236 @@ def make_order(i: int) -> OrderPlaced:
     return order.model_copy(update={"note": "n" * pad})
 
 
-class Pool:
-    """`KEYS` orders, their keys, and the exact records our Bus writes for them."""
+@dataclass(frozen=True, kw_only=True)
+class Codec:
+    """One payload flavour: the order class, its instances, and how a hand-written client
+    encodes one and decodes + validates one (what the raw aiokafka rows do per message)."""
 
-    def __init__(self) -> None:
-        self.orders = [make_order(i) for i in range(KEYS)]
-        self.keys = [order.order_id for order in self.orders]
-        self.key_bytes = [key.encode() for key in self.keys]
-        shaper = Bus(MemoryTransport(), source="bench.publisher")
-        self.records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
-        for order, key in zip(self.orders, self.keys, strict=True):
-            k, value, headers = to_binary(shaper.envelope(order, key=key))
-            self.records.append((k, value, list(headers)))
-        assert all(len(value) == PAYLOAD_BYTES for _, value, _ in self.records)
+    name: str
+    cls: type[Any]
+    orders: list[Any]
+    encode: Callable[[Any], bytes]
+    decode: Callable[[bytes], Any]
 
 
-def quote(order: OrderPlaced) -> Quote:
+def pydantic_codec(orders: list[OrderPlaced]) -> Codec:
+    serializer = OrderPlaced.__pydantic_serializer__
+    return Codec(
+        name="pydantic",
+        cls=OrderPlaced,
+        orders=orders,
+        encode=serializer.to_json,  # = model_dump_json(), as bytes
+        decode=OrderPlaced.model_validate_json,
+    )
+
+
+try:  # the --payload msgspec rows; module level, so msgspec can resolve the annotations
+    import msgspec
+
+    class LineStruct(msgspec.Struct):
+        sku: str
+        name: str
+        quantity: int
+        unit_price_cents: int
+
+    class AddressStruct(msgspec.Struct):
+        street: str
+        city: str
+        postcode: str
+        country: str
+
+    @message_type("bench.order.placed")
+    class OrderPlacedStruct(msgspec.Struct):
+        order_id: str
+        customer_id: str
+        placed_at: datetime
+        currency: str
+        total_cents: int
+        shipping: AddressStruct
+        lines: list[LineStruct]
+        note: str
+
+except ImportError:  # pragma: no cover - depends on what is installed
+    msgspec = None  # type: ignore[assignment]
+
+
+def msgspec_codec(orders: list[OrderPlaced]) -> Codec:
+    """The same orders as `msgspec.Struct`s; `Unavailable` without msgspec."""
+    if msgspec is None:
+        raise Unavailable("msgspec is not installed")
+    decoder = msgspec.json.Decoder(OrderPlacedStruct)
+    structs = [decoder.decode(OrderPlaced.__pydantic_serializer__.to_json(o)) for o in orders]
+    return Codec(
+        name="msgspec",
+        cls=OrderPlacedStruct,
+        orders=structs,
+        encode=msgspec.json.Encoder().encode,
+        decode=decoder.decode,
+    )
+
+
+def quote(order: Any) -> Quote:
     return Quote(order_id=order.order_id, total_cents=order.total_cents, currency="EUR")
+
+
+def ce_headers(key: bytes) -> list[tuple[str, bytes]]:
+    """The CloudEvents binary-mode headers our Bus writes, built per message as a hand-written
+    producer would: a fresh id, the time now, a new root trace."""
+    return [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", os.urandom(16).hex().encode()),
+        ("ce_source", b"bench.publisher"),
+        ("ce_type", b"bench.order.placed"),
+        ("ce_time", datetime.now(UTC).isoformat().encode()),
+        ("content-type", b"application/json"),
+        ("ce_traceparent", f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01".encode()),
+        ("ce_partitionkey", key),
+    ]
+
+
+# -- settings, transports, brokers ----------------------------------------------------------------
+
+
+def settings_label(acks: Any, idempotence: bool, linger: int, batch: int, compression: Any) -> str:
+    return (
+        f"acks={acks} idem={'on' if idempotence else 'off'} linger={linger}ms "
+        f"batch={batch // 1024}K compr={compression or 'none'}"
+    )
+
+
+def label_of(settings: KafkaSettings) -> str:
+    return settings_label(
+        settings.acks,
+        settings.enable_idempotence,
+        settings.linger_ms,
+        settings.max_batch_size,
+        settings.compression_type,
+    )
+
+
+def aiokafka_options(settings: KafkaSettings) -> dict[str, Any]:
+    return {
+        "acks": settings.acks,
+        "enable_idempotence": settings.enable_idempotence,
+        "linger_ms": settings.linger_ms,
+        "max_batch_size": settings.max_batch_size,
+        "compression_type": settings.compression_type,
+    }
+
+
+def make_transport(name: str, settings: KafkaSettings) -> Transport:
+    """Our transport `name` built with `settings`.
+
+    "kafka" is the aiokafka transport. "kafka-confluent" is the confluent-kafka one
+    (`framework.bus.confluent`, chosen in deployments with `KAFKA_CLIENT=confluent`), given
+    every field of `settings` its settings class shares, so both run with the same producer
+    settings (its own default batch size is 1 MiB, ours 256 KiB). Any other name is looked up
+    in `framework.bus.transports`. `Unavailable` if the transport is not there.
+    """
+    if name == "kafka":
+        return KafkaTransport(settings)
+    if "confluent" in name:
+        try:
+            module = importlib.import_module("framework.bus.confluent")
+            settings_class, transport_class = module.ConfluentSettings, module.ConfluentTransport
+        except (ImportError, AttributeError):
+            raise Unavailable("n/a (transport not available)") from None
+        shared = {f.name for f in fields(settings_class)} & {f.name for f in fields(settings)}
+        shared.discard("ssl_context")
+        built: Transport = transport_class(
+            settings_class(**{name: getattr(settings, name) for name in shared})
+        )
+        return built
+    from framework.bus import transports
+
+    if name not in getattr(transports, "TRANSPORTS", ()):
+        raise Unavailable("n/a (transport not available)")
+    env = {
+        "MSA_TRANSPORT": name,
+        "KAFKA_BOOTSTRAP": settings.bootstrap_servers,
+        "KAFKA_CLIENT_ID": settings.client_id,
+        "KAFKA_LINGER_MS": str(settings.linger_ms),
+    }
+    return transports.transport_from_env(env, name=name)
+
+
+def faststream_available(flavour: str) -> str | None:
+    """Why FastStream on `flavour` ("kafka" or "confluent") cannot run, or None."""
+    try:
+        importlib.import_module(f"faststream.{flavour}")
+    except ImportError as exc:
+        return f"n/a (faststream.{flavour} does not import: {exc})"
+    return None
+
+
+def faststream_broker(flavour: str, settings: KafkaSettings | None) -> Any:
+    """A FastStream broker producing with `settings`, or with its own defaults (None).
+
+    logger=None: its access log writes two lines per message; our Bus logs none."""
+    if flavour == "confluent":
+        from faststream.confluent import KafkaBroker as ConfluentBroker
+
+        if settings is None:
+            return ConfluentBroker(settings_bootstrap(), client_id="bench-fs", logger=None)
+        return ConfluentBroker(
+            settings.bootstrap_servers,
+            client_id="bench-fs",
+            logger=None,
+            acks=settings.acks,
+            enable_idempotence=settings.enable_idempotence,
+            linger_ms=settings.linger_ms,
+            compression_type=settings.compression_type,
+            config={"batch.size": settings.max_batch_size},
+        )
+    from faststream.kafka import KafkaBroker
+
+    if settings is None:
+        return KafkaBroker(settings_bootstrap(), client_id="bench-fs", logger=None)
+    return KafkaBroker(
+        settings.bootstrap_servers, client_id="bench-fs", logger=None, **aiokafka_options(settings)
+    )
+
+
+def settings_bootstrap() -> str:
+    return os.environ["KAFKA_BOOTSTRAP"]
+
+
+def faststream_defaults_label(flavour: str) -> str:
+    """FastStream's own producer defaults, read from its signature."""
+    import inspect
+
+    module = importlib.import_module(f"faststream.{flavour}")
+    parameters = inspect.signature(module.KafkaBroker.__init__).parameters
+
+    def default(name: str, fallback: Any) -> Any:
+        value = parameters[name].default if name in parameters else fallback
+        return value if isinstance(value, int | str | bool | type(None)) else fallback
+
+    linger = default("linger_ms", 0)
+    idem = default("enable_idempotence", False)
+    # unset acks: aiokafka's default (1, "all" with idempotence); FastStream's confluent
+    # broker maps unset to -1, i.e. "all"
+    acks = default("acks", None) or ("all" if idem or flavour == "confluent" else 1)
+    batch = default("max_batch_size", 16384 if flavour == "kafka" else 1_000_000)
+    return settings_label(
+        acks, bool(idem), int(linger), int(batch), default("compression_type", None)
+    )
+
+
+def ack_policy(policy: str) -> dict[str, Any]:
+    """FastStream's subscriber argument for `policy` ("ack" or "ack_first"): `ack_policy` on
+    0.6+, `auto_commit` on 0.5."""
+    try:
+        from faststream import AckPolicy
+    except ImportError:
+        return {"auto_commit": policy == "ack_first"}
+    return {"ack_policy": AckPolicy.ACK if policy == "ack" else AckPolicy.ACK_FIRST}
 
 
 # -- plumbing -----------------------------------------------------------------------------------
 
 
-class Progress:
-    """Counts handled messages; the clock runs from the `warm`-th to the `total`-th."""
-
-    def __init__(self, warm: int, total: int) -> None:
-        self.warm, self.total = warm, total
-        self.seen = 0
-        self.clock = Clock()
-        self.handled_at: float | None = None
-        self.committed_at: float | None = None
-        self.done = asyncio.Event()
-
-    def tick(self) -> None:
-        self.seen += 1
-        if self.seen == self.warm:
-            self.clock.start()
-        if self.seen == self.total:
-            self.clock.stop()
-            self.handled_at = time.perf_counter()
-            self.done.set()
-
-    def commit_landed(self) -> None:
-        if self.committed_at is None:
-            self.committed_at = time.perf_counter()
-
-    @property
-    def measured(self) -> int:
-        return self.total - self.warm
-
-
-class BrokerUnreachable(Exception):
-    pass
-
-
 async def broker_alive(bootstrap: str) -> bool:
-    """Whether the first bootstrap server accepts a TCP connection within 3 s."""
     host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
     try:
         async with asyncio.timeout(3):
@@ -217,9 +402,9 @@ class Topics:
     def __init__(self, bootstrap: str, run: str) -> None:
         self.bootstrap, self.run = bootstrap, run
         self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench-admin")
+        self.count = 0
 
     async def __aenter__(self) -> Topics:
-        """Connect, waiting up to 30 s for a broker that is (re)starting."""
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -229,8 +414,7 @@ class Topics:
                 await self.admin.close()
                 if time.monotonic() > deadline:
                     raise BrokerUnreachable(
-                        f"cannot reach Kafka at {self.bootstrap} ({exc}); is it running? "
-                        'eval "$(scripts/devservices up)"'
+                        f"cannot reach Kafka at {self.bootstrap} ({exc}); is it running?"
                     ) from exc
                 self.admin = AIOKafkaAdminClient(
                     bootstrap_servers=self.bootstrap, client_id="bench-admin"
@@ -247,276 +431,243 @@ class Topics:
         await quietly(delete(), "deleting the run's topics")
         await quietly(self.admin.close(), "closing the admin client")
 
-    async def cluster_id(self) -> str | None:
-        """The broker's cluster id; devservices formats a new one on every (re)start."""
-        try:
-            async with asyncio.timeout(10):
-                description = await self.admin.describe_cluster()
-        except Exception:  # asked only to notice a restart; unreachable is caught elsewhere
-            return None
-        return str(description.get("cluster_id"))
-
     async def fresh(self, name: str, partitions: int = 3) -> str:
-        topic = f"bench-{self.run}-{name}"
+        self.count += 1
+        topic = f"bench-{self.run}-{name}-{self.count}"
         await self.admin.create_topics([NewTopic(topic, partitions, 1)])
         await asyncio.sleep(0.2)  # let the new partitions get their leader before first use
         return topic
 
-
-def producer_options(settings: KafkaSettings) -> dict[str, Any]:
-    """Our KafkaSettings' producer defaults, for the raw and FastStream producers."""
-    return {
-        "acks": settings.acks,
-        "enable_idempotence": settings.enable_idempotence,
-        "linger_ms": settings.linger_ms,
-        "max_batch_size": settings.max_batch_size,
-        "max_request_size": settings.max_request_size,
-        "request_timeout_ms": settings.request_timeout_ms,
-    }
+    def group(self, name: str) -> str:
+        self.count += 1
+        return f"bench-{self.run}-{name}-{self.count}"
 
 
-def faststream_broker(settings: KafkaSettings, *, own_defaults: bool = False) -> Any:
-    """A FastStream broker producing with our settings (or with its own defaults: linger_ms=0,
-    acks=1, no idempotence, 16 KiB batches)."""
-    from faststream.kafka import KafkaBroker
-
-    # logger=None: FastStream's access log writes two lines per message by default; our bus
-    # logs nothing per message, so leaving it on would measure logging, not the framework.
-    return KafkaBroker(
-        settings.bootstrap_servers,
-        client_id="bench-faststream",
-        logger=None,
-        **({} if own_defaults else producer_options(settings)),
-    )
-
-
+@dataclass(kw_only=True)
 class Bench:
-    """One run: what every measurement needs, the results so far, and the time limits."""
+    settings: KafkaSettings
+    topics: Topics
+    codec: Codec
+    transports: Sequence[str]
+    orders: list[OrderPlaced]
+    keys: list[str]
+    key_bytes: list[bytes]
+    broker_down: bool = False
 
-    def __init__(self, settings: KafkaSettings, pool: Pool, topics: Topics) -> None:
-        self.settings, self.pool, self.topics = settings, pool, topics
-        self.results: list[Result] = []
-        self.broker_down = False
-        self.warnings: list[str] = []
 
-    @property
-    def run(self) -> str:
-        return self.topics.run
-
-    async def measure(
-        self,
-        scenario: str,
-        implementation: str,
-        seconds: float,
-        work: Callable[[], Awaitable[Result | list[Result]]],
-        unit: str = "msg/s",
-    ) -> None:
-        """Run `work` within `seconds`; a failure becomes an error row, and a broker that no
-        longer answers turns every later broker measurement into a skipped row."""
-        if self.broker_down:
-            error = "skipped: the broker went away"
-        else:
+async def run_rounds(bench: Bench, variants: Sequence[Variant], rounds: int, limit: float) -> None:
+    """`rounds` interleaved rounds: every variant once per round, in order, each bounded."""
+    for number in range(rounds):
+        for variant in variants:
+            if variant.run is None or bench.broker_down:
+                continue
+            names = ", ".join(r.implementation for r in variant.rows)
             try:
-                async with asyncio.timeout(seconds):
-                    measured = await work()
-                measured = measured if isinstance(measured, list) else [measured]
-                self.results += measured
-                _report(measured)
-                return
-            except TimeoutError:
-                error = f"timed out after {seconds:.0f}s"
-            except Exception as exc:  # report it and carry on with the next measurement
-                log.warning("%s / %s failed", scenario, implementation, exc_info=True)
-                error = f"{type(exc).__name__}: {exc}"
-            if not await broker_alive(self.settings.bootstrap_servers):
-                self.broker_down = True
-                error += " (broker unreachable)"
-        failed = Result(
-            scenario=scenario, implementation=implementation, semantics="", rate=0.0, unit=unit
-        )
-        failed.error = error
-        self.results.append(failed)
-        _report([failed])
+                async with asyncio.timeout(limit):
+                    samples = await variant.run()
+            except Exception as exc:  # a failed round is reported in the table; go on
+                log.debug("round failed", exc_info=True)
+                error = f"round {number + 1}: {type(exc).__name__}: {exc}"[:200]
+                if not await broker_alive(bench.settings.bootstrap_servers):
+                    bench.broker_down = True
+                    error += " (broker unreachable; the rest is skipped)"
+                for row in variant.rows:
+                    row.errors.append(error)
+                print(f"  {variant.rows[0].scenario:<22} {names:<44} {error}", flush=True)
+                continue
+            for row, sample in zip(variant.rows, samples, strict=True):
+                row.samples.append(sample)
+                print(
+                    f"  {row.scenario:<22} {row.implementation:<44} round {number + 1}: "
+                    f"{sample.rate:>9,.0f} {row.unit}  {sample.cpu_us:7,.1f} us/op",
+                    flush=True,
+                )
 
 
-def _report(results: Sequence[Result]) -> None:
-    for result in results:
-        rate = result.error or f"{result.rate:>10,.0f} {result.unit}"
-        print(f"  {result.scenario:<30} {result.implementation:<24} {rate}", flush=True)
-
-
-# -- 0. broker warm-up ----------------------------------------------------------------------------
-
-
-async def warm_up_broker(bench: Bench, *, n: int) -> None:
-    """Produce and consume `n` records once, untimed: the broker's JIT, page cache and group
-    coordinator are then as warm for the first measurement as for the last."""
-    topic = await bench.topics.fresh("warm-up")
-    settings = bench.settings
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers, **producer_options(settings)
-    )
-    await producer.start()
-    try:
-        acks = []
-        for i in range(n):
-            key, value, headers = bench.pool.records[i % KEYS]
-            acks.append(await producer.send(topic, value, key=key, headers=headers))
-        await asyncio.gather(*acks)
-    finally:
-        await quietly(producer.stop(), "stopping the warm-up producer")
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=f"bench-{bench.run}-warm-up",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    try:
-        seen = 0
-        while seen < n:
-            batches = await consumer.getmany(timeout_ms=200, max_records=500)
-            seen += sum(len(batch) for batch in batches.values())
-            await consumer.commit()
-    finally:
-        await quietly(consumer.stop(), "stopping the warm-up consumer")
+def unavailable(rows: list[Row], why: str) -> Variant:
+    for row in rows:
+        row.unavailable = why
+    return Variant(rows=rows, run=None)
 
 
 # -- 1. publish -----------------------------------------------------------------------------------
 
-SendOne = Callable[[int], Awaitable[Any]]
+PUBLISH = "1. publish"
 
 
-async def drive_publish(
-    send: SendOne, *, n: int, warm: int, awaited: bool
-) -> tuple[Clock, list[float]]:
-    """Warm up, then time `n` sends: pipelined (each send returns an ack future; all awaited
-    at the end) or awaited one at a time (latency per send)."""
-    if awaited:
-        for i in range(warm // 10):
-            await send(i)
-    else:
-        await asyncio.gather(*[await send(i) for i in range(warm)])
-    clock, latencies = Clock(), []
+async def timed_sends(send: Callable[[int], Awaitable[Any]], n: int, warm: int) -> Sample:
+    """`warm` untimed sends, then `n` timed ones; every send returns an acknowledgement future
+    once the record is in the producer's batch, and all of them are awaited at the end."""
+    await asyncio.gather(*[await send(i) for i in range(warm)])
+    clock = Clock()
     clock.start()
-    if awaited:
-        for i in range(n):
-            began = time.perf_counter()
-            await send(i)
-            latencies.append((time.perf_counter() - began) * 1000)
-    else:
-        acks = [await send(i) for i in range(n)]
-        await asyncio.gather(*acks)
+    await asyncio.gather(*[await send(i) for i in range(n)])
     clock.stop()
-    return clock, latencies
+    return Sample(rate=n / clock.wall, cpu_us=clock.us_per(n))
 
 
-async def publish_scenario(bench: Bench, *, n: int, n_awaited: int) -> None:
-    settings, pool = bench.settings, bench.pool
-    orders, keys, key_bytes, records = pool.orders, pool.keys, pool.key_bytes, pool.records
+def publish_variants(bench: Bench, n: int) -> list[Variant]:
+    settings, codec, keys, key_bytes = bench.settings, bench.codec, bench.keys, bench.key_bytes
+    label = label_of(settings)
+    warm = min(500, n)
+    pipelined = "send, acks gathered at end"
 
-    async def ours(awaited: bool, count: int) -> Result:
-        topic = await bench.topics.fresh(f"pub-{count}-ours")
-        bus = Bus(KafkaTransport(settings), source="bench.publisher")
-        await bus.start()
-        try:
-            await bus.transport.declare([TopicSpec(name=topic)])
-
-            def send(i: int) -> Awaitable[Any]:
-                return bus.publish(topic, orders[i % KEYS], key=keys[i % KEYS], confirm=awaited)
-
-            clock, latencies = await drive_publish(send, n=count, warm=500, awaited=awaited)
-        finally:
-            await quietly(bus.stop(), "stopping the bus")
-        return Result(
-            scenario="",
-            implementation=OURS,
-            semantics="publish() each" if awaited else "publish(confirm=False), gather",
-            rate=count / clock.wall,
-            latencies_ms=latencies,
-            cpu_us_per_op=clock.us_per(count),
-            checks=() if awaited else (Check(baseline=RAW, minimum=0.9),),
-        )
-
-    async def raw(awaited: bool, count: int) -> Result:
-        topic = await bench.topics.fresh(f"pub-{count}-raw")
-        producer = AIOKafkaProducer(
+    def raw_producer() -> Any:
+        return AIOKafkaProducer(
             bootstrap_servers=settings.bootstrap_servers,
             client_id="bench-raw",
-            **producer_options(settings),
+            **aiokafka_options(settings),
         )
+
+    async def raw(pre_encoded: bool) -> list[Sample]:
+        topic = await bench.topics.fresh("pub-raw")
+        producer = raw_producer()
         await producer.start()
+        orders, encode = codec.orders, codec.encode
+        shaper = Bus(MemoryTransport(), source="bench.publisher")
+        records = [
+            (k, v, list(h))
+            for k, v, h in (
+                to_binary(shaper.envelope(bench.orders[i], key=keys[i])) for i in range(KEYS)
+            )
+        ]
         try:
 
-            def send(i: int) -> Awaitable[Any]:
-                key, value, headers = records[i % KEYS]
-                if awaited:
-                    return producer.send_and_wait(topic, value, key=key, headers=headers)
-                return producer.send(topic, value, key=key, headers=headers)
-
-            clock, latencies = await drive_publish(send, n=count, warm=500, awaited=awaited)
-        finally:
-            await quietly(producer.stop(), "stopping the producer")
-        return Result(
-            scenario="",
-            implementation=RAW,
-            semantics="send_and_wait() each" if awaited else "send(), gather",
-            rate=count / clock.wall,
-            latencies_ms=latencies,
-            cpu_us_per_op=clock.us_per(count),
-            baseline=True,
-        )
-
-    async def faststream(awaited: bool, count: int) -> Result:
-        topic = await bench.topics.fresh(f"pub-{count}-faststream")
-        broker = faststream_broker(settings)
-        await broker.start()
-        try:
-
-            def send(i: int) -> Awaitable[Any]:
-                return broker.publish(
-                    orders[i % KEYS], topic, key=key_bytes[i % KEYS], no_confirm=not awaited
+            async def send(i: int) -> Any:
+                if pre_encoded:
+                    key, value, headers = records[i % KEYS]
+                    return await producer.send(topic, value, key=key, headers=headers)
+                key = key_bytes[i % KEYS]
+                return await producer.send(
+                    topic, encode(orders[i % KEYS]), key=key, headers=ce_headers(key)
                 )
 
-            clock, latencies = await drive_publish(send, n=count, warm=500, awaited=awaited)
+            return [await timed_sends(send, n, warm)]
+        finally:
+            await quietly(producer.stop(), "stopping the producer")
+
+    async def bus_publish(transport_name: str) -> list[Sample]:
+        topic = await bench.topics.fresh("pub-ours")
+        bus = Bus(make_transport(transport_name, settings), source="bench.publisher")
+        await bus.start()
+        orders = codec.orders
+        try:
+
+            def send(i: int) -> Awaitable[Any]:
+                return bus.publish(topic, orders[i % KEYS], key=keys[i % KEYS], confirm=False)
+
+            return [await timed_sends(send, n, warm)]
+        finally:
+            await quietly(bus.stop(), "stopping the bus")
+
+    async def faststream(flavour: str) -> list[Sample]:
+        topic = await bench.topics.fresh("pub-fs")
+        broker = faststream_broker(flavour, settings)
+        await broker.start()
+        orders = bench.orders
+        try:
+
+            async def send(i: int) -> Any:
+                return await broker.publish(
+                    orders[i % KEYS], topic, key=key_bytes[i % KEYS], no_confirm=True
+                )
+
+            return [await timed_sends(send, n, warm)]
         finally:
             await quietly(broker.stop(), "stopping the FastStream broker")
-        return Result(
-            scenario="",
-            implementation=FASTSTREAM,
-            semantics="publish() each" if awaited else "publish(no_confirm=True), gather",
-            rate=count / clock.wall,
-            latencies_ms=latencies,
-            cpu_us_per_op=clock.us_per(count),
+
+    def row(name: str, semantics: str, **extra: Any) -> Row:
+        extra.setdefault("payload", codec.name)
+        return Row(
+            scenario=PUBLISH, implementation=name, producer=label, semantics=semantics, **extra
         )
 
-    for awaited, count in ((False, n), (True, n_awaited)):
-        scenario = f"1. publish, {'awaited' if awaited else 'pipelined'}"
-        for name, run in ((RAW, raw), (OURS, ours), (FASTSTREAM, faststream)):
-
-            async def work(
-                run: Any = run,
-                awaited: bool = awaited,
-                count: int = count,
-                scenario: str = scenario,
-            ) -> Result:
-                result: Result = await run(awaited, count)
-                result.scenario = scenario
-                return result
-
-            await bench.measure(scenario, name, 90, work)
+    variants = [
+        Variant(
+            rows=[
+                row(
+                    RAW,
+                    f"{codec.name} encode + CE headers per msg; {pipelined}",
+                    baseline=True,
+                )
+            ],
+            run=lambda: raw(False),
+        ),
+        Variant(
+            rows=[row(RAW_CEILING, f"our exact bytes built before timing; {pipelined}")],
+            run=lambda: raw(True),
+        ),
+    ]
+    for flavour, name in (("kafka", FS), ("confluent", FS_CONFLUENT)):
+        rows = [row(name, f"publish(no_confirm=True); {pipelined}", payload="pydantic")]
+        why = faststream_available(flavour)
+        variants.append(
+            unavailable(rows, why) if why else Variant(rows=rows, run=partial(faststream, flavour))
+        )
+    for transport_name in bench.transports:
+        base = FS if transport_name == "kafka" else FS_CONFLUENT
+        targets = [Target(baseline=base, minimum=1.3)]
+        if transport_name == "kafka":
+            targets.append(Target(baseline=RAW, minimum=0.9, label="raw encode-each"))
+        rows = [
+            row(
+                ours(transport_name),
+                f"publish(confirm=False): envelope + encode; {pipelined}",
+                targets=targets,
+            )
+        ]
+        try:
+            make_transport(transport_name, settings)
+        except Unavailable as exc:
+            variants.append(unavailable(rows, str(exc)))
+            continue
+        variants.append(Variant(rows=rows, run=partial(bus_publish, transport_name)))
+    return variants
 
 
 # -- 2. consume -----------------------------------------------------------------------------------
 
+CONSUME = "2. consume->validate->commit"
+
+
+class Progress:
+    """Counts handled messages; the clock runs from the `warm`-th to the `total`-th."""
+
+    def __init__(self, warm: int, total: int) -> None:
+        self.warm, self.total = warm, total
+        self.seen = 0
+        self.clock = Clock()
+        self.handled_at: float | None = None
+        self.committed_at: float | None = None
+        self.done = asyncio.Event()
+        self.committed = asyncio.Event()
+
+    def tick(self) -> None:
+        self.seen += 1
+        if self.seen == self.warm:
+            self.clock.start()
+        if self.seen == self.total:
+            self.clock.stop()
+            self.handled_at = time.perf_counter()
+            self.done.set()
+
+    def commit_landed(self) -> None:
+        if self.committed_at is None and self.seen >= self.total:
+            self.committed_at = time.perf_counter()
+            self.committed.set()
+
+    def sample(self, note: str = "") -> Sample:
+        measured = self.total - self.warm
+        if self.committed_at is not None and self.handled_at is not None:
+            tail = (self.committed_at - self.handled_at) * 1000
+            note = note or f"last offsets committed {tail:.0f} ms after the last record handled"
+        return Sample(
+            rate=measured / self.clock.wall, cpu_us=self.clock.us_per(measured), note=note
+        )
+
 
 class _CommitProbe:
-    """A `TransportConsumer` that tells `progress` when its commits cover `total` records.
-
-    The Bus decides itself when to commit; wrapping the transport's consumer is how the
-    benchmark sees the moment a commit covering everything has been acknowledged.
-    """
+    """Wraps a transport's consumer to see when its commits cover every record."""
 
     def __init__(self, inner: Any, progress: Progress) -> None:
         self._inner, self._progress = inner, progress
@@ -532,67 +683,47 @@ class _CommitProbe:
             self._progress.commit_landed()
 
 
-class _ProbedKafkaTransport(KafkaTransport):
-    progress: Progress | None = None
+class _ProbedTransport:
+    """Our transport, unchanged but for consumers wrapped in `_CommitProbe`."""
+
+    def __init__(self, inner: Transport, progress: Progress) -> None:
+        self._inner, self._progress = inner, progress
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
     def consumer(self, topics: Sequence[str], **options: Any) -> Any:
-        inner = super().consumer(topics, **options)
-        return inner if self.progress is None else _CommitProbe(inner, self.progress)
+        return _CommitProbe(self._inner.consumer(topics, **options), self._progress)
 
 
-CONSUME = "2. consume+commit"
-
-
-def consume_result(
-    implementation: str, semantics: str, progress: Progress, *, committed: bool, **extra: Any
-) -> Result:
-    assert progress.handled_at is not None
-    clock = progress.clock
-    end = progress.committed_at if committed else progress.handled_at
-    assert end is not None
-    if committed:
-        extra.setdefault(
-            "note",
-            f"handled-only rate {progress.measured / clock.wall:,.0f} msg/s; the commit "
-            f"covering the last record landed {(end - progress.handled_at) * 1000:.0f} ms "
-            f"after it was handled",
-        )
-    return Result(
-        scenario=CONSUME,
-        implementation=implementation,
-        semantics=semantics,
-        rate=progress.measured / (end - clock.wall0),
-        cpu_us_per_op=clock.us_per(progress.measured),
-        **extra,
-    )
-
-
-async def consume_scenario(bench: Bench, *, n: int) -> None:
-    settings, pool = bench.settings, bench.pool
-    warm = max(1, min(1000, n // 10))
-    total = warm + n
-    topic = await bench.topics.fresh("consume")
-    filler = Bus(KafkaTransport(settings), source="bench.publisher")
+async def fill(bench: Bench, topic: str, total: int) -> None:
+    """`total` records as our Bus writes them (CloudEvents binary mode, pydantic JSON)."""
+    filler = Bus(KafkaTransport(bench.settings), source="bench.publisher")
     await filler.start()
     try:
-        acks = [
-            await filler.publish(
-                topic, pool.orders[i % KEYS], key=pool.keys[i % KEYS], confirm=False
-            )
+        orders, keys = bench.orders, bench.keys
+        acks: list[Any] = [
+            await filler.publish(topic, orders[i % KEYS], key=keys[i % KEYS], confirm=False)
             for i in range(total)
         ]
         await asyncio.gather(*acks)
     finally:
         await quietly(filler.stop(), "stopping the filler bus")
-    group = f"bench-{bench.run}-consume"
 
-    async def raw() -> Result:
+
+def consume_variants(bench: Bench, topic: str, n: int, warm: int) -> list[Variant]:
+    settings, codec = bench.settings, bench.codec
+    total = warm + n
+    order_type = type_name(OrderPlaced).encode()
+
+    async def raw() -> list[Sample]:
         progress = Progress(warm, total)
+        decode = codec.decode
         consumer = AIOKafkaConsumer(
             topic,
             bootstrap_servers=settings.bootstrap_servers,
             client_id="bench-raw",
-            group_id=f"{group}-raw",
+            group_id=bench.topics.group("consume-raw"),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=500,
@@ -602,24 +733,22 @@ async def consume_scenario(bench: Bench, *, n: int) -> None:
         try:
             while progress.committed_at is None:
                 batches = await consumer.getmany(timeout_ms=200, max_records=500)
-                for messages in batches.values():
-                    for _ in messages:
+                for records in batches.values():
+                    for record in records:
+                        headers = dict(record.headers)
+                        if headers.get("ce_type") == order_type:
+                            decode(record.value)
                         progress.tick()
                 if batches:
                     await consumer.commit()
-                    if progress.seen >= total:
-                        progress.commit_landed()
+                    progress.commit_landed()
         finally:
             await quietly(consumer.stop(), "stopping the consumer")
-        return consume_result(
-            RAW, "commit() after each getmany batch", progress, committed=True, baseline=True
-        )
+        return [progress.sample()]
 
-    async def ours(payload_type: type[Any] = OrderPlaced) -> Result:
-        typed = payload_type is not bytes
+    async def bus_consume(transport_name: str) -> list[Sample]:
         progress = Progress(warm, total)
-        transport = _ProbedKafkaTransport(settings)
-        transport.progress = progress
+        transport = _ProbedTransport(make_transport(transport_name, settings), progress)
         bus = Bus(transport, source="bench.consumer")
 
         async def on_order(message: Message[Any]) -> None:
@@ -627,33 +756,29 @@ async def consume_scenario(bench: Bench, *, n: int) -> None:
 
         bus.subscribe(
             [topic],
-            {type_name(OrderPlaced): HandlerSpec(payload_type, on_order)},
-            ConsumerOptions(group=f"{group}-ours{'' if typed else '-bytes'}"),
+            {type_name(OrderPlaced): HandlerSpec(codec.cls, on_order)},
+            ConsumerOptions(group=bench.topics.group("consume-ours")),
         )
         await bus.start()
         try:
             await progress.done.wait()
+            # the periodic commit (every 200 ms), not a forced one, is what is waited for
+            async with asyncio.timeout(5):
+                await progress.committed.wait()
         finally:
             await quietly(bus.stop(), "stopping the bus")
-        if progress.committed_at is None:
-            raise RuntimeError("the bus stopped without committing the last offsets")
-        if not typed:
-            return consume_result(
-                OURS_BYTES, "bytes handler, commit landed (ref.)", progress, committed=True
-            )
-        return consume_result(
-            OURS,
-            "typed handler, commit landed (at-least-once)",
-            progress,
-            committed=True,
-            checks=(Check(baseline=RAW, minimum=0.8), Check(baseline=FASTSTREAM, minimum=1.2)),
-        )
+        return [progress.sample()]
 
-    async def faststream() -> Result:
+    async def faststream(flavour: str, policy: str) -> list[Sample]:
         progress = Progress(warm, total)
-        broker = faststream_broker(settings)
+        broker = faststream_broker(flavour, settings)
 
-        @broker.subscriber(topic, group_id=f"{group}-faststream", auto_offset_reset="earliest")
+        @broker.subscriber(  # type: ignore[untyped-decorator]
+            topic,
+            group_id=bench.topics.group(f"consume-fs-{policy}"),
+            auto_offset_reset="earliest",
+            **ack_policy(policy),
+        )
         async def on_order(body: OrderPlaced) -> None:
             progress.tick()
 
@@ -664,84 +789,101 @@ async def consume_scenario(bench: Bench, *, n: int) -> None:
             began = time.perf_counter()
             await quietly(broker.stop(), "stopping the FastStream broker")
             stopped = (time.perf_counter() - began) * 1000
-        return consume_result(
-            FASTSTREAM,
-            "typed handler, default ACK_FIRST",
-            progress,
-            committed=False,
-            note="default AckPolicy.ACK_FIRST = aiokafka auto-commit every 5 s, before "
-            "handling (at-most-once); the rate counts handling only, no commit is waited "
-            f"for; stop() (which commits) took {stopped:.0f} ms",
+        note = (
+            "commits each message's offset after its handler returned (at-least-once)"
+            if policy == "ack"
+            else "offsets auto-committed every 5 s regardless of handling, i.e. committed "
+            f"BEFORE handling (at-most-once); stop() took {stopped:.0f} ms"
+        )
+        return [progress.sample(note)]
+
+    def row(name: str, producer: str, semantics: str, **extra: Any) -> Row:
+        extra.setdefault("payload", codec.name)
+        return Row(
+            scenario=CONSUME, implementation=name, producer=producer, semantics=semantics, **extra
         )
 
-    async def faust_agent() -> Result:
-        import faust
-
-        progress = Progress(warm, total)
-        app = faust.App(
-            f"bench-{bench.run}-faust",
-            broker=f"kafka://{settings.bootstrap_servers}",
-            store="memory://",
-            web_enabled=False,
-            value_serializer="raw",
-            consumer_auto_offset_reset="earliest",
-            topic_partitions=3,
+    variants = [
+        Variant(
+            rows=[
+                row(
+                    RAW_CONSUME,
+                    "getmany(500), commit() per batch",
+                    "ce_type check + validate JSON per msg; at-least-once",
+                    baseline=True,
+                )
+            ],
+            run=raw,
         )
-        channel = app.topic(topic, key_serializer="raw", value_serializer="raw")
-
-        @app.agent(channel)
-        async def on_order(stream: Any) -> None:
-            async for _ in stream:
-                progress.tick()
-
-        await app.start()
-        try:
-            await progress.done.wait()
-        finally:
-            began = time.perf_counter()
-            await quietly(app.stop(), "stopping the faust app")
-            stopped = (time.perf_counter() - began) * 1000
-        return consume_result(
-            FAUST,
-            "raw bytes agent, default acks",
-            progress,
-            committed=False,
-            note="faust acks each event once the agent took the next one and commits acked "
-            "offsets every 2.8 s (broker_commit_interval) or 10,000 events; the rate counts "
-            f"handling only; app.stop() (which commits) took {stopped:.0f} ms",
-        )
-
-    variants: list[tuple[str, Callable[[], Awaitable[Result]]]] = [
-        (RAW, raw),
-        (OURS, ours),
-        (FASTSTREAM, faststream),
-        (FAUST, faust_agent),
-        (OURS_BYTES, lambda: ours(bytes)),
     ]
-    for name, run in variants:
-        await bench.measure(CONSUME, name, 90, run)
+    fs_rows = (
+        ("kafka", "ack", FS_ACK, "commit per message after handler"),
+        ("kafka", "ack_first", FS_ACK_FIRST, "auto-commit 5 s, before handling"),
+        ("confluent", "ack", FSC_ACK, "commit per message after handler"),
+        ("confluent", "ack_first", FSC_ACK_FIRST, "auto-commit 5 s, before handling"),
+    )
+    for flavour, policy, name, commits in fs_rows:
+        delivery = "at-least-once" if policy == "ack" else "at-most-once"
+        rows = [
+            row(name, commits, f"typed handler (body: OrderPlaced); {delivery}", payload="pydantic")
+        ]
+        why = faststream_available(flavour)
+        variants.append(
+            unavailable(rows, why)
+            if why
+            else Variant(rows=rows, run=partial(faststream, flavour, policy))
+        )
+    for transport_name in bench.transports:
+        prefix = "FastStream (aiokafka)" if transport_name == "kafka" else "FastStream (confluent)"
+        targets = [
+            Target(baseline=f"{prefix}, AckPolicy.ACK", minimum=2.5, label="FS ACK"),
+            Target(baseline=f"{prefix}, default ACK_FIRST", minimum=1.5, label="FS ACK_FIRST"),
+        ]
+        if transport_name == "kafka":
+            targets.insert(0, Target(baseline=RAW_CONSUME, minimum=0.8, label="raw"))
+        rows = [
+            row(
+                ours(transport_name),
+                "commit every 200 ms, after handling",
+                "typed handler: envelope + validate; 16 lanes; at-least-once",
+                targets=targets,
+            )
+        ]
+        try:
+            make_transport(transport_name, settings)
+        except Unavailable as exc:
+            variants.append(unavailable(rows, str(exc)))
+            continue
+        variants.append(Variant(rows=rows, run=partial(bus_consume, transport_name)))
+    return variants
 
 
 # -- 3. request/reply -----------------------------------------------------------------------------
 
-REQUEST = "3. request/reply"
-Request = Callable[[int], Awaitable[Any]]
+SEQUENTIAL = "3. request/reply, 1 at a time"
 
 
-async def drive_requests(
-    request: Request,
-    implementation: str,
-    semantics: str,
-    *,
+def in_flight_scenario(in_flight: int) -> str:
+    return f"3. request/reply, {in_flight} in flight"
+
+
+async def round_trips(
+    request: Callable[..., Awaitable[Any]],
     sequential: int,
     concurrent: int,
     in_flight: int,
-    checks: Sequence[Check] = (),
-    baseline: bool = False,
-    note: str = "",
-) -> list[Result]:
-    for i in range(20):  # warm up (the first ones also wait for the group to form)
-        await request(i)
+) -> list[Sample]:
+    # Warm up: the first requests also wait for the server's group and the reply reader to
+    # be in place; a reply produced before a reader starting at "latest" is positioned is
+    # lost, so a warm-up request may time out and is then sent again.
+    deadline, answered = time.monotonic() + 40, 0
+    while answered < 20:
+        try:
+            await request(answered, 3.0)
+            answered += 1
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
     latencies: list[float] = []
     clock = Clock()
     clock.start()
@@ -750,17 +892,11 @@ async def drive_requests(
         await request(i)
         latencies.append((time.perf_counter() - began) * 1000)
     clock.stop()
-    one_by_one = Result(
-        scenario=f"{REQUEST}, sequential",
-        implementation=implementation,
-        semantics=semantics,
+    one = Sample(
         rate=sequential / clock.wall,
-        unit="req/s",
-        latencies_ms=latencies,
-        cpu_us_per_op=clock.us_per(sequential),
-        checks=checks,
-        baseline=baseline,
-        note=note,
+        cpu_us=clock.us_per(sequential),
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
     )
     latencies = []
     counter = iter(range(concurrent))
@@ -775,100 +911,94 @@ async def drive_requests(
     clock.start()
     await asyncio.gather(*(worker() for _ in range(in_flight)))
     clock.stop()
-    together = Result(
-        scenario=f"{REQUEST}, {in_flight} in flight",
-        implementation=implementation,
-        semantics=semantics,
+    many = Sample(
         rate=concurrent / clock.wall,
-        unit="req/s",
-        latencies_ms=latencies,
-        cpu_us_per_op=clock.us_per(concurrent),
-        checks=checks,
-        baseline=baseline,
+        cpu_us=clock.us_per(concurrent),
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
     )
-    return [one_by_one, together]
+    return [one, many]
 
 
-async def request_scenario(
-    bench: Bench, *, sequential: int, concurrent: int, in_flight: int
-) -> None:
-    """Ours and FastStream with the same producer settings (the checked pair), then both as a
-    user gets them with `linger_ms=0` (FastStream's own producer defaults; ours configured so),
-    for reference: on one broker over loopback a round trip is mostly linger time."""
-    settings, pool = bench.settings, bench.pool
-    orders, keys, key_bytes = pool.orders, pool.keys, pool.key_bytes
-    counts = {"sequential": sequential, "concurrent": concurrent, "in_flight": in_flight}
+async def native_request(client: Any, order: OrderPlaced, topic: str) -> str:
+    """Whether FastStream's own `broker.request()` works on a real broker (this version)."""
+    try:
+        await client.request(order, topic, timeout=2)
+    except Exception as exc:  # what it raises is the finding
+        return (
+            f"broker.request() on a real broker: {type(exc).__name__}: {str(exc)[:80]}; "
+            "measured: publish(reply_to=..., correlation_id=...), the subscriber's return value "
+            "is published to reply_to, a group-less reply subscriber resolves the future"
+        )
+    return "broker.request() works on a real broker; measured: publish(reply_to) + reply subscriber"
 
-    async def ours(name: str, settings: KafkaSettings, tag: str, **extra: Any) -> list[Result]:
-        topic = await bench.topics.fresh(f"rpc-ours{tag}")
-        server = Bus(KafkaTransport(settings), source="bench.pricing")
 
-        async def on_order(message: Message[OrderPlaced]) -> Quote:
+def request_variants(
+    bench: Bench, sequential: int, concurrent: int, in_flight: int
+) -> list[Variant]:
+    settings, codec = bench.settings, bench.codec
+    counts = (sequential, concurrent, in_flight)
+
+    async def bus_rpc(transport_name: str, rpc_settings: KafkaSettings) -> list[Sample]:
+        topic = await bench.topics.fresh("rpc-ours")
+        server = Bus(make_transport(transport_name, rpc_settings), source="bench.pricing")
+
+        async def on_order(message: Message[Any]) -> Quote:
             return quote(message.data)
 
         server.subscribe(
             [topic],
-            {type_name(OrderPlaced): HandlerSpec(OrderPlaced, on_order)},
-            ConsumerOptions(group=f"bench-{bench.run}-rpc-ours{tag}"),
+            {type_name(OrderPlaced): HandlerSpec(codec.cls, on_order)},
+            ConsumerOptions(group=bench.topics.group("rpc-ours")),
         )
-        client = Bus(KafkaTransport(settings), source=f"bench-{bench.run}-client{tag}")
+        client = Bus(
+            make_transport(transport_name, rpc_settings),
+            source=bench.topics.group("bench-client"),
+        )
         await server.start()
         await client.start()
+        orders, keys = codec.orders, bench.keys
         try:
 
-            async def request(i: int) -> Quote:
+            async def request(i: int, timeout: float = 10.0) -> Quote:
                 return await client.request(
-                    topic, orders[i % KEYS], key=keys[i % KEYS], reply_type=Quote, timeout=10
+                    topic, orders[i % KEYS], key=keys[i % KEYS], reply_type=Quote, timeout=timeout
                 )
 
-            return await drive_requests(
-                request, name, "Bus.request -> handler return", **counts, **extra
-            )
+            return await round_trips(request, *counts)
         finally:
             await quietly(client.stop(), "stopping the client bus")
             await quietly(server.stop(), "stopping the server bus")
 
-    async def faststream(name: str, own_defaults: bool, tag: str, **extra: Any) -> list[Result]:
-        from faststream.exceptions import FeatureNotSupportedException
-        from faststream.kafka.annotations import KafkaMessage
+    async def faststream_rpc(flavour: str, rpc_settings: KafkaSettings | None) -> list[Sample]:
+        from faststream import Context
 
-        topic = await bench.topics.fresh(f"rpc-faststream{tag}")
-        reply_topic = await bench.topics.fresh(f"rpc-faststream{tag}-replies", partitions=1)
-        server = faststream_broker(settings, own_defaults=own_defaults)
-        client = faststream_broker(settings, own_defaults=own_defaults)
+        topic = await bench.topics.fresh("rpc-fs")
+        reply_topic = await bench.topics.fresh("rpc-fs-replies", partitions=1)
+        server = faststream_broker(flavour, rpc_settings)
+        client = faststream_broker(flavour, rpc_settings)
         pending: dict[str, asyncio.Future[Quote]] = {}
 
-        @server.subscriber(
-            topic, group_id=f"bench-{bench.run}-rpc-fs{tag}", auto_offset_reset="earliest"
+        @server.subscriber(  # type: ignore[untyped-decorator]
+            topic, group_id=bench.topics.group("rpc-fs"), auto_offset_reset="earliest"
         )
         async def on_order(body: OrderPlaced) -> Quote:
             return quote(body)
 
-        @client.subscriber(reply_topic, auto_offset_reset="latest")  # no group, like ours
-        async def on_reply(body: Quote, message: KafkaMessage) -> None:
+        @client.subscriber(reply_topic, auto_offset_reset="latest")  # type: ignore[untyped-decorator]
+        async def on_reply(body: Quote, message: Any = Context()) -> None:  # noqa: B008
             future = pending.get(message.correlation_id)
             if future is not None and not future.done():
                 future.set_result(body)
 
         await server.start()
         await client.start()
+        orders, key_bytes = bench.orders, bench.key_bytes
         try:
-            if not own_defaults:
-                try:
-                    await client.request(orders[0], topic, timeout=1)
-                    native = "broker.request() worked"
-                except FeatureNotSupportedException as exc:
-                    native = f"broker.request() raises FeatureNotSupportedException: {exc}"
-                extra["note"] = (
-                    f"{native} (on a real broker; only its TestKafkaBroker answers it). "
-                    "Measured instead: the Kafka RPC pattern FastStream's maintainers recommend - "
-                    "publish "
-                    "with reply_to and correlation_id, the subscriber's return value is "
-                    "published to reply_to, a reply subscriber resolves the caller's future"
-                )
+            native = await native_request(client, orders[0], topic)
 
-            async def request(i: int) -> Quote:
-                correlation = uuid.uuid4().hex
+            async def request(i: int, timeout: float = 10.0) -> Quote:
+                correlation = os.urandom(16).hex()
                 future: asyncio.Future[Quote] = asyncio.get_running_loop().create_future()
                 pending[correlation] = future
                 try:
@@ -879,165 +1009,200 @@ async def request_scenario(
                         reply_to=reply_topic,
                         correlation_id=correlation,
                     )
-                    async with asyncio.timeout(10):
+                    async with asyncio.timeout(timeout):
                         return await future
                 finally:
                     pending.pop(correlation, None)
 
-            return await drive_requests(
-                request, name, "publish(reply_to) -> return", **counts, **extra
-            )
+            samples = await round_trips(request, *counts)
+            samples[0] = replace(samples[0], note=native)
+            return samples
         finally:
             await quietly(client.stop(), "stopping the FastStream client")
             await quietly(server.stop(), "stopping the FastStream server")
 
     no_linger = replace(settings, linger_ms=0)
-    variants: list[tuple[str, Callable[[], Awaitable[list[Result]]]]] = [
-        (FASTSTREAM, lambda: faststream(FASTSTREAM, False, "", baseline=True)),
-        (OURS, lambda: ours(OURS, settings, "", checks=(Check(baseline=FASTSTREAM, minimum=2),))),
-        (FASTSTREAM_OWN, lambda: faststream(FASTSTREAM_OWN, True, "-own")),
-        (OURS_NO_LINGER, lambda: ours(OURS_NO_LINGER, no_linger, "-nolinger")),
+    ours_default = (
+        f"{label_of(settings)}; requests+replies via a 2nd producer at linger=0"
+        if "kafka" in bench.transports
+        else label_of(settings)
+    )
+    variants: list[Variant] = []
+    for config in ("linger 0", "defaults"):
+        for flavour, fs_name in (("kafka", FS), ("confluent", FS_CONFLUENT)):
+            name = f"{fs_name}, {config}"
+            why = faststream_available(flavour)
+            producer = (
+                label_of(no_linger)
+                if config == "linger 0"
+                else (faststream_defaults_label(flavour) + " (its defaults)" if not why else "-")
+            )
+            rows = [
+                Row(
+                    scenario=scenario,
+                    implementation=name,
+                    producer=producer,
+                    semantics="publish(reply_to, correlation_id) -> return value",
+                    payload="pydantic",
+                    unit="req/s",
+                )
+                for scenario in (SEQUENTIAL, in_flight_scenario(in_flight))
+            ]
+            run_settings = no_linger if config == "linger 0" else None
+            variants.append(
+                unavailable(rows, why)
+                if why
+                else Variant(rows=rows, run=partial(faststream_rpc, flavour, run_settings))
+            )
+        for transport_name in bench.transports:
+            fs_name = FS if transport_name == "kafka" else FS_CONFLUENT
+            rpc_settings = no_linger if config == "linger 0" else settings
+            rows = []
+            for scenario in (SEQUENTIAL, in_flight_scenario(in_flight)):
+                targets: list[Target] = []
+                if config == "linger 0":
+                    targets.append(Target(baseline=f"{fs_name}, linger 0", minimum=2.0))
+                    if scenario == SEQUENTIAL:
+                        targets.append(Target(max_p50_ms=5.0))
+                rows.append(
+                    Row(
+                        scenario=scenario,
+                        implementation=f"{ours(transport_name)}, {config}",
+                        producer=label_of(no_linger) if config == "linger 0" else ours_default,
+                        semantics="Bus.request -> handler return value",
+                        payload=codec.name,
+                        unit="req/s",
+                        targets=targets,
+                    )
+                )
+            try:
+                make_transport(transport_name, settings)
+            except Unavailable as exc:
+                variants.append(unavailable(rows, str(exc)))
+                continue
+            variants.append(Variant(rows=rows, run=partial(bus_rpc, transport_name, rpc_settings)))
+    return variants
+
+
+# -- 4. scale-out ---------------------------------------------------------------------------------
+
+
+def scale_out_variants(bench: Bench, messages: int, hash_rounds: int) -> list[Variant]:
+    from bus_scaleout import SCALE_OUT, run_scale_out
+
+    rows = [
+        Row(
+            scenario=SCALE_OUT,
+            implementation=f"our Bus, {processes} consumer process{'es' if processes > 1 else ''}",
+            producer="12 partitions, one group, commit every 200 ms",
+            semantics=f"handler: sha256 of the payload x{hash_rounds}; at-least-once",
+            payload=bench.codec.name,
+            baseline=processes == 1,
+            targets=()
+            if processes == 1
+            else (Target(baseline="our Bus, 1 consumer process", minimum=1.7, label="1 process"),),
+        )
+        for processes in (1, 2)
     ]
-    first = len(bench.results)
-    for name, run in variants:
-        await bench.measure(f"{REQUEST}, sequential", name, 150, run, unit="req/s")
-    # group the rows by scenario (sequential first) so each block compares like with like
-    mine = bench.results[first:]
-    order = [name for name, _ in variants]
-    mine.sort(key=lambda r: ("in flight" in r.scenario, order.index(r.implementation)))
-    bench.results[first:] = mine
 
+    def runner(processes: int) -> Callable[[], Awaitable[list[Sample]]]:
+        async def run() -> list[Sample]:
+            topic = await bench.topics.fresh("scale", partitions=12)
+            sample = await run_scale_out(
+                bench.settings,
+                topic,
+                bench.topics.group("scale"),
+                processes=processes,
+                messages=messages,
+                hash_rounds=hash_rounds,
+                payload=bench.codec.name,
+                produce=lambda: fill(bench, topic, messages),
+            )
+            return [sample]
 
-# -- 4. envelope ----------------------------------------------------------------------------------
+        return run
 
-
-def envelope_scenario(bench: Bench, *, iterations: int) -> None:
-    pool = bench.pool
-    order = pool.orders[0]
-    envelope = Bus(MemoryTransport(), source="bench.publisher").envelope(order, key=pool.keys[0])
-
-    def ours_binary() -> Any:
-        key, value, headers = to_binary(envelope)
-        record = Record(
-            topic="orders", partition=0, offset=0, key=key, value=value, headers=headers
-        )
-        received = from_binary(record)
-        return decode_payload(received.data, OrderPlaced)
-
-    def ours_structured() -> Any:
-        received = from_structured(to_structured(envelope))
-        return decode_payload(received.data, OrderPlaced)
-
-    def stdlib() -> Any:
-        event = {
-            "specversion": envelope.specversion,
-            "id": envelope.id,
-            "source": envelope.source,
-            "type": envelope.type,
-            "time": envelope.time.isoformat().replace("+00:00", "Z"),
-            "datacontenttype": envelope.datacontenttype,
-            "traceparent": envelope.traceparent,
-            "partitionkey": envelope.partitionkey,
-            "data": envelope.data.model_dump(mode="json"),
-        }
-        raw = json.dumps(event, separators=(",", ":")).encode()
-        parsed = json.loads(raw)
-        received = Envelope(
-            id=parsed["id"],
-            source=parsed["source"],
-            type=parsed["type"],
-            time=datetime.fromisoformat(parsed["time"]),
-            traceparent=parsed.get("traceparent"),
-            partitionkey=parsed.get("partitionkey"),
-            data=parsed["data"],
-        )
-        return OrderPlaced.model_validate(received.data)
-
-    assert ours_binary() == ours_structured() == stdlib() == order
-
-    def rate(work: Callable[[], Any]) -> tuple[float, float]:
-        for _ in range(iterations // 10):
-            work()
-        walls, cpus = [], []
-        # The broker scenarios left a large heap behind; freezing it keeps the collector from
-        # re-scanning it, so each candidate pays for collecting its own garbage only.
-        gc.collect()
-        gc.freeze()
-        try:
-            for _ in range(5):
-                clock = Clock()
-                clock.start()
-                for _ in range(iterations):
-                    work()
-                clock.stop()
-                walls.append(clock.wall)
-                cpus.append(clock.us_per(iterations))
-        finally:
-            gc.unfreeze()
-        return iterations / median(walls), median(cpus)
-
-    scenario = "4. envelope enc+dec"
-    for name, work, semantics, extra in (
-        (STDLIB, stdlib, "json.dumps/loads + model_validate", {"baseline": True}),
-        (
-            f"{OURS} binary",
-            ours_binary,
-            "to/from_binary + decode_payload",
-            {"checks": (Check(baseline=STDLIB, minimum=5.0),)},
-        ),
-        (f"{OURS} structured", ours_structured, "orjson to/from_structured (ref.)", {}),
-    ):
-        ops, cpu = rate(work)
-        result = Result(
-            scenario=scenario,
-            implementation=name,
-            semantics=semantics,
-            rate=ops,
-            unit="op/s",
-            cpu_us_per_op=cpu,
-            **extra,
-        )
-        bench.results.append(result)
-        _report([result])
+    return [Variant(rows=[rows[0]], run=runner(1)), Variant(rows=[rows[1]], run=runner(2))]
 
 
 # -- main -----------------------------------------------------------------------------------------
 
+SCENARIOS = ("publish", "consume", "request", "scale-out")
 
-async def run(args: argparse.Namespace, bootstrap: str) -> Bench:
+
+async def warm_up_broker(bench: Bench, n: int) -> None:
+    """Produce and consume `n` records once, untimed (the broker's JIT, page cache, group
+    coordinator are then as warm for the first row as for the last)."""
+    topic = await bench.topics.fresh("warm-up")
+    await fill(bench, topic, n)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bench.settings.bootstrap_servers,
+        group_id=bench.topics.group("warm-up"),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        seen = 0
+        while seen < n:
+            batches = await consumer.getmany(timeout_ms=200, max_records=500)
+            seen += sum(len(b) for b in batches.values())
+            await consumer.commit()
+    finally:
+        await quietly(consumer.stop(), "stopping the warm-up consumer")
+
+
+async def run(args: argparse.Namespace, bootstrap: str) -> list[Row]:
     settings = KafkaSettings(bootstrap_servers=bootstrap, client_id="bench-ours")
-    pool = Pool()
+    orders = [make_order(i) for i in range(KEYS)]
+    codec = pydantic_codec(orders) if args.payload == "pydantic" else msgspec_codec(orders)
+    rows: list[Row] = []
     async with Topics(bootstrap, f"{int(time.time())}-{os.getpid()}") as topics:
-        bench = Bench(settings, pool, topics)
-        cluster = await topics.cluster_id()
+        bench = Bench(
+            settings=settings,
+            topics=topics,
+            codec=codec,
+            transports=args.transports,
+            orders=orders,
+            keys=[o.order_id for o in orders],
+            key_bytes=[o.order_id.encode() for o in orders],
+        )
         print("broker warm-up ...", flush=True)
         try:
             async with asyncio.timeout(60):
-                await warm_up_broker(bench, n=args.messages)
-        except Exception as exc:  # measure anyway; a dead broker is caught right below
-            print(f"  warm-up failed: {type(exc).__name__}: {exc}", flush=True)
+                await warm_up_broker(bench, min(args.messages, 5000))
+        except Exception as exc:
             if not await broker_alive(bootstrap):
                 raise BrokerUnreachable(f"Kafka at {bootstrap} went away during warm-up") from exc
-        print("publish ...", flush=True)
-        await publish_scenario(bench, n=args.messages, n_awaited=args.awaited)
-        print("consume ...", flush=True)
-        await consume_scenario(bench, n=args.messages)
-        print("request/reply ...", flush=True)
-        await request_scenario(
-            bench, sequential=args.requests, concurrent=args.requests, in_flight=args.in_flight
-        )
-        if not bench.broker_down and await topics.cluster_id() != cluster:
-            bench.warnings.append(
-                "the broker was restarted during the run (its cluster id changed): the broker "
-                "rows are not comparable; run again"
-            )
-    print("envelope ...", flush=True)
-    envelope_scenario(bench, iterations=args.iterations)
-    return bench
+            print(f"  warm-up failed: {type(exc).__name__}: {exc}", flush=True)
+
+        async def scenario(name: str, variants: list[Variant], limit: float) -> None:
+            print(f"{name} ...", flush=True)
+            await run_rounds(bench, variants, args.rounds, limit)
+            rows.extend(r for v in variants for r in v.rows)
+
+        if "publish" in args.only:
+            await scenario("publish", publish_variants(bench, args.messages), 90)
+        if "consume" in args.only:
+            warm = max(1, min(500, args.consume // 10))
+            topic = await topics.fresh("consume")
+            await fill(bench, topic, warm + args.consume)
+            await scenario("consume", consume_variants(bench, topic, args.consume, warm), 120)
+        if "request" in args.only:
+            variants = request_variants(bench, args.requests, args.requests, args.in_flight)
+            await scenario("request/reply", variants, 120)
+            # sequential rows first, then the in-flight ones
+            block = [r for r in rows if r.scenario.startswith("3.")]
+            rest = [r for r in rows if not r.scenario.startswith("3.")]
+            rows[:] = rest + sorted(block, key=lambda r: r.scenario != SEQUENTIAL)
+        if "scale-out" in args.only:
+            variants = scale_out_variants(bench, args.scale_messages, args.hash_rounds)
+            await scenario("scale-out", variants, 180)
+    return rows
 
 
 def _revision() -> str:
-    """The repository's commit, and whether framework/ differs from it (numbers move with it)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*args: str) -> str:
@@ -1051,81 +1216,109 @@ def _revision() -> str:
         dirty = git("status", "--porcelain", "--", "framework")
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
-    return f"{commit}" + (" + uncommitted changes in framework/" if dirty else "")
+    return commit + (" + uncommitted changes in framework/" if dirty else "")
 
 
 def _load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
-    parser.add_argument("--messages", type=int, help="publish/consume count (default 20000)")
-    parser.add_argument("--requests", type=int, help="round trips per mode (default 2000)")
-    parser.add_argument("--in-flight", type=int, default=32, help="concurrent requests")
-    args = parser.parse_args(argv)
-    args.messages = args.messages or (3000 if args.quick else 20000)
-    args.requests = args.requests or (200 if args.quick else 2000)
-    args.awaited = max(100, args.messages // 20)
-    args.iterations = 2000 if args.quick else 20000
+def default_transports() -> list[str]:
+    """Our aiokafka transport and, where it is installed, the confluent-kafka one (an n/a
+    row otherwise)."""
+    return ["kafka", "kafka-confluent"]
 
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 round, small counts: a smoke run")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per row (default 3)")
+    parser.add_argument("--messages", type=int, help="publish count per round (default 20000)")
+    parser.add_argument("--consume", type=int, help="consume count per round (default 5000)")
+    parser.add_argument("--requests", type=int, help="round trips per mode (default 300)")
+    parser.add_argument("--in-flight", type=int, default=32, help="concurrent requests")
+    parser.add_argument("--scale-messages", type=int, help="scale-out count (default 4000)")
+    parser.add_argument(
+        "--hash-rounds", type=int, default=800, help="sha256 rounds per message (~1 ms)"
+    )
+    parser.add_argument(
+        "--transports",
+        "--transport",
+        type=_csv,
+        default=None,
+        help="our transports, comma-separated (default: kafka and the confluent one)",
+    )
+    parser.add_argument("--payload", choices=("pydantic", "msgspec"), default="pydantic")
+    parser.add_argument(
+        "--only", type=_csv, default=list(SCENARIOS), help=f"subset of {','.join(SCENARIOS)}"
+    )
+    args = parser.parse_args(argv)
+    args.transports = args.transports or default_transports()
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.messages = args.messages or (300 if args.quick else 20000)
+    args.consume = args.consume or (300 if args.quick else 5000)
+    args.requests = args.requests or (50 if args.quick else 300)
+    args.scale_messages = args.scale_messages or (200 if args.quick else 4000)
+    if args.quick:
+        args.hash_rounds = min(args.hash_rounds, 100)
     bootstrap = require_env(
         "KAFKA_BOOTSTRAP",
         'Start the dev broker and export its address: eval "$(scripts/devservices up)"',
     )
-    defaults = KafkaSettings(bootstrap_servers=bootstrap)
+    os.environ["KAFKA_BOOTSTRAP"] = bootstrap
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # The clients' own retry chatter (leader elections on new topics, reconnects) would bury
-    # the table; failures still surface as error rows.
-    for noisy in ("aiokafka", "faust", "mode", "faststream"):
+    for noisy in ("aiokafka", "faststream", "confluent_kafka"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
+    defaults = KafkaSettings(bootstrap_servers=bootstrap)
     print(f"benchmarks/bus.py - {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     print(
         environment(
             [
                 "msa-framework",
                 "aiokafka",
+                "confluent-kafka",
                 "faststream",
-                "faust-streaming",
                 "pydantic",
+                "msgspec",
                 "orjson",
                 "uvloop",
             ],
             extra=[
                 ("Framework", f"msa-framework at {_revision()}"),
                 ("Kafka", f"{os.environ.get('KAFKA_VERSION', 'unknown version')} at {bootstrap}"),
-                ("Loop", f"uvloop {uvloop.__version__} for every implementation"),
                 (
-                    "Producers",
-                    f"acks={defaults.acks}, enable_idempotence={defaults.enable_idempotence}, "
-                    f"linger_ms={defaults.linger_ms}, max_batch_size="
-                    f"{defaults.max_batch_size // 1024} KiB (our KafkaSettings defaults) for "
-                    f"every producer unless a row says otherwise",
+                    "Loop",
+                    f"uvloop {importlib.metadata.version('uvloop')}, one process "
+                    "(scale-out: 1-2 workers)",
                 ),
+                ("Settings", f"our KafkaSettings defaults: {label_of(defaults)}"),
                 ("Load", f"{_load()} at start (other processes share these cores)"),
                 (
                     "Counts",
-                    f"{args.messages} msgs pipelined/consumed, {args.awaited} awaited sends, "
-                    f"{args.requests} sequential + {args.requests} concurrent requests "
-                    f"({args.in_flight} in flight), payload {PAYLOAD_BYTES} B",
+                    f"{args.rounds} interleaved round(s) per row; per round {args.messages} "
+                    f"publishes, {args.consume} consumed, {args.requests} sequential + "
+                    f"{args.requests} concurrent requests ({args.in_flight} in flight), "
+                    f"{args.scale_messages} scale-out msgs x {args.hash_rounds} sha256; "
+                    f"payload {PAYLOAD_BYTES} B {args.payload}",
                 ),
             ],
         )
     )
     began = time.perf_counter()
     try:
-        bench = uvloop.run(run(args, bootstrap))
+        rows = uvloop.run(run(args, bootstrap))
     except BrokerUnreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()
-    print(render(bench.results))
-    for warning in bench.warnings:
-        print(f"\nWARNING: {warning}")
+    print(render(rows))
     print(f"\n(total {time.perf_counter() - began:.0f} s; load average {_load()} at the end)")
-    return 1 if bench.warnings or any(r.error for r in bench.results) else 0
+    return 1 if any(r.errors for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 `asyncapi(service_class)` describes every topic the service consumes (`@handles`: receive
 operations) and publishes (`Service.publishes`: send operations), each message with its
 CloudEvents type, the binary-mode `ce_*` headers, the Kafka key, and the JSON Schema of its
-payload. `openapi(service_class)` describes its `@route`s plus the built-in `/alive`, `/ready`
-and `/metrics`. `msa asyncapi module:Service` prints the first; every service serves both at
+payload (`framework.messages.json_schema`: pydantic's, or msgspec's for a `msgspec.Struct`).
+`openapi(service_class)` describes its `@route`s plus the built-in `/alive`, `/ready` and
+`/metrics`. `msa asyncapi module:Service` prints the first; every service serves both at
 `/docs/asyncapi.json` and `/docs/openapi.json`.
 
 Both read only what `DocumentedService` names, which `framework.service.Service` provides; this
@@ -18,9 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
-from pydantic import TypeAdapter
-
-from framework.messages import type_name
+from framework.messages import json_schema, type_name
 from framework.types import HandlerInfo, RouteInfo
 from framework.version import __version__
 
@@ -62,8 +61,9 @@ def _ident(text: str) -> str:
 
 
 def _schema(payload: Any, schemas: dict[str, Any]) -> dict[str, Any]:
-    """The payload's JSON Schema, with nested definitions hoisted into components/schemas."""
-    schema = TypeAdapter(payload).json_schema(ref_template=_REF)
+    """The payload's JSON Schema (pydantic's, or msgspec's for a `msgspec.Struct`), with nested
+    definitions hoisted into components/schemas."""
+    schema = json_schema(payload, ref_template=_REF)
     schemas.update(schema.pop("$defs", {}))
     return schema
 

@@ -14,34 +14,62 @@ partition key. Any Kafka client can therefore read and write our events without 
     key:     b"order-17"
     value:   b'{"order_id":"order-17","total":"12.50"}'
 
-Payload types are pydantic v2 models or dataclasses (or anything a pydantic `TypeAdapter`
-accepts). A type's CloudEvents `type` is set with `@message_type("shop.order.placed")`, else it is
-the class name. Incoming data is validated against the registered type; a mismatch raises
-`PayloadValidationError`, which the bus sends to the dead-letter topic.
+Payload types are pydantic v2 models, dataclasses (or anything a pydantic `TypeAdapter`
+accepts) and `msgspec.Struct`s (the `msgspec` extra: `pip install "msa-framework[msgspec]"`):
 
-Encoding: orjson for everything except pydantic models, which use pydantic-core's own Rust JSON
-serializer (it honours field serializers and aliases, which orjson cannot see, and is as fast).
+    @message_type("shop.order.placed")
+    class OrderPlaced(msgspec.Struct, kw_only=True):
+        order_id: str
+        lines: list[OrderLine]
+        total: Decimal
+
+A type's CloudEvents `type` is set with `@message_type("shop.order.placed")`, else it is the class
+name. Incoming data is validated against the registered type; a mismatch raises
+`PayloadValidationError` (for a pydantic type every error, for a Struct the first one msgspec
+meets, each with its `loc`), which the bus sends to the dead-letter topic. A type neither library
+can take raises `ConfigurationError` (`check_payload_type`), as a handler's annotation does at
+declaration.
+
+Codecs, by type: a Struct is decoded, validated and encoded by msgspec in C, and its JSON Schema
+comes from `msgspec.json.schema_components`; so is any other type pydantic cannot take and msgspec
+can (`list[OrderPlaced]`, a dataclass with a Struct field). msgspec's JSON decoding is strict, as
+msgspec defines it (`"3"` is not an `int`); `validate_payload` of already-parsed values (form and
+XML bodies, where every value is a string) converts with `strict=False`, as pydantic's lax mode
+would. The framework never imports msgspec itself: a Struct exists only once its program
+imported msgspec, so the framework looks for it in `sys.modules` and works without it installed.
+pydantic models encode with pydantic-core's own Rust JSON serializer (it honours field serializers
+and aliases, which orjson cannot see, and is as fast); everything else with orjson.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
+from types import ModuleType
 from typing import Any, Generic, TypeVar, cast
 
 import orjson
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
-from framework.errors import DecodeError, PayloadValidationError, UnknownMessageType
+from framework.errors import (
+    ConfigurationError,
+    DecodeError,
+    PayloadValidationError,
+    UnknownMessageType,
+)
 from framework.types import Headers, Record
 
 __all__ = [
     "CE_PREFIX",
     "Envelope",
     "MessageRegistry",
+    "check_payload_type",
     "decode_payload",
     "encode_payload",
     "from_binary",
@@ -64,6 +92,8 @@ JSON = "application/json"
 _CORE = ("id", "source", "type", "specversion", "time", "subject")
 _KNOWN_EXTENSIONS = ("correlationid", "causationid", "traceparent", "partitionkey")
 _STANDARD = frozenset((*_CORE, *_KNOWN_EXTENSIONS))
+_HEADER_ATTRIBUTES = {CE_PREFIX + name: name for name in _STANDARD}
+"""Binary-mode header name -> CloudEvents attribute, for the standard ones."""
 
 
 def new_id() -> str:
@@ -145,56 +175,225 @@ def type_name(cls: type[Any]) -> str:
     return name if isinstance(name, str) else cls.__name__
 
 
-@functools.lru_cache(maxsize=1024)
-def _adapter(cls: Any) -> TypeAdapter[Any]:
-    return TypeAdapter(cls)
+# -- payload codecs: pydantic-core, or msgspec for Structs ------------------------------------
 
 
-def json_schema(cls: Any) -> dict[str, Any]:
-    """The JSON Schema of a payload type (for AsyncAPI/OpenAPI documents)."""
-    return _adapter(cls).json_schema()
+def _loaded_msgspec() -> ModuleType | None:
+    """msgspec, if this program imported it (a Struct exists only then); never imports it."""
+    return sys.modules.get("msgspec")
+
+
+def _is_struct(cls: Any) -> bool:
+    msgspec = _loaded_msgspec()
+    return msgspec is not None and isinstance(cls, type) and issubclass(cls, msgspec.Struct)
+
+
+@dataclass(frozen=True, slots=True)
+class _Codec:
+    """How values of one payload type are decoded from JSON, validated and described."""
+
+    decode_json: Callable[[bytes], Any]
+    validate_python: Callable[[Any], Any]
+    json_schema: Callable[[str], dict[str, Any]]
+    """The JSON Schema, given the `$ref` template (pydantic's: `{model}` is the name)."""
+
+
+_CACHED_TYPES = 1024
+"""How many payload types the codec and encoder caches hold (a program has a few dozen; classes
+made on the fly, as tests do, must not grow them forever)."""
+_CODECS: dict[Any, _Codec] = {}
+
+
+def _codec(cls: Any) -> _Codec:
+    codec = _CODECS.get(cls)
+    if codec is None:
+        codec = _new_codec(cls)
+        if len(_CODECS) < _CACHED_TYPES:
+            _CODECS[cls] = codec
+    return codec
+
+
+def _new_codec(cls: Any) -> _Codec:
+    refused: Exception | None = None
+    if not _is_struct(cls):
+        try:
+            adapter: TypeAdapter[Any] = TypeAdapter(cls)
+        except PydanticSchemaGenerationError as exc:
+            refused = exc  # msgspec may take it: `list[SomeStruct]`, a dataclass with a Struct
+        else:
+            return _Codec(
+                decode_json=adapter.validate_json,
+                validate_python=adapter.validate_python,
+                json_schema=lambda ref_template: adapter.json_schema(ref_template=ref_template),
+            )
+    if _loaded_msgspec() is not None:
+        try:
+            return _msgspec_codec(cls)
+        except TypeError as exc:
+            refused = exc
+    name = repr(cls.__qualname__) if isinstance(cls, type) else repr(cls)
+    raise ConfigurationError(
+        f"{name} is not a payload type: use a pydantic model, a dataclass, a msgspec.Struct, "
+        "or another type pydantic or msgspec can validate"
+    ) from refused
+
+
+def _msgspec_codec(cls: Any) -> _Codec:
+    """msgspec's codec of `cls`; TypeError unless msgspec takes it natively (its decoder takes
+    any class, as a custom type to decode with a hook; its JSON Schema does not)."""
+    import msgspec
+
+    msgspec.json.schema_components((cls,))
+    return _Codec(
+        decode_json=msgspec.json.Decoder(cls).decode,
+        validate_python=functools.partial(msgspec.convert, type=cls, strict=False),
+        json_schema=functools.partial(_msgspec_schema, cls),
+    )
+
+
+def _msgspec_schema(cls: Any, ref_template: str) -> dict[str, Any]:
+    """msgspec's JSON Schema of `cls` in pydantic's shape: the top-level object inline (unless it
+    is recursive), the types it refers to in `$defs`."""
+    import msgspec
+
+    template = ref_template.replace("{model}", "{name}")
+    (schema,), defs = msgspec.json.schema_components((cls,), ref_template=template)
+    ref = schema.get("$ref")
+    if len(schema) == 1 and isinstance(ref, str):
+        name = next((n for n in defs if template.format(name=n) == ref), None)
+        if name is not None and f'"{ref}"'.encode() not in orjson.dumps(defs):
+            schema = defs.pop(name)
+    return {**schema, "$defs": defs} if defs else dict(schema)
+
+
+def check_payload_type(cls: Any) -> None:
+    """Raise `ConfigurationError` unless values of `cls` can be decoded and validated: a pydantic
+    model, a dataclass, a `msgspec.Struct`, or another type pydantic (or msgspec) can take.
+
+    A handler's payload annotation is checked at declaration (`@handles`), so a wrong one fails
+    loudly there instead of dead-lettering (or dropping) every event it was meant to take.
+    """
+    _codec(cls)
+
+
+def json_schema(cls: Any, *, ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
+    """The JSON Schema of a payload type (for AsyncAPI/OpenAPI documents); the types it refers
+    to are in its `$defs`, referred to by `ref_template` (`{model}`: the type's name)."""
+    return _codec(cls).json_schema(ref_template)
 
 
 def _orjson_default(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
+    if isinstance(value, Decimal):  # a string, as pydantic and msgspec write it: no rounding
+        return str(value)
+    msgspec = _loaded_msgspec()
+    if msgspec is not None and isinstance(value, msgspec.Struct):  # one nested in a dict or list
+        return msgspec.to_builtins(value)
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
+_ENCODERS: dict[type, Callable[[Any], bytes]] = {}
+
+
 def encode_payload(data: Any) -> bytes:
-    """The JSON bytes of a payload (a model, a dataclass, or plain JSON-able values)."""
-    if isinstance(data, BaseModel):
-        return data.__pydantic_serializer__.to_json(data)
-    if isinstance(data, bytes | bytearray | memoryview):
-        return bytes(data)
-    return orjson.dumps(data, default=_orjson_default)
+    """The JSON bytes of a payload (a model, a dataclass, a Struct, or plain JSON-able values)."""
+    encode = _ENCODERS.get(type(data))
+    if encode is None:
+        encode = _encoder(type(data))
+        if len(_ENCODERS) < _CACHED_TYPES:
+            _ENCODERS[type(data)] = encode
+    return encode(data)
+
+
+def _encoder(cls: type) -> Callable[[Any], bytes]:
+    """The JSON encoder of values of exactly `cls`: chosen once per type, because the checks
+    (pydantic's metaclass `isinstance`, a union of types) cost more than encoding a small event."""
+    if issubclass(cls, BaseModel):
+        return _encode_model
+    if issubclass(cls, bytes | bytearray | memoryview):
+        return bytes
+    msgspec = _loaded_msgspec()
+    if msgspec is not None and issubclass(cls, msgspec.Struct):
+        return cast(Callable[[Any], bytes], msgspec.json.encode)
+    return _encode_plain
+
+
+def _encode_model(model: BaseModel) -> bytes:
+    # The model's serializer at call time (`model_rebuild` replaces it), in Rust.
+    return model.__pydantic_serializer__.to_json(model)
+
+
+_encode_plain: Callable[[Any], bytes] = functools.partial(orjson.dumps, default=_orjson_default)
+
+
+def _msgspec_errors() -> tuple[type[Exception], ...]:
+    """What msgspec raises for invalid input (its `ValidationError` is a `DecodeError`); nothing
+    when it is not loaded. Evaluated only while an exception is being matched."""
+    msgspec = _loaded_msgspec()
+    return () if msgspec is None else (msgspec.DecodeError,)
 
 
 def decode_payload(raw: bytes, cls: type[T]) -> T:
     """Parse and validate JSON bytes as `cls`; `PayloadValidationError` says what is wrong."""
     try:
-        return cast(T, _adapter(cast(Any, cls)).validate_json(raw))
+        value: T = (_CODECS.get(cls) or _codec(cls)).decode_json(raw)
+        return value
     except ValidationError as exc:
         raise _validation_error(exc, cls) from None
+    except _msgspec_errors() as exc:
+        raise _msgspec_validation_error(exc, cls) from None
 
 
 def validate_payload(value: Any, cls: type[T]) -> T:
     """Validate an already-parsed value (e.g. a decoded XML or form body) as `cls`."""
     try:
-        return cast(T, _adapter(cast(Any, cls)).validate_python(value))
+        valid: T = _codec(cls).validate_python(value)
+        return valid
     except ValidationError as exc:
         raise _validation_error(exc, cls) from None
+    except _msgspec_errors() as exc:
+        raise _msgspec_validation_error(exc, cls) from None
 
 
-def _validation_error(exc: ValidationError, cls: Any) -> PayloadValidationError:
-    errors: list[dict[str, Any]] = [
-        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
-    ]
+def _invalid(cls: Any, errors: list[dict[str, Any]]) -> PayloadValidationError:
     return PayloadValidationError(
-        f"payload is not a valid {type_name(cls)}: {exc.error_count()} error(s): "
+        f"payload is not a valid {type_name(cls)}: {len(errors)} error(s): "
         + "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in errors),
         errors=errors,
     )
+
+
+def _validation_error(exc: ValidationError, cls: Any) -> PayloadValidationError:
+    return _invalid(
+        cls, [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    )
+
+
+_MSGSPEC_AT = re.compile(r"(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.DOTALL)
+_MSGSPEC_STEP = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
+_MSGSPEC_FIELD = re.compile(r"Object (missing required|contains unknown) field `([^`]*)`")
+
+
+def _msgspec_validation_error(exc: Exception, cls: Any) -> PayloadValidationError:
+    """The one error msgspec reports (`Expected `int`, got `str` - at `$.lines[0].qty``) in
+    pydantic's shape: `loc` ["lines", 0, "qty"], `msg`, and a `type` of pydantic's names."""
+    import msgspec
+
+    if not isinstance(exc, msgspec.ValidationError):  # not JSON at all
+        return _invalid(cls, [{"loc": [], "msg": f"Invalid JSON: {exc}", "type": "json_invalid"}])
+    match = _MSGSPEC_AT.fullmatch(str(exc))
+    assert match is not None  # the pattern matches any text
+    loc: list[str | int] = [
+        int(index) if index.isdigit() else name or index
+        for name, index in _MSGSPEC_STEP.findall(match["path"] or "")
+    ]
+    kind = "value_error"
+    field_error = _MSGSPEC_FIELD.fullmatch(match["msg"])
+    if field_error is not None:
+        loc.append(field_error[2])
+        kind = "missing" if field_error[1] == "missing required" else "extra_forbidden"
+    return _invalid(cls, [{"loc": loc, "msg": match["msg"], "type": kind}])
 
 
 class MessageRegistry:
@@ -207,8 +406,6 @@ class MessageRegistry:
         name = name or type_name(cls)
         known = self._types.get(name)
         if known is not None and known is not cls:
-            from framework.errors import ConfigurationError
-
             raise ConfigurationError(
                 f"message type {name!r} is registered twice: {known.__qualname__} "
                 f"and {cls.__qualname__}"
@@ -290,9 +487,13 @@ def from_binary(record: Record) -> Envelope[bytes]:
     """The envelope of a binary-mode record; `data` stays raw bytes until typed decoding."""
     content_type = JSON
     attributes: dict[str, str] = {}
+    known = _HEADER_ATTRIBUTES.get  # one dict lookup instead of two slices per header
     try:
         for name, value in record.headers:
-            if name[:3] == CE_PREFIX:
+            attribute = known(name)
+            if attribute is not None:
+                attributes[attribute] = value.decode()
+            elif name[:3] == CE_PREFIX:
                 attributes[name[3:]] = value.decode()
             elif name == CONTENT_TYPE:
                 content_type = value.decode()
@@ -319,7 +520,7 @@ def from_binary(record: Record) -> Envelope[bytes]:
         partitionkey = record.key.decode(errors="replace")
     extensions = (
         {k: v for k, v in attributes.items() if k not in _STANDARD}
-        if len(attributes) > len(_STANDARD.intersection(attributes))
+        if not attributes.keys() <= _STANDARD
         else {}
     )
     return Envelope(

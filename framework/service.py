@@ -23,12 +23,13 @@
 
 Run it with `msa run shop.shipping:Shipping`, or in tests with `framework.testing.ServiceHarness`.
 
-A handler's first parameter after `self` is annotated with its payload type (a pydantic model or a
-dataclass); its CloudEvents type is `type_name(payload type)` unless `@handles(type=...)` says
-otherwise. An optional second parameter receives the `Message` (envelope, record, attempt). A
-return value is the reply when the message was a request. Handlers with the same topics, group
-and options share one consumer-group member (`Subscription`); the group defaults to the
-service's name, so every replica of a service shares the work.
+A handler's first parameter after `self` is annotated with its payload type (a pydantic model, a
+dataclass or a `msgspec.Struct`; a type neither pydantic nor msgspec can validate is refused with
+`ConfigurationError` when the class is defined); its CloudEvents type is `type_name(payload type)`
+unless `@handles(type=...)` says otherwise. An optional second parameter receives the `Message`
+(envelope, record, attempt). A return value is the reply when the message was a request. Handlers
+with the same topics, group and options share one consumer-group member (`Subscription`); the
+group defaults to the service's name, so every replica of a service shares the work.
 
 Lifecycle, in this order (the promises Kubernetes probes rely on):
 
@@ -60,7 +61,7 @@ from framework.bus import Bus, ConsumerOptions, HandlerSpec, Message
 from framework.bus.transports import transport_from_env, transport_name
 from framework.errors import ConfigurationError
 from framework.faults import FaultInjector
-from framework.messages import Envelope, is_declared, type_name
+from framework.messages import Envelope, check_payload_type, is_declared, type_name
 from framework.observability.metrics import MetricsRegistry
 from framework.types import (
     ConsumeMiddleware,
@@ -227,8 +228,14 @@ def _inspect_handler(cls: type, attribute: str, fn: Callable[..., Any]) -> Handl
     if payload_type is None:
         raise ConfigurationError(
             f"{cls.__name__}.{attribute}: annotate the payload parameter {params[0].name!r} "
-            "with its type (a pydantic model or a dataclass)"
+            "with its type (a pydantic model, a dataclass or a msgspec.Struct)"
         )
+    try:
+        check_payload_type(payload_type)
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"{cls.__name__}.{attribute}: the payload parameter {params[0].name!r}: {exc}"
+        ) from exc.__cause__
     return replace(
         info, payload_type=payload_type, wants_message=len(params) == 2, attribute=attribute
     )

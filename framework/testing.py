@@ -14,7 +14,9 @@ default (fast, deterministic), or `KafkaTransport` to run the very same test on 
 The pytest plugin (`framework.pytest_plugin`, loaded automatically) provides `msa_transport`
 and `msa_harness` fixtures.
 
-What it records, each as a list and an awaitable that waits for `count` of a type:
+What it records, each as a list and an awaitable that waits for `count` of a type (`of`: a
+payload class - a pydantic model, a dataclass or a `msgspec.Struct` alike - or a CloudEvents type
+name):
 
 - `handled_log` / `await handled(of)`: every handler run that finished, one `Handled` per
   attempt (a message retried three times is three entries, with `attempt` 1, 2 and 3).

@@ -73,7 +73,15 @@ from framework.errors import (
     RemoteError,
     RequestTimeout,
 )
-from framework.messages import Envelope, decode_payload, from_binary, new_id, to_binary, type_name
+from framework.messages import (
+    Envelope,
+    check_payload_type,
+    decode_payload,
+    from_binary,
+    new_id,
+    to_binary,
+    type_name,
+)
 from framework.observability.metrics import CounterChild, MetricsRegistry
 from framework.observability.tracing import (
     TraceContext,
@@ -412,6 +420,15 @@ class Bus:
             raise ConfigurationError("a subscription needs at least one handler")
         if not topics:
             raise ConfigurationError("a subscription needs at least one topic")
+        for event_type, spec in handlers.items():
+            # Refused now, not when the first record arrives (which would stop its partition).
+            if spec.payload_type is not bytes:
+                try:
+                    check_payload_type(spec.payload_type)
+                except ConfigurationError as exc:
+                    raise ConfigurationError(
+                        f"the handler of {event_type!r} on {', '.join(topics)}: {exc}"
+                    ) from exc.__cause__
         subscription = Subscription(self, topics, handlers, options)
         if self._group_suffix:
             subscription.isolate(options.group + self._group_suffix)

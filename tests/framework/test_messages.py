@@ -11,10 +11,11 @@ import orjson
 import pytest
 from pydantic import BaseModel, Field
 
-from framework.errors import DecodeError, PayloadValidationError
+from framework.errors import ConfigurationError, DecodeError, PayloadValidationError
 from framework.messages import (
     Envelope,
     MessageRegistry,
+    check_payload_type,
     decode_payload,
     encode_payload,
     from_binary,
@@ -141,6 +142,30 @@ def test_invalid_payloads_raise_a_typed_error_with_the_fields() -> None:
     assert isinstance(error.value, ValueError)
     with pytest.raises(PayloadValidationError):
         decode_payload(b"not json at all", Plain)
+
+
+@dataclass
+class Priced:
+    sku: str
+    price: Decimal
+
+
+def test_a_dataclass_with_a_decimal_encodes_it_as_a_string_as_pydantic_does() -> None:
+    raw = encode_payload(Priced("mug", Decimal("12.50")))
+    assert orjson.loads(raw) == {"sku": "mug", "price": "12.50"}
+    assert decode_payload(raw, Priced) == Priced("mug", Decimal("12.50"))
+
+
+def test_a_type_no_library_can_validate_is_a_configuration_error() -> None:
+    class Opaque:
+        pass
+
+    with pytest.raises(ConfigurationError, match=r"'.*Opaque' is not a payload type"):
+        check_payload_type(Opaque)
+    with pytest.raises(ConfigurationError):
+        decode_payload(b"{}", Opaque)
+    check_payload_type(Plain)
+    check_payload_type(OrderPlaced)
 
 
 def test_type_names_schemas_and_registry() -> None:

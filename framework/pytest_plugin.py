@@ -11,13 +11,18 @@ write async tests against `msa_harness`; nothing else to configure:
             harness.mock(Shipping.on_order_paid).assert_called_once_with(OrderPaid(order_id="o-1"))
 
 `pytest` runs them on the in-memory bus; `pytest --msa-transport=kafka` runs the very same tests
-on the Apache Kafka in `KAFKA_BOOTSTRAP` (and the other `KAFKA_*` variables of
-`KafkaSettings.from_env`; needs `msa-framework[kafka]`).
+on the Apache Kafka in `KAFKA_BOOTSTRAP`, with the transport a service given `MSA_TRANSPORT=kafka`
+would build (`framework.bus.transport_from_env`): the other `KAFKA_*` variables apply, and
+`KAFKA_CLIENT` picks the client, aiokafka by default (`KafkaTransport`, needs
+`msa-framework[kafka]`) or `KAFKA_CLIENT=confluent` (`ConfluentTransport`, librdkafka, needs
+`msa-framework[kafka-confluent]`). A missing extra, a missing `KAFKA_BOOTSTRAP` or a malformed
+variable is a usage error, reported before any test runs.
 
 Fixtures:
 
 - `msa_transport`: the transport of the test: a fresh `MemoryTransport` (one in-memory "cluster";
-  services given it share it), or with `--msa-transport=kafka` a `KafkaTransport`.
+  services given it share it), or with `--msa-transport=kafka` a new Kafka transport of the
+  client `KAFKA_CLIENT` names (not started: the harness starts it).
 - `msa_harness`: a factory returning a `framework.testing.ServiceHarness` (see that module for
   everything it records and waits for):
 
@@ -55,7 +60,7 @@ from typing import Any
 
 import pytest
 
-from framework.bus import MemoryTransport
+from framework.bus import MemoryTransport, transport_from_env
 from framework.errors import ConfigurationError
 from framework.service import Service, ServiceSettings
 from framework.testing import ServiceHarness
@@ -74,7 +79,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=_TRANSPORTS,
         default="memory",
         help="the transport of the msa_transport fixture (and so of msa_harness): memory "
-        "(default) or kafka (the broker in KAFKA_BOOTSTRAP)",
+        "(default) or kafka (the broker in KAFKA_BOOTSTRAP; KAFKA_CLIENT picks the client)",
     )
 
 
@@ -88,14 +93,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _kafka_transport() -> Transport:
+    """The Kafka transport the environment describes (`KAFKA_*`, `KAFKA_CLIENT`), as a service
+    builds it; a missing extra or a missing or malformed variable is a `pytest.UsageError`."""
     try:
-        from framework.bus.kafka import KafkaSettings, KafkaTransport
-    except ImportError as exc:
-        raise pytest.UsageError(
-            f'--msa-transport=kafka needs aiokafka: pip install "msa-framework[kafka]" ({exc})'
-        ) from exc
-    try:
-        return KafkaTransport(KafkaSettings.from_env())
+        return transport_from_env(name="kafka")
     except ConfigurationError as exc:
         raise pytest.UsageError(f"--msa-transport=kafka: {exc}") from exc
 

@@ -38,6 +38,7 @@ from framework.bus import Bus
 from framework.errors import MsaError
 from framework.faults import FAULTS_TOPIC, MAX_LATENCY_MS, FaultSwitches, Switches
 from framework.http import json_response, problem, read_json
+from framework.service import ServiceSettings
 
 __all__ = [
     "DECLINE_RATE",
@@ -45,6 +46,7 @@ __all__ = [
     "SERVICES",
     "FaultsAdmin",
     "FaultsChange",
+    "runs_as_processes",
     "switches_view",
 ]
 
@@ -57,7 +59,8 @@ _DOMAIN_SWITCHES: Final = {DECLINE_RATE: "payments"}
 PROCESSES_VARIABLE = "MSA_SHOP_PROCESSES"
 """Set to 1 when every service runs as its own process (`msa shop --processes`)."""
 ENABLED_VARIABLE = "MSA_FAULTS"
-"""`framework.service.ServiceSettings.faults`: 1 where the services obey the switches."""
+"""`framework.service.ServiceSettings.faults`: 1 where the services obey the switches (parsed
+there: `FaultsAdmin` takes the storefront's settings, never the variable itself)."""
 OFF = "fault injection is off on this deployment (the services obey it with MSA_FAULTS=1)"
 ONE_PROCESS_CRASH = (
     "the shop runs in one process: a crash would stop all of it; run msa shop --processes"
@@ -90,12 +93,19 @@ class FaultsAdmin:
     starts it in `on_start` (after its bus) and stops it in `on_stop`."""
 
     def __init__(
-        self, bus: Bus, env: Mapping[str, str], *, switches: FaultSwitches | None = None
+        self,
+        bus: Bus,
+        settings: ServiceSettings,
+        *,
+        switches: FaultSwitches | None = None,
     ) -> None:
+        """`settings`: the storefront's `ServiceSettings`, whose `faults` (`MSA_FAULTS`,
+        parsed there) turns the routes on; `MSA_SHOP_PROCESSES` is read from their `env`
+        (`runs_as_processes`)."""
         self.switches = switches if switches is not None else FaultSwitches(bus, topic=FAULTS_TOPIC)
-        self.processes = _on(env, PROCESSES_VARIABLE)
+        self.processes = runs_as_processes(settings.env)
         """Whether the services run as separate processes (so one may crash alone)."""
-        self.enabled = _on(env, ENABLED_VARIABLE)
+        self.enabled = settings.faults
         """Whether this deployment obeys the switches (the storefront's own `MSA_FAULTS`)."""
 
     async def start(self) -> None:
@@ -161,5 +171,7 @@ class FaultsAdmin:
         return json_response(switches_view(switches))
 
 
-def _on(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def runs_as_processes(env: Mapping[str, str]) -> bool:
+    """Whether `MSA_SHOP_PROCESSES` (`PROCESSES_VARIABLE`) says every service of the shop runs
+    as its own process: 1, true, yes or on; anything else (unset too) means one process."""
+    return env.get(PROCESSES_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")

@@ -71,7 +71,7 @@ class Storefront(Service):
         super().__init__(default_settings("storefront", settings), transport=transport)
         self._graph: SystemGraph | None = None
         self._sample: tuple[float, dict[str, float]] | None = None
-        self.faults_admin = FaultsAdmin(self.bus, self.settings.env)
+        self.faults_admin = FaultsAdmin(self.bus, self.settings)
 
     async def on_start(self) -> None:
         await self.faults_admin.start()

@@ -62,7 +62,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import queue
 import threading
 import uuid
@@ -72,6 +71,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
 
+from framework.bus.kafka_env import kafka_options_from_env, malformed_brokers
 from framework.errors import (
     CommitError,
     ConfigurationError,
@@ -138,16 +138,6 @@ _POLL_BATCH: Final = 1000
 """Sends after which their reports are served at once (a loop busy sending runs no timers)."""
 
 
-def _malformed_brokers(bootstrap: str) -> list[str]:
-    """The entries of a `host:port[,host:port]` list that are not host:port (IPv6 in [])."""
-    bad = []
-    for entry in (e.strip() for e in bootstrap.split(",")):
-        host, _, port = entry.rpartition(":")
-        if entry and (not host or not port.isdigit() or not 0 < int(port) < 65536):
-            bad.append(entry)
-    return bad
-
-
 @dataclass(kw_only=True, frozen=True)
 class ConfluentSettings:
     """How to reach Kafka and how to produce and consume there, for librdkafka.
@@ -199,7 +189,7 @@ class ConfluentSettings:
             problems.append("bootstrap_servers is empty")
         problems += [
             f"bootstrap_servers: {entry!r} is not host:port (a port from 1 to 65535)"
-            for entry in _malformed_brokers(self.bootstrap_servers)
+            for entry in malformed_brokers(self.bootstrap_servers)
         ]
         if self.acks not in ("all", 0, 1):
             problems.append(f"acks must be 'all', 0 or 1, not {self.acks!r}")
@@ -235,45 +225,9 @@ class ConfluentSettings:
         `LINGER_MS`, `COMPRESSION` (`gzip`, `lz4`, `zstd`, `snappy` or `none`),
         `SECURITY_PROTOCOL`, `SASL_MECHANISM`, `SASL_USERNAME`, `SASL_PASSWORD` and
         `SSL_CA_LOCATION`. `environ` defaults to `os.environ`.
+        Read and checked in `framework.bus.kafka_env`, shared by both Kafka clients.
         """
-        env = os.environ if environ is None else environ
-
-        def get(name: str) -> str | None:
-            return env.get(prefix + name, "").strip() or None
-
-        bootstrap = get("BOOTSTRAP")
-        if bootstrap is None:
-            raise ConfigurationError(
-                f"{prefix}BOOTSTRAP is not set: give the Kafka bootstrap servers as "
-                f"host:port[,host:port], e.g. {prefix}BOOTSTRAP=127.0.0.1:9092"
-            )
-        malformed = _malformed_brokers(bootstrap)
-        if malformed:
-            raise ConfigurationError(
-                f"{prefix}BOOTSTRAP={bootstrap!r}: {', '.join(map(repr, malformed))} is not "
-                "host:port (a port from 1 to 65535); give host:port[,host:port], e.g. "
-                f"{prefix}BOOTSTRAP=127.0.0.1:9092"
-            )
-        options: dict[str, Any] = {"bootstrap_servers": bootstrap}
-        if client_id := get("CLIENT_ID"):
-            options["client_id"] = client_id
-        if linger := get("LINGER_MS"):
-            try:
-                options["linger_ms"] = int(linger)
-            except ValueError:
-                raise ConfigurationError(
-                    f"{prefix}LINGER_MS must be a whole number of milliseconds, not {linger!r}"
-                ) from None
-        if compression := get("COMPRESSION"):
-            options["compression_type"] = None if compression.lower() == "none" else compression
-        if protocol := get("SECURITY_PROTOCOL"):
-            options["security_protocol"] = protocol.upper()
-        if mechanism := get("SASL_MECHANISM"):
-            options["sasl_mechanism"] = mechanism.upper()
-        options["sasl_plain_username"] = get("SASL_USERNAME")
-        options["sasl_plain_password"] = get("SASL_PASSWORD")
-        options["ssl_ca_location"] = get("SSL_CA_LOCATION")
-        return cls(**options)
+        return cls(**kafka_options_from_env(prefix, environ, ssl_ca_location=True))
 
     @property
     def request_timeout(self) -> float:

@@ -47,12 +47,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias, cast
 
+from framework.bus.kafka_env import kafka_options_from_env, malformed_brokers
 from framework.errors import (
     CommitError,
     ConfigurationError,
@@ -113,16 +113,6 @@ _SASL_MECHANISMS: Final = frozenset({"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"})
 _CODEC_AVAILABLE: Final = {"lz4": has_lz4, "zstd": has_zstd, "snappy": has_snappy}
 
 
-def _malformed_brokers(bootstrap: str) -> list[str]:
-    """The entries of a `host:port[,host:port]` list that are not host:port (IPv6 in [])."""
-    bad = []
-    for entry in (e.strip() for e in bootstrap.split(",")):
-        host, _, port = entry.rpartition(":")
-        if entry and (not host or not port.isdigit() or not 0 < int(port) < 65536):
-            bad.append(entry)
-    return bad
-
-
 @dataclass(kw_only=True, frozen=True)
 class KafkaSettings:
     """How to reach Kafka and how to produce and consume there.
@@ -170,7 +160,7 @@ class KafkaSettings:
             problems.append("bootstrap_servers is empty")
         problems += [
             f"bootstrap_servers: {entry!r} is not host:port (a port from 1 to 65535)"
-            for entry in _malformed_brokers(self.bootstrap_servers)
+            for entry in malformed_brokers(self.bootstrap_servers)
         ]
         if self.acks not in ("all", 0, 1):
             problems.append(f"acks must be 'all', 0 or 1, not {self.acks!r}")
@@ -206,44 +196,9 @@ class KafkaSettings:
         `LINGER_MS`, `COMPRESSION` (`gzip`, `lz4`, `zstd`, `snappy` or `none`),
         `SECURITY_PROTOCOL`, `SASL_MECHANISM`, `SASL_USERNAME` and `SASL_PASSWORD`.
         `environ` defaults to `os.environ`.
+        Read and checked in `framework.bus.kafka_env`, shared by both Kafka clients.
         """
-        env = os.environ if environ is None else environ
-
-        def get(name: str) -> str | None:
-            return env.get(prefix + name, "").strip() or None
-
-        bootstrap = get("BOOTSTRAP")
-        if bootstrap is None:
-            raise ConfigurationError(
-                f"{prefix}BOOTSTRAP is not set: give the Kafka bootstrap servers as "
-                f"host:port[,host:port], e.g. {prefix}BOOTSTRAP=127.0.0.1:9092"
-            )
-        malformed = _malformed_brokers(bootstrap)
-        if malformed:
-            raise ConfigurationError(
-                f"{prefix}BOOTSTRAP={bootstrap!r}: {', '.join(map(repr, malformed))} is not "
-                "host:port (a port from 1 to 65535); give host:port[,host:port], e.g. "
-                f"{prefix}BOOTSTRAP=127.0.0.1:9092"
-            )
-        options: dict[str, Any] = {"bootstrap_servers": bootstrap}
-        if client_id := get("CLIENT_ID"):
-            options["client_id"] = client_id
-        if linger := get("LINGER_MS"):
-            try:
-                options["linger_ms"] = int(linger)
-            except ValueError:
-                raise ConfigurationError(
-                    f"{prefix}LINGER_MS must be a whole number of milliseconds, not {linger!r}"
-                ) from None
-        if compression := get("COMPRESSION"):
-            options["compression_type"] = None if compression.lower() == "none" else compression
-        if protocol := get("SECURITY_PROTOCOL"):
-            options["security_protocol"] = protocol.upper()
-        if mechanism := get("SASL_MECHANISM"):
-            options["sasl_mechanism"] = mechanism.upper()
-        options["sasl_plain_username"] = get("SASL_USERNAME")
-        options["sasl_plain_password"] = get("SASL_PASSWORD")
-        return cls(**options)
+        return cls(**kafka_options_from_env(prefix, environ))
 
     @property
     def request_timeout(self) -> float:

@@ -9,6 +9,7 @@ faults off again before it ends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -27,8 +28,10 @@ from example_shop.storefront.faults import (
     SERVICES,
     FaultsAdmin,
     FaultsChange,
+    runs_as_processes,
 )
 from framework.bus import Bus, MemoryTransport
+from framework.errors import ConfigurationError
 from framework.faults import FaultSwitches, Switches
 from framework.service import Service, ServiceSettings, route
 from framework.types import Transport
@@ -53,7 +56,7 @@ class FaultsPanel(Service):
 
     def __init__(self, settings: ServiceSettings, transport: Transport) -> None:
         super().__init__(settings, transport=transport)
-        self.faults_admin = FaultsAdmin(self.bus, self.settings.env)
+        self.faults_admin = FaultsAdmin(self.bus, self.settings)
 
     async def on_start(self) -> None:
         await self.faults_admin.start()
@@ -71,7 +74,11 @@ class FaultsPanel(Service):
 
 
 async def panel(transport: Transport, env: dict[str, str]) -> FaultsPanel:
-    service = FaultsPanel(ServiceSettings(http_host="127.0.0.1", http_port=0, env=env), transport)
+    """The panel as a shop process runs it: its settings (`faults` too) from `env`."""
+    settings = dataclasses.replace(
+        ServiceSettings.from_env(env), http_host="127.0.0.1", http_port=0
+    )
+    service = FaultsPanel(settings, transport)
     await service.start()
     return service
 
@@ -238,6 +245,31 @@ async def test_crash_next_is_accepted_when_the_services_run_as_processes() -> No
             assert (status, disarmed) == (200, NO_FAULTS)
     finally:
         await service.stop(grace=1)
+
+
+def test_the_admin_obeys_the_settings_faults_not_the_variable_again() -> None:
+    bus = Bus(MemoryTransport(), source="storefront")
+    # The settings' parsed value decides, whatever their environment says.
+    assert FaultsAdmin(bus, ServiceSettings(faults=True)).enabled is True
+    assert FaultsAdmin(bus, ServiceSettings(faults=False, env={"MSA_FAULTS": "1"})).enabled is False
+    # ServiceSettings.from_env is MSA_FAULTS's one parser.
+    assert FaultsAdmin(bus, ServiceSettings.from_env({"MSA_FAULTS": "yes"})).enabled is True
+    assert FaultsAdmin(bus, ServiceSettings.from_env({})).enabled is False
+    with pytest.raises(ConfigurationError, match="MSA_FAULTS must be 1 or 0, not 'maybe'"):
+        ServiceSettings.from_env({"MSA_FAULTS": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("value", "processes"),
+    [(None, False), ("", False), ("0", False), ("1", True), (" True ", True), ("on", True)],
+)
+def test_the_shop_runs_as_processes_when_msa_shop_processes_says_so(
+    value: str | None, processes: bool
+) -> None:
+    env = {} if value is None else {"MSA_SHOP_PROCESSES": value}
+    assert runs_as_processes(env) is processes
+    bus = Bus(MemoryTransport(), source="storefront")
+    assert FaultsAdmin(bus, ServiceSettings(env=env)).processes is processes
 
 
 # -- the one-process shop copes ------------------------------------------------------------------

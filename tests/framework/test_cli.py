@@ -23,6 +23,7 @@ from framework.bus.confluent import ConfluentSettings
 from framework.bus.consumer import DLQ_PREFIX
 from framework.bus.dlq import REPLAY_COUNT
 from framework.bus.kafka import KafkaSettings, KafkaTransport
+from framework.bus.kafka_env import kafka_options_from_env
 from framework.bus.transports import kafka_client, transport_name
 from framework.cli import COMMANDS_GROUP, Command, installed_commands, main
 from framework.errors import Reject
@@ -128,15 +129,16 @@ def variables_read_by_the_settings() -> set[str]:
     """The environment variables `ServiceSettings.from_env` (with `transport_name` and
     `kafka_client`, which choose the transport) and the Kafka clients' settings (`KafkaSettings`,
     `ConfluentSettings`) read, found in their source: quoted `MSA_*`/`KAFKA_*` names, and the
-    `get("NAME")` keys the clients' `from_env` read after their `prefix`."""
+    `get("NAME")` keys read after their `prefix` by `kafka_options_from_env`, which both
+    clients' `from_env` read the variables with."""
     source = "".join(inspect.getsource(f) for f in (ServiceSettings, transport_name, kafka_client))
     names = set(re.findall(r'"((?:MSA|KAFKA)_[A-Z0-9_]+)"', source))
     for settings in (KafkaSettings, ConfluentSettings):
-        prefix = inspect.signature(settings.from_env).parameters["prefix"].default
-        client_source = inspect.getsource(settings.from_env)
-        names |= {
-            prefix + key for key in re.findall(r'\bget\("([A-Z][A-Z0-9_]*)"\)', client_source)
-        }
+        assert "kafka_options_from_env(" in inspect.getsource(settings.from_env)
+        assert inspect.signature(settings.from_env).parameters["prefix"].default == "KAFKA_"
+    prefix = inspect.signature(kafka_options_from_env).parameters["prefix"].default
+    env_source = inspect.getsource(kafka_options_from_env)
+    names |= {prefix + key for key in re.findall(r'\bget\("([A-Z][A-Z0-9_]*)"\)', env_source)}
     return names
 
 

@@ -100,3 +100,63 @@ def test_the_docstring_shows_transport_http_port_and_the_asyncio_mode() -> None:
     assert 'asyncio_mode = "auto"' in doc
     assert "@pytest.mark.asyncio" in doc
     assert "--msa-transport=kafka" in doc
+
+
+CLIENT_TESTS = """
+import os
+
+from framework.bus.confluent import ConfluentTransport
+from framework.bus.kafka import KafkaTransport
+
+
+def test_the_client_kafka_client_names(msa_transport):
+    expected = {"confluent": ConfluentTransport}.get(os.environ.get("KAFKA_CLIENT"), KafkaTransport)
+    assert type(msa_transport) is expected
+    assert msa_transport.name == "kafka"
+    assert msa_transport.settings.bootstrap_servers == "127.0.0.1:9"
+"""
+
+
+@pytest.mark.parametrize("client", ["confluent", "aiokafka", ""])
+def test_msa_transport_kafka_builds_the_client_kafka_client_names(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, client: str
+) -> None:
+    # The transport is only built, never started: no broker is needed at this address.
+    monkeypatch.setenv("KAFKA_BOOTSTRAP", "127.0.0.1:9")
+    monkeypatch.setenv("KAFKA_CLIENT", client)
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile(test_client=CLIENT_TESTS)
+
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--msa-transport=kafka")
+
+    result.assert_outcomes(passed=1)
+
+
+def test_msa_transport_kafka_with_an_unknown_client_is_a_usage_error(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP", "127.0.0.1:9")
+    monkeypatch.setenv("KAFKA_CLIENT", "kafka-python")
+
+    result = run(pytester, "[pytest]\n", "--msa-transport=kafka")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--msa-transport=kafka: KAFKA_CLIENT must be *'kafka-python'*"])
+
+
+def test_msa_transport_kafka_with_a_malformed_bootstrap_is_a_usage_error(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP", "nohost")
+    monkeypatch.setenv("KAFKA_CLIENT", "confluent")
+
+    result = run(pytester, "[pytest]\n", "--msa-transport=kafka")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--msa-transport=kafka: KAFKA_BOOTSTRAP='nohost'*not host:port*"])
+
+
+def test_the_docstring_tells_kafka_client_picks_the_client() -> None:
+    doc = framework.pytest_plugin.__doc__ or ""
+    assert "KAFKA_CLIENT=confluent" in doc
+    assert "transport_from_env" in doc

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from pymongo import IndexModel
 
 import framework.persistence.mongo
-from framework.bus import Bus, MemoryTransport, Message
+from framework.bus import Bus, MemoryTransport, Message, Outgoing
 from framework.errors import ConfigurationError, DatabaseUnavailable, PublishError
 from framework.messages import from_binary, message_type
 from framework.observability.metrics import Counter as CounterMetric
@@ -463,7 +463,17 @@ async def test_two_relays_never_publish_the_same_event_twice(
     mongo_url: str, mongo_database_name: str
 ) -> None:
     transport = MemoryTransport()
-    bus_a, bus_b = Bus(transport, source="orders"), Bus(transport, source="orders")
+    # Relay A stops in its first publish, holding what it claimed, until relay B has published
+    # too: both relays then take part whichever of them polls first.
+    a_holding, release_a = asyncio.Event(), asyncio.Event()
+
+    async def hold_first_publish(outgoing: Outgoing, call_next: Any) -> Any:
+        a_holding.set()
+        await release_a.wait()
+        return await call_next(outgoing)
+
+    bus_a = Bus(transport, source="orders", publish_middleware=[hold_first_publish])
+    bus_b = Bus(transport, source="orders")
     db_a = MongoResource(mongo_url, mongo_database_name)  # two replicas: two clients
     db_b = MongoResource(mongo_url, mongo_database_name)
     relay_a = MongoOutbox(db_a, bus_a, collections=["orders"], batch_size=4, poll_interval=0.01)
@@ -477,6 +487,10 @@ async def test_two_relays_never_publish_the_same_event_twice(
                 for s in (1, 2, 3)
             ]
             await orders.insert_one(relay_a.attach({"_id": order}, *events))
+            if n == 0:
+                await a_holding.wait()  # A claimed the first order's events and holds them
+        await eventually(lambda: relay_b.published > 0, timeout=15)
+        release_a.set()
         await eventually(lambda: relay_a.published + relay_b.published == 120, timeout=15)
         assert await relay_a.pending() == 0
         # a second copy could only come from a round that read a document before it was settled

@@ -1307,9 +1307,8 @@ class ConfluentConsumer:
         if len(self._ready) >= self._ahead:
             return False
         try:
-            was_empty = not self._ready
             messages = self._take(consumer, self._ahead, _CONSUME_SLICE)
-            if self._accept(consumer, messages) and was_empty:
+            if self._accept(consumer, messages):
                 self._tell(self._arrived)
         except Exception as exc:  # a fatal error: the next fetch raises it
             self._failure = exc
@@ -1332,11 +1331,15 @@ class ConfluentConsumer:
             return [first]
         return [first, *consumer.consume(max_records - 1, 0)]
 
-    def _accept(self, consumer: Consumer, messages: list[Message]) -> int:
+    def _accept(self, consumer: Consumer, messages: list[Message]) -> bool:
         """Buffer the records among `messages` (held back if their partition was paused
-        while `consume` ran); how many are ready."""
+        while `consume` ran); whether the ready buffer went from empty to not, which is when
+        a waiting `fetch` must be told. Judged under the lock, not before `consume` waited:
+        the caller may have emptied the buffer meanwhile, and a reader told nothing then
+        sleeps out its whole timeout with a record ready (a request's reply took 1 s)."""
         with self._buffer_lock:
             paused, assigned, ready = self._paused, self._assigned, self._ready
+            was_empty = not ready
             # Where each partition's records go, worked out once per partition, not per record.
             routes: dict[tuple[str | None, int | None], tuple[TopicPartition, list[Record] | None]]
             routes = {}
@@ -1363,7 +1366,7 @@ class ConfluentConsumer:
                 record = _record(message, tp.topic, tp.partition)
                 (ready if held is None else held).append(record)
             self._note_lag(consumer)  # with the buffer: `lag()` adds what it holds
-            return len(ready)
+            return was_empty and bool(ready)
 
     def _note_lag(self, consumer: Consumer) -> None:
         """Each assigned partition's lag for `lag()`: the end the last fetch response reported

@@ -344,6 +344,27 @@ async def test_fetch_orders_records_by_partition_then_offset(
 
 
 @pytest.mark.kafka
+async def test_a_waiting_fetch_is_woken_by_each_record_of_a_ping_pong(
+    transport: ConfluentTransport, topic_name: str
+) -> None:
+    """One record at a time, each sent after the previous one was fetched (what a request's
+    reply reader sees): every fetch returns as its record arrives. The fetch timeout is an
+    hour, so a lost wake-up hangs here until the guard fails the test; it used to cost each
+    reply the reader's whole timeout (1 s) instead."""
+    reader = transport.consumer(
+        [topic_name], group=None, listener=RecordingListener(), start_from="latest"
+    )
+    await reader.start()
+    try:
+        async with asyncio.timeout(60):
+            for n in range(20):
+                await (await transport.send(topic_name, b"%d" % n))
+                records = await reader.fetch(timeout=3600, max_records=10)
+                assert [record.value for record in records] == [b"%d" % n]
+    finally:
+        await reader.stop()
+
+
 async def test_null_header_values_become_empty(
     kafka_bootstrap: str, transport: ConfluentTransport, topic_name: str
 ) -> None:

@@ -74,11 +74,15 @@ from framework.errors import (
     RequestTimeout,
 )
 from framework.messages import (
+    JSON,
     Envelope,
+    binary_headers,
     check_payload_type,
     decode_payload,
+    encode_payload,
     from_binary,
     new_id,
+    time_now,
     to_binary,
     type_name,
 )
@@ -281,14 +285,7 @@ class Bus:
         extensions: Mapping[str, str] | None = None,
     ) -> Envelope[Any]:
         """An envelope from this bus's source, continuing the current message and trace."""
-        handled = current_message.get()
-        trace = current_trace.get()
-        correlationid = causationid = None
-        if handled is not None:
-            cause = handled.envelope
-            correlationid, causationid = cause.correlationid or cause.id, cause.id
-        else:
-            correlationid = current_correlation_id.get()
+        correlationid, causationid, traceparent = _lineage()
         return Envelope(
             type=type or type_name(data.__class__),
             source=self.source,
@@ -297,7 +294,7 @@ class Bus:
             partitionkey=key,
             correlationid=correlationid,
             causationid=causationid,
-            traceparent=trace.child_header() if trace is not None else new_root_header(),
+            traceparent=traceparent,
             extensions=dict(extensions) if extensions else {},
         )
 
@@ -318,12 +315,37 @@ class Bus:
         with `confirm=False` it returns the acknowledgement future as soon as the record is in
         the send buffer, so a caller can pipeline many records and await them together.
         """
-        envelope = self.envelope(data, key=key, type=type, subject=subject, extensions=extensions)
         if not self._started:
             raise NotStartedError("Bus.publish before Bus.start()")
-        if not self._publish_middleware:  # skip the Outgoing hop
-            return await self._send_envelope(topic, envelope, confirm)
-        return await self.publish_envelope(topic, envelope, confirm=confirm)
+        if self._publish_middleware:  # a middleware sees the envelope
+            envelope = self.envelope(
+                data, key=key, type=type, subject=subject, extensions=extensions
+            )
+            return await self.publish_envelope(topic, envelope, confirm=confirm)
+        # No one sees an envelope, so none is built: the record is written straight from the
+        # attributes, the same bytes `to_binary(self.envelope(...))` gives.
+        correlationid, causationid, traceparent = _lineage()
+        event_type = type or type_name(data.__class__)
+        key_bytes = None if key is None else key.encode()
+        headers = binary_headers(
+            "1.0",
+            new_id(),
+            self.source,
+            event_type,
+            time_now(),
+            JSON,
+            subject,
+            correlationid,
+            causationid,
+            traceparent,
+            key_bytes,
+            extensions,
+        )
+        future = await self.transport.send(
+            topic, encode_payload(data), key=key_bytes, headers=headers
+        )
+        self._count_out(topic, event_type)
+        return await future if confirm else future
 
     async def publish_envelope(
         self, topic: str, envelope: Envelope[Any], *, confirm: bool = True, immediate: bool = False
@@ -373,12 +395,15 @@ class Bus:
             )
         else:
             future = await self.transport.send(topic, value, key=key, headers=headers)
-        counter = self._out_counters.get((topic, envelope.type))
-        if counter is None:
-            counter = self.metrics.messages_out.labels(topic=topic, type=envelope.type)
-            self._out_counters[(topic, envelope.type)] = counter
-        counter.inc()
+        self._count_out(topic, envelope.type)
         return await future if confirm else future
+
+    def _count_out(self, topic: str, event_type: str) -> None:
+        counter = self._out_counters.get((topic, event_type))
+        if counter is None:
+            counter = self.metrics.messages_out.labels(topic=topic, type=event_type)
+            self._out_counters[(topic, event_type)] = counter
+        counter.inc()
 
     # -- consuming ------------------------------------------------------------------------------
 
@@ -583,6 +608,26 @@ class Bus:
             with contextlib.suppress(MsaError):
                 await self.transport.delete_topics([self._reply_topic])
         self._reply_topic = self._reply_consumer = self._reply_task = None
+
+
+def _lineage() -> tuple[str | None, str | None, str]:
+    """The correlation id, causation id and `traceparent` of an event published now: caused by
+    the message being handled (else in the current correlation), in a child span of the
+    current trace (else a new one)."""
+    handled = current_message.get()
+    correlationid: str | None
+    causationid: str | None = None
+    if handled is not None:
+        cause = handled.envelope
+        correlationid, causationid = cause.correlationid or cause.id, cause.id
+    else:
+        correlationid = current_correlation_id.get()
+    trace = current_trace.get()
+    return (
+        correlationid,
+        causationid,
+        trace.child_header() if trace is not None else new_root_header(),
+    )
 
 
 def _wrap(

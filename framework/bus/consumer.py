@@ -551,33 +551,46 @@ class Subscription:
                 continue
             if self._stopping.is_set():
                 break  # not started: the group's committed offset still points before them
-            for record in records:
-                self._accept(record)
+            self._accept(records)
 
-    def _accept(self, record: Record) -> None:
-        tp = record.topic_partition
-        state = self._partitions.get(tp)
-        if state is None:
-            return
-        state.track(record.offset)
-        if self._floors and record.offset < self._floors.get(tp, 0):
-            state.finish(record.offset)  # there before an isolated group started: not its own
-            return
+    def _accept(self, records: Sequence[Record]) -> None:
+        """Queue fetched records on their lanes. A fetch is in partition order, so the state
+        of a partition is looked up once per run of its records, and lane keys are plain
+        tuples (hashed in C, unlike `TopicPartition`)."""
         ordering = self.options.ordering
-        lane_key: object
-        if ordering == "key":
-            lane_key = (tp, record.key)
-        elif ordering == "partition":
-            lane_key = tp
-        else:
-            lane_key = (tp, record.offset)
-        self._buffered += 1
-        lane = self._lanes.get(lane_key)
-        if lane is not None:
-            lane.append((state, record))  # its owner (a worker or a retry) takes it in turn
-            return
-        self._lanes[lane_key] = deque([(state, record)])
-        self._ready.put_nowait(lane_key)
+        floors = self._floors
+        lanes, ready = self._lanes, self._ready
+        run: tuple[str, int] | None = None
+        state: _PartitionState | None = None
+        floor = 0
+        for record in records:
+            topic, partition = record.topic, record.partition
+            if run is None or run[0] != topic or run[1] != partition:
+                run = (topic, partition)
+                tp = TopicPartition(topic, partition)
+                state = self._partitions.get(tp)
+                floor = floors.get(tp, 0) if floors else 0
+            if state is None:
+                continue
+            offset = record.offset
+            state.track(offset)
+            if offset < floor:
+                state.finish(offset)  # there before an isolated group started: not its own
+                continue
+            lane_key: tuple[object, ...]
+            if ordering == "key":
+                lane_key = (topic, partition, record.key)
+            elif ordering == "partition":
+                lane_key = run
+            else:
+                lane_key = (topic, partition, offset)
+            self._buffered += 1
+            lane = lanes.get(lane_key)
+            if lane is not None:
+                lane.append((state, record))  # its owner (a worker or a retry) takes it in turn
+                continue
+            lanes[lane_key] = deque([(state, record)])
+            ready.put_nowait(lane_key)
 
     async def _work(self) -> None:
         """One of `concurrency` workers: take a ready lane, handle its next record, repeat.

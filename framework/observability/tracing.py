@@ -61,9 +61,13 @@ TRACEPARENT = "traceparent"
 
 _VERSION_00_LENGTH = 55
 _FIELDS = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_VERSION_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+"""What every sender here writes: one `fullmatch` instead of the general rules."""
 _ZERO_TRACE_ID = "0" * 32
 _ZERO_SPAN_ID = "0" * 16
 _SAMPLED = 0x01
+_SAMPLED_LAST_DIGIT = frozenset("13579bdf")
+"""The flags' last hex digit when the `sampled` bit (0x01) is set."""
 
 
 def _new_span_id() -> str:
@@ -98,6 +102,12 @@ class TraceContext:
         """The context a `traceparent` header value describes, or None when it is invalid."""
         if not header or len(header) < _VERSION_00_LENGTH:
             return None
+        common = _VERSION_00.fullmatch(header)
+        if common is not None:
+            trace_id, span_id, flags = common.groups()
+            if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
+                return None
+            return cls(trace_id, span_id, flags[1] in _SAMPLED_LAST_DIGIT)
         match = _FIELDS.match(header)
         if match is None:
             return None

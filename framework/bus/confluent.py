@@ -439,6 +439,39 @@ def _post(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args:
 # -- producing: librdkafka's queue, its delivery reports served on the event loop ---------------
 
 
+class _Delivery(asyncio.Future[RecordMetadata]):
+    """The future `send` returns, and itself the record's delivery callback (librdkafka calls
+    it while `_serve` polls, on the loop): one object per record instead of a future and a
+    `partial` of a bound method."""
+
+    __slots__ = ("_pump",)
+
+    def __init__(self, pump: _DeliveryPump) -> None:
+        super().__init__(loop=pump._loop)
+        self._pump = pump
+
+    def __call__(self, error: KafkaError | None, message: Message) -> None:
+        pump = self._pump
+        pump._in_flight -= 1
+        if self.done():  # the caller cancelled it; the record was sent all the same
+            return
+        if error is not None:
+            self.set_exception(
+                _map_error(
+                    error,
+                    doing=f"sending to {message.topic()!r}",
+                    bootstrap=pump._bootstrap,
+                    kind=PublishError,
+                )
+            )
+        else:
+            self.set_result(
+                RecordMetadata(
+                    message.topic() or "", message.partition() or 0, message.offset() or 0
+                )
+            )
+
+
 class _DeliveryPump:
     """One librdkafka producer, driven from the event loop.
 
@@ -474,7 +507,7 @@ class _DeliveryPump:
         headers: Headers,
         partition: int | None,
     ) -> asyncio.Future[RecordMetadata]:
-        acked: asyncio.Future[RecordMetadata] = self._loop.create_future()
+        acked = _Delivery(self)
         producer = self.producer
         while True:
             try:
@@ -483,7 +516,7 @@ class _DeliveryPump:
                     value,
                     key,
                     partition=-1 if partition is None else partition,
-                    on_delivery=partial(self._delivered, acked),
+                    on_delivery=acked,
                     headers=list(headers) if headers else None,
                 )
             except BufferError:  # librdkafka's queue is full: serve reports, then wait
@@ -533,28 +566,6 @@ class _DeliveryPump:
         self.producer.poll(0)
         if self._in_flight:
             self._timer = self._loop.call_later(_POLL_EVERY, self._serve)
-
-    def _delivered(
-        self, acked: asyncio.Future[RecordMetadata], error: KafkaError | None, message: Message
-    ) -> None:
-        self._in_flight -= 1
-        if acked.done():  # the caller cancelled it; the record was sent all the same
-            return
-        if error is not None:
-            acked.set_exception(
-                _map_error(
-                    error,
-                    doing=f"sending to {message.topic()!r}",
-                    bootstrap=self._bootstrap,
-                    kind=PublishError,
-                )
-            )
-        else:
-            acked.set_result(
-                RecordMetadata(
-                    message.topic() or "", message.partition() or 0, message.offset() or 0
-                )
-            )
 
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():

@@ -45,6 +45,7 @@ from typing import Any
 import uvloop
 from _common import Clock, environment, percentile, require_env
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from bus_table import Row, Sample, Target, Variant, render
@@ -1021,7 +1022,103 @@ def request_variants(
             await quietly(client.stop(), "stopping the FastStream client")
             await quietly(server.stop(), "stopping the FastStream server")
 
+    async def raw_rpc(rpc_settings: KafkaSettings) -> list[Sample]:
+        """The floor: the same round trip written directly on aiokafka, with the same work
+        (encode the order, validate it, encode the quote, validate the reply) and the same
+        producer settings; the server handles one request at a time and awaits each reply's
+        ack, commits at most every 200 ms like our Bus; replies are matched by a header."""
+        topic = await bench.topics.fresh("rpc-raw")
+        reply_topic = await bench.topics.fresh("rpc-raw-replies", partitions=1)
+        bootstrap, options = rpc_settings.bootstrap_servers, aiokafka_options(rpc_settings)
+        client_producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **options)
+        server_producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **options)
+        server_consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            group_id=bench.topics.group("rpc-raw"),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=rpc_settings.fetch_max_wait_ms,
+        )
+        reply_consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, fetch_max_wait_ms=rpc_settings.fetch_max_wait_ms
+        )
+        pending: dict[bytes, asyncio.Future[Quote]] = {}
+        encode = OrderPlaced.__pydantic_serializer__.to_json
+
+        async def serve() -> None:
+            committed = time.monotonic()
+            while True:
+                batches = await server_consumer.getmany(timeout_ms=200)
+                for records in batches.values():
+                    for record in records:
+                        answer = quote(OrderPlaced.model_validate_json(record.value))
+                        await server_producer.send_and_wait(
+                            reply_topic,
+                            answer.__pydantic_serializer__.to_json(answer),
+                            key=record.key,
+                            headers=[("correlation", dict(record.headers)["correlation"])],
+                        )
+                if batches and time.monotonic() - committed >= 0.2:
+                    await server_consumer.commit()
+                    committed = time.monotonic()
+
+        async def read_replies() -> None:
+            while True:
+                batches = await reply_consumer.getmany(timeout_ms=1000)
+                for records in batches.values():
+                    for record in records:
+                        future = pending.get(dict(record.headers).get("correlation", b""))
+                        if future is not None and not future.done():
+                            future.set_result(Quote.model_validate_json(record.value))
+
+        clients = (client_producer, server_producer, server_consumer, reply_consumer)
+        for client in clients:
+            await client.start()
+        replies = KafkaTopicPartition(reply_topic, 0)
+        reply_consumer.assign([replies])
+        await reply_consumer.seek_to_end(replies)
+        tasks = [asyncio.create_task(serve()), asyncio.create_task(read_replies())]
+        orders, key_bytes = bench.orders, bench.key_bytes
+        try:
+
+            async def request(i: int, timeout: float = 10.0) -> Quote:
+                correlation = os.urandom(16).hex().encode()
+                future: asyncio.Future[Quote] = asyncio.get_running_loop().create_future()
+                pending[correlation] = future
+                try:
+                    await client_producer.send_and_wait(
+                        topic,
+                        encode(orders[i % KEYS]),
+                        key=key_bytes[i % KEYS],
+                        headers=[("correlation", correlation)],
+                    )
+                    async with asyncio.timeout(timeout):
+                        return await future
+                finally:
+                    pending.pop(correlation, None)
+
+            return await round_trips(request, *counts)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for client in clients:
+                await quietly(client.stop(), "stopping a raw aiokafka client")
+
     no_linger = replace(settings, linger_ms=0)
+    raw_rows = [
+        Row(
+            scenario=scenario,
+            implementation="raw aiokafka, linger 0 (floor)",
+            producer=label_of(no_linger),
+            semantics="send_and_wait -> validate, reply send_and_wait -> validate; 1 handler",
+            payload="pydantic",
+            unit="req/s",
+        )
+        for scenario in (SEQUENTIAL, in_flight_scenario(in_flight))
+    ]
+    floor = [Variant(rows=raw_rows, run=partial(raw_rpc, no_linger))]
     ours_default = (
         f"{label_of(settings)}; requests+replies via a 2nd producer at linger=0"
         if "kafka" in bench.transports
@@ -1081,7 +1178,7 @@ def request_variants(
                 variants.append(unavailable(rows, str(exc)))
                 continue
             variants.append(Variant(rows=rows, run=partial(bus_rpc, transport_name, rpc_settings)))
-    return variants
+    return floor + variants
 
 
 # -- 4. scale-out ---------------------------------------------------------------------------------

@@ -53,8 +53,16 @@ from pydantic import BaseModel
 
 from framework.bus import Bus, ConsumerOptions, HandlerSpec, MemoryTransport, Message
 from framework.bus.kafka import KafkaSettings, KafkaTransport
-from framework.messages import message_type, to_binary, type_name
-from framework.types import Transport
+from framework.messages import (
+    decode_payload,
+    from_binary,
+    from_structured,
+    message_type,
+    to_binary,
+    to_structured,
+    type_name,
+)
+from framework.types import Record, Transport
 
 log = logging.getLogger("benchmarks.bus")
 
@@ -1181,6 +1189,120 @@ def request_variants(
     return floor + variants
 
 
+# -- 0. the envelope codec ------------------------------------------------------------------------
+
+CODEC = "0. envelope encode+decode"
+STDLIB = "stdlib json, structured CloudEvent"
+
+
+def codec_variants(bench: Bench, n: int) -> list[Variant]:
+    """In-process: one event (attributes + the 1 KiB order) encoded to bytes and decoded back,
+    per operation; no broker. The stdlib row is the baseline the target names; it does less
+    work than ours (its payload stays a dict, nothing is validated)."""
+    import json
+
+    orders = bench.orders
+    structs: Codec | None
+    try:
+        structs = msgspec_codec(orders)
+    except Unavailable:
+        structs = None
+    shaper = Bus(MemoryTransport(), source="bench.publisher")
+
+    def timed(one: Callable[[int], object]) -> Sample:
+        for i in range(min(n, 500)):
+            one(i)
+        clock = Clock()
+        clock.start()
+        for i in range(n):
+            one(i)
+        clock.stop()
+        return Sample(rate=n / clock.wall, cpu_us=clock.us_per(n))
+
+    def stdlib() -> Sample:
+        attributes = [
+            {
+                "specversion": "1.0",
+                "id": envelope.id,
+                "source": envelope.source,
+                "type": envelope.type,
+                "time": envelope.time.isoformat(),
+                "datacontenttype": "application/json",
+                "traceparent": envelope.traceparent,
+                "partitionkey": envelope.partitionkey,
+            }
+            for envelope in (shaper.envelope(o, key=o.order_id) for o in orders)
+        ]
+        payloads = [json.loads(o.model_dump_json()) for o in orders]
+
+        def one(i: int) -> object:
+            raw = json.dumps({**attributes[i % KEYS], "data": payloads[i % KEYS]}).encode()
+            return json.loads(raw)
+
+        return timed(one)
+
+    def ours(cls: type[Any], payloads: list[Any], mode: str) -> Sample:
+        envelopes = [shaper.envelope(p, key=p.order_id) for p in payloads]
+
+        def binary(i: int) -> object:
+            key, value, headers = to_binary(envelopes[i % KEYS])
+            record = Record(topic="t", partition=0, offset=i, key=key, value=value, headers=headers)
+            return decode_payload(from_binary(record).data, cls)
+
+        def structured(i: int) -> object:
+            return decode_payload(from_structured(to_structured(envelopes[i % KEYS])).data, cls)
+
+        return timed(binary if mode == "binary" else structured)
+
+    async def run_stdlib() -> list[Sample]:
+        return [stdlib()]
+
+    def row(name: str, semantics: str, payload: str, targets: Sequence[Target] = ()) -> Row:
+        return Row(
+            scenario=CODEC,
+            implementation=name,
+            producer="in-process, no broker",
+            semantics=semantics,
+            payload=payload,
+            unit="op/s",
+            targets=targets,
+        )
+
+    variants = [
+        Variant(
+            rows=[row(STDLIB, "json.dumps + json.loads; payload stays a dict", "dict")],
+            run=run_stdlib,
+        )
+    ]
+    for mode, semantics in (
+        ("binary", "to_binary + from_binary + decode_payload (what the bus does)"),
+        ("structured", "to_structured + from_structured + decode_payload"),
+    ):
+        for payload in ("msgspec", "pydantic"):
+            targets = (
+                [Target(baseline=STDLIB, minimum=5.0, across_payloads=True)]
+                if (mode, payload) == ("binary", "msgspec")
+                else []
+            )
+            rows = [row(f"our envelope, {mode} mode", semantics, payload, targets)]
+            if payload == "msgspec" and structs is None:
+                variants.append(unavailable(rows, "n/a (msgspec not installed)"))
+                continue
+            cls, payloads = (
+                (OrderPlacedStruct, structs.orders)
+                if payload == "msgspec" and structs is not None
+                else (OrderPlaced, orders)
+            )
+
+            async def run_ours(
+                cls: type[Any] = cls, payloads: list[Any] = payloads, mode: str = mode
+            ) -> list[Sample]:
+                return [ours(cls, payloads, mode)]
+
+            variants.append(Variant(rows=rows, run=run_ours))
+    return variants
+
+
 # -- 4. scale-out ---------------------------------------------------------------------------------
 
 
@@ -1224,7 +1346,7 @@ def scale_out_variants(bench: Bench, messages: int, hash_rounds: int) -> list[Va
 
 # -- main -----------------------------------------------------------------------------------------
 
-SCENARIOS = ("publish", "consume", "request", "scale-out")
+SCENARIOS = ("codec", "publish", "consume", "request", "scale-out")
 
 
 async def warm_up_broker(bench: Bench, n: int) -> None:
@@ -1279,6 +1401,8 @@ async def run(args: argparse.Namespace, bootstrap: str) -> list[Row]:
             await run_rounds(bench, variants, args.rounds, limit)
             rows.extend(r for v in variants for r in v.rows)
 
+        if "codec" in args.only:
+            await scenario("envelope codec", codec_variants(bench, args.messages), 60)
         if "publish" in args.only:
             await scenario("publish", publish_variants(bench, args.messages), 90)
         if "consume" in args.only:

@@ -36,6 +36,8 @@ class Target:
     minimum: float = 0.0
     max_p50_ms: float | None = None
     label: str = ""
+    across_payloads: bool = False
+    """The comparison is between payload libraries by design (each row names its own)."""
 
     def describe(self) -> str:
         if self.max_p50_ms is not None:
@@ -127,7 +129,7 @@ def _verdicts(row: Row, rows: Sequence[Row]) -> list[tuple[str, str, str]]:
         theirs = other.rate if other is not None else None
         if mine is None or not theirs or other is None:
             out.append(("-", target.describe(), "n/a"))
-        elif other.payload != row.payload:
+        elif other.payload != row.payload and not target.across_payloads:
             out.append(("-", target.describe(), "n/a (unequal payload)"))
         else:
             ratio = mine / theirs

@@ -107,13 +107,14 @@ HOP = frozenset(
     }
 )
 
-DIRECT, NGINX, PLAIN, LOGGED, FULL, FASTAPI = (
+DIRECT, NGINX, PLAIN, LOGGED, FULL, FASTAPI, BARE = (
     "(a) direct",
     "(d) nginx",
     "(b) our gateway",
     "(b') our gateway + log",
     "(c) our gateway + JWT/RL/log",
     "(e) FastAPI + httpx",
+    "(f) bare aiohttp proxy",
 )
 
 
@@ -180,6 +181,43 @@ async def role_gateway(config_path: str) -> None:
     assert gateway.port is not None
     await _announce_and_wait(gateway.port)
     await gateway.stop()
+
+
+async def role_bare(upstream: str, port: int) -> None:
+    """The floor of our stack: an aiohttp server on uvloop whose one catch-all handler sends the
+    request through one shared `ClientSession` (keep-alive pool) and copies the answer back,
+    dropping hop-by-hop headers both ways - what any aiohttp proxy must do, and nothing else."""
+    session = aiohttp.ClientSession(
+        base_url=upstream,
+        connector=aiohttp.TCPConnector(limit=100),
+        auto_decompress=False,
+        timeout=aiohttp.ClientTimeout(total=10),
+    )
+
+    async def proxy(request: web.Request) -> web.Response:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        async with session.request(
+            request.method,
+            request.rel_url,
+            headers=headers,
+            data=await request.read() if request.can_read_body else None,
+            allow_redirects=False,
+        ) as answer:
+            body = await answer.read()
+            out = {k: v for k, v in answer.headers.items() if k.lower() not in HOP}
+            return web.Response(body=body, status=answer.status, headers=out)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, port).start()
+    print(f"READY {port}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await session.close()
+        await runner.cleanup()
 
 
 def role_fastapi(upstream: str, port: int) -> None:
@@ -415,6 +453,8 @@ def run_role(role: str, args: Sequence[str]) -> None:
             uvloop.run(role_gateway(config_path))
     elif role == "fastapi":
         role_fastapi(args[0], int(args[1]))
+    elif role == "bare":
+        uvloop.run(role_bare(args[0], int(args[1])))
     elif role == "paced":
         uvloop.run(role_paced(args[0], float(args[1]), float(args[2]), float(args[3]), args[4]))
     elif role == "closed":
@@ -926,6 +966,9 @@ async def run(settings: Settings, directory: Path) -> list[Result]:
                 "fastapi", child("fastapi", upstream.base, port), port=port, logs=directory
             )
 
+        def bare() -> Server:
+            return Server("bare", child("bare", upstream.base, free_port()), logs=directory)
+
         token = jwt_issuer.token
         no_nginx = None if settings.nginx else "no nginx: apt-get install -y nginx-light"
         targets = [
@@ -959,6 +1002,7 @@ async def run(settings: Settings, directory: Path) -> list[Result]:
                 log=directory / "full.log",
             ),
             Target(FASTAPI, "catch-all route, shared httpx", fastapi),
+            Target(BARE, "catch-all aiohttp handler -> shared ClientSession, uvloop", bare),
         ]
         direct_steady: dict[float, list[float]] = {}
         for target in targets:
@@ -978,6 +1022,7 @@ async def run(settings: Settings, directory: Path) -> list[Result]:
                 result.checks = [
                     Check(baseline=NGINX, minimum=0.5, label="nginx"),
                     Check(baseline=FASTAPI, minimum=1.5, label="FastAPI"),
+                    Check(baseline=BARE, minimum=1.0, label="bare aiohttp proxy"),
                 ]
             throughput.append(result)
             for rate, latencies, achieved in runs:

@@ -105,6 +105,15 @@ Resources read their own variables from the same environment (e.g. POSTGRES_URL,
 """
 """The `msa run --help` epilog; a test holds it to what the settings' `from_env` read."""
 
+GATEWAY_ENVIRONMENT = """\
+environment (besides the ${NAME}s its config reads):
+  MSA_LOG_LEVEL            DEBUG, INFO, WARNING or ERROR (default: INFO)
+  MSA_LOG_FORMAT           json or text (default: json)
+  MSA_ACCESS_LOG_FILE      append the access log (a JSON line per request) to this file,
+                           instead of stderr (default: none, stderr)
+"""
+"""The `msa gateway --help` epilog."""
+
 TARGET_COMMANDS = frozenset({"run", "asyncapi", "openapi", "migrate", "graph"})
 """Commands that import `module:Service` targets (from the working directory first)."""
 
@@ -203,7 +212,13 @@ def build_parser(installed: Mapping[str, Command] | None = None) -> argparse.Arg
         "service names, when missing; the migrations then run as the service's own role",
     )
 
-    gateway = commands.add_parser("gateway", help="run the API gateway")
+    gateway = commands.add_parser(
+        "gateway",
+        help="run the API gateway",
+        description="Run the API gateway until SIGTERM or SIGINT, then stop it gracefully.",
+        epilog=GATEWAY_ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = gateway.add_mutually_exclusive_group(required=True)
     mode.add_argument("--config", help="the gateway's YAML config (reloaded when it changes)")
     mode.add_argument("--check", metavar="CONFIG", help="validate a config and exit")
@@ -322,6 +337,7 @@ async def _gateway(path: str) -> int:
     import signal
 
     from framework.gateway.app import Gateway
+    from framework.gateway.metering import AccessLog
     from framework.observability.logging import configure_logging
 
     configure_logging("gateway")
@@ -330,10 +346,15 @@ async def _gateway(path: str) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await gateway.start()
-    print(f"gateway listening on port {gateway.port} (admin {gateway.admin_port})", flush=True)
-    await stop.wait()
-    await gateway.stop()
+    access_log = AccessLog.from_env()  # its lines are written by a thread, off the loop
+    access_log.start()
+    try:
+        await gateway.start()
+        print(f"gateway listening on port {gateway.port} (admin {gateway.admin_port})", flush=True)
+        await stop.wait()
+        await gateway.stop()
+    finally:
+        access_log.stop()  # after the last request: writes every line still queued
     return 0
 
 

@@ -24,24 +24,48 @@ method) are one client, `anonymous`, in both: their addresses would otherwise fi
 `access_log_middleware` writes ONE JSON line per request on the logger
 `framework.gateway.access` (through `framework.observability.logging`), also when an inner layer
 raised: `GatewayError` with its status, any other exception as 500, a cancelled request (the
-client went away) as 499; the exception is then re-raised for the outer layer to answer.
+client went away) as 499; the exception is then re-raised for the outer layer to answer. When the
+logger is not enabled for the line's level, the line is not even built.
+
+`AccessLog` takes the writing of those lines off the event loop (`msa gateway` starts it):
+
+    access_log = AccessLog.from_env()   # MSA_ACCESS_LOG_FILE, or the service log's stderr
+    access_log.start()                  # before the gateway starts
+    ...
+    access_log.stop()                   # after it stopped: every queued line is written
+
+While it runs, the access logger hands its records to a `logging.handlers.QueueHandler` (on the
+loop: no formatting, no I/O) and a `QueueListener` thread formats and writes them: to the file
+`MSA_ACCESS_LOG_FILE` names, instead of stderr, when set (JSON lines, appended, one write and
+flush per line), else to the root logger's handlers (the service log, stderr), where they went
+before. Appending (O_APPEND) makes the file safe to rotate by copytruncate: after a truncation the
+next line lands at the new end, at offset 0, with no reopening.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import logging.handlers
+import os
+import queue
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypedDict
 
 from aiohttp import web
 
 from framework.errors import ConfigurationError
 from framework.gateway.types import Exchange, GatewayError, GatewayHandler, GatewayMiddleware
+from framework.observability.logging import JsonFormatter
 from framework.observability.metrics import MetricsRegistry
+from framework.observability.tracing import current_correlation_id, current_trace
 
 __all__ = [
     "ACCESS_LOGGER",
+    "FILE_VARIABLE",
+    "AccessLog",
     "ClientUsage",
     "Meter",
     "RouteUsage",
@@ -49,6 +73,7 @@ __all__ = [
 ]
 
 ACCESS_LOGGER = "framework.gateway.access"
+FILE_VARIABLE = "MSA_ACCESS_LOG_FILE"
 ANONYMOUS = "anonymous"
 OTHER = "other"
 
@@ -217,6 +242,31 @@ def _bytes_out(exchange: Exchange, response: web.StreamResponse | None) -> int:
     return exchange.bytes_out if length is None else length
 
 
+def _access_fields(
+    exchange: Exchange, status: int, latency: float, error: str | None
+) -> dict[str, Any]:
+    """The access-log line's own fields (see `access_log_middleware`)."""
+    request = exchange.request
+    fields: dict[str, Any] = {
+        "route": exchange.route.name,
+        "method": request.method,
+        "path": request.path,
+        "client": exchange.client.id if exchange.client is not None else None,
+        "remote": request.remote,
+        "status": status,
+        "latency_ms": round(latency, 3),
+        "bytes_in": exchange.bytes_in,
+        "bytes_out": exchange.bytes_out,
+        "upstream": exchange.upstream,
+        "gtxid": exchange.gtxid,
+        "request_id": exchange.request_id,
+        "notes": dict(exchange.notes),
+    }
+    if error is not None:
+        fields["error"] = error
+    return fields
+
+
 def access_log_middleware(
     meter: Meter | None, logger: logging.Logger | None = None
 ) -> GatewayMiddleware:
@@ -228,7 +278,8 @@ def access_log_middleware(
     `exchange.bytes_out` if the handler counted, else all bytes written, headers included),
     `upstream`, `gtxid`, `request_id`, `notes` (`exchange.notes` as one object, so a note can
     never replace a field) and, when an inner layer raised, `error`. Level INFO, WARNING for
-    5xx.
+    5xx; when `logger` is not enabled for that level, nothing of the line is built (the request
+    is still counted on `meter`).
     """
     log = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
 
@@ -253,7 +304,6 @@ def access_log_middleware(
             status, error = 500, type(exc).__name__
             raise
         finally:
-            request = exchange.request
             latency = exchange.elapsed_ms()
             exchange.bytes_out = _bytes_out(exchange, response)
             if meter is not None:
@@ -265,30 +315,129 @@ def access_log_middleware(
                     bytes_out=exchange.bytes_out,
                     seconds=latency / 1000,
                 )
-            fields: dict[str, Any] = {
-                "route": exchange.route.name,
-                "method": request.method,
-                "path": request.path,
-                "client": exchange.client.id if exchange.client is not None else None,
-                "remote": request.remote,
-                "status": status,
-                "latency_ms": round(latency, 3),
-                "bytes_in": exchange.bytes_in,
-                "bytes_out": exchange.bytes_out,
-                "upstream": exchange.upstream,
-                "gtxid": exchange.gtxid,
-                "request_id": exchange.request_id,
-                "notes": dict(exchange.notes),
-            }
-            if error is not None:
-                fields["error"] = error
-            log.log(
-                logging.WARNING if status >= 500 else logging.INFO,
-                "%s %s %d",
-                request.method,
-                request.path,
-                status,
-                extra=fields,
-            )
+            level = logging.WARNING if status >= 500 else logging.INFO
+            if log.isEnabledFor(level):
+                request = exchange.request
+                log.log(
+                    level,
+                    "%s %s %d",
+                    request.method,
+                    request.path,
+                    status,
+                    extra=_access_fields(exchange, status, latency, error),
+                )
 
     return access_log
+
+
+# -- the access log's writer -------------------------------------------------------------------
+
+
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Queues a record as it is, with the log context stamped on it.
+
+    The formatter runs in the listener's thread, where the contextvars `JsonFormatter` reads are
+    unset: the correlation and trace ids are copied onto the record here (the formatter prefers
+    a record's own), in the task that logged (`service` is the formatter's: `msa gateway` sets
+    no other). Nothing else is done on the loop: the message's arguments are immutable (method,
+    path, status) and the fields a fresh dict, so the record is neither formatted nor copied
+    (stdlib's `prepare` does both, for queues to other processes).
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        attributes = record.__dict__
+        if "correlation_id" not in attributes:
+            correlation_id = current_correlation_id.get()
+            if correlation_id is not None:
+                attributes["correlation_id"] = correlation_id
+        trace = current_trace.get()
+        if trace is not None:
+            attributes.setdefault("trace_id", trace.trace_id)
+            attributes.setdefault("span_id", trace.span_id)
+        return record
+
+
+class _RootHandlers(logging.Handler):
+    """Hands a record to the root logger's handlers, as propagation would have (each handler
+    takes its own lock, so lines from the loop's thread and the listener's never interleave)."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        logging.getLogger().callHandlers(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:  # pragma: no cover - handle() does it
+        self.handle(record)
+
+
+class AccessLog:
+    """Writes the access log from a `QueueListener` thread while started (module docstring).
+
+    `file`: append the lines (JSON, formatted for `service`) to this file instead of stderr;
+    None: the root logger's handlers (the service log) write them, as without an `AccessLog`.
+    `start()` raises `ConfigurationError` when the file cannot be opened. `stop()` writes every
+    line still queued, then returns the access logger to logging synchronously; both are
+    idempotent.
+    """
+
+    def __init__(
+        self,
+        file: str | Path | None = None,
+        *,
+        service: str = "gateway",
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.file = Path(file) if file is not None else None
+        self.service = service
+        self.logger = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
+        self._listener: logging.handlers.QueueListener | None = None
+        self._queue_handler: logging.Handler | None = None
+        self._target: logging.Handler | None = None
+        self._propagate = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> AccessLog:
+        """An `AccessLog` to the file `MSA_ACCESS_LOG_FILE` names (unset or empty: stderr)."""
+        env = os.environ if environ is None else environ
+        file = env.get(FILE_VARIABLE, "").strip()
+        return cls(file or None, **options)
+
+    @property
+    def running(self) -> bool:
+        return self._listener is not None
+
+    def start(self) -> None:
+        if self._listener is not None:
+            return
+        target: logging.Handler
+        if self.file is not None:
+            try:
+                target = logging.FileHandler(self.file, mode="a", encoding="utf-8")
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"{FILE_VARIABLE}={str(self.file)!r}: cannot open the access log: {exc}"
+                ) from exc
+            target.setFormatter(JsonFormatter(self.service))
+        else:
+            target = _RootHandlers()
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        listener = logging.handlers.QueueListener(records, target, respect_handler_level=True)
+        listener.start()
+        self._listener, self._target = listener, target
+        self._queue_handler = _QueueHandler(records)
+        self._propagate = self.logger.propagate
+        self.logger.addHandler(self._queue_handler)
+        self.logger.propagate = False
+
+    def stop(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        if self._queue_handler is not None:
+            self.logger.removeHandler(self._queue_handler)
+            self._queue_handler = None
+        self.logger.propagate = self._propagate
+        listener.stop()  # queues the sentinel, joins the thread: every line before it is written
+        self._listener = None
+        if self._target is not None:
+            self._target.close()
+            self._target = None

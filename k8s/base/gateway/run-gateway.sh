@@ -1,13 +1,12 @@
 #!/bin/bash
-# Runs the web gateway so that its access log also lands in a file for the log-shipper sidecar.
+# Runs the web gateway with its access log in a file for the log-shipper sidecar.
 #
-# The gateway logs JSON lines to stderr (framework.observability.logging). tee copies them to
-# the container's stderr as usual and, through grep, the access log lines (logger
-# framework.gateway.access) to $ACCESS_LOG on the volume shared with the sidecar. `exec`
-# leaves `msa` as PID 1, so SIGTERM reaches the gateway and it drains. `tee -p` keeps going if
-# the file's side fails. TODO(framework): a MSA_ACCESS_LOG_FILE option (a rotating handler on
-# the access logger) would replace this wrapper.
+# MSA_ACCESS_LOG_FILE makes the gateway append its access log (logger framework.gateway.access,
+# one JSON line per request, written by a logging thread off the event loop) to that file on the
+# volume shared with the sidecar, instead of stderr; the rest of its log stays on stderr. The
+# gateway opens the file in append mode, so the sidecar's copytruncate rotation is safe for it.
+# `exec` leaves `msa` as PID 1, so SIGTERM reaches the gateway and it drains; the lines still
+# queued are written before it exits.
 set -euo pipefail
-log=${ACCESS_LOG:-/var/log/gateway/access.log}
-exec msa gateway --config "${GATEWAY_CONFIG:-/etc/gateway/web.yaml}" \
-    2> >(tee -p >(grep --line-buffered '"logger":"framework.gateway.access"' >> "$log") >&2)
+export MSA_ACCESS_LOG_FILE="${MSA_ACCESS_LOG_FILE:-/var/log/gateway/access.log}"
+exec msa gateway --config "${GATEWAY_CONFIG:-/etc/gateway/web.yaml}"

@@ -498,20 +498,20 @@ def binary_headers(
     return tuple(headers)
 
 
-_clock_second = -1
-_clock_prefix = b""
+_clock: tuple[int, bytes] = (-1, b"")
+"""The second `time_now` last formatted and its text, read and replaced as one pair."""
 
 
 def time_now() -> bytes:
     """The time now as `format_time` writes it, without a `datetime`: the seconds are formatted
     once per second and only the microseconds per call."""
-    global _clock_second, _clock_prefix
+    global _clock
     now = epoch_seconds()
     second = int(now)
-    prefix = _clock_prefix
-    if second != _clock_second:  # a race only formats the same second twice
+    formatted, prefix = _clock
+    if second != formatted:  # threads racing here only format the same second twice
         prefix = strftime("%Y-%m-%dT%H:%M:%S", gmtime(second)).encode()
-        _clock_prefix, _clock_second = prefix, second
+        _clock = (second, prefix)
     return b"%s.%06dZ" % (prefix, int((now - second) * 1_000_000))
 
 

@@ -463,8 +463,9 @@ async def test_two_relays_never_publish_the_same_event_twice(
     mongo_url: str, mongo_database_name: str
 ) -> None:
     transport = MemoryTransport()
-    # Relay A stops in its first publish, holding what it claimed, until relay B has published
-    # too: both relays then take part whichever of them polls first.
+    # Relay A claims the first order's events and holds its first publish; relay B starts only
+    # then, and A is released once B has published: both relays take part, with no bet on
+    # which polls first (A's hold is far shorter than its lease).
     a_holding, release_a = asyncio.Event(), asyncio.Event()
 
     async def hold_first_publish(outgoing: Outgoing, call_next: Any) -> Any:
@@ -478,31 +479,36 @@ async def test_two_relays_never_publish_the_same_event_twice(
     db_b = MongoResource(mongo_url, mongo_database_name)
     relay_a = MongoOutbox(db_a, bus_a, collections=["orders"], batch_size=4, poll_interval=0.01)
     relay_b = MongoOutbox(db_b, bus_b, collections=["orders"], batch_size=4, poll_interval=0.01)
-    async with running(bus_a, bus_b, db_a, db_b, relay_a, relay_b):
-        orders = db_a.collection("orders")
-        for n in range(40):
-            order = f"o-{n}"
-            events = [
-                relay_a.event(TOPIC, OrderChanged(order_id=order, step=s), key=order)
-                for s in (1, 2, 3)
-            ]
-            await orders.insert_one(relay_a.attach({"_id": order}, *events))
-            if n == 0:
-                await a_holding.wait()  # A claimed the first order's events and holds them
-        await eventually(lambda: relay_b.published > 0, timeout=15)
-        release_a.set()
-        await eventually(lambda: relay_a.published + relay_b.published == 120, timeout=15)
-        assert await relay_a.pending() == 0
-        # a second copy could only come from a round that read a document before it was settled
-        await next_rounds(relay_a, relay_b)
-        counts = Counter(published_ids(transport))
-        assert len(counts) == 120
-        assert set(counts.values()) == {1}
-        for n in range(40):
-            assert steps_of(transport, f"o-{n}") == [1, 2, 3]
-        assert relay_a.published > 0
-        assert relay_b.published > 0
-        assert await db_a.collection(CLAIMS_COLLECTION).count_documents({}) == 0
+
+    async def place(n: int) -> None:
+        order = f"o-{n}"
+        events = [
+            relay_a.event(TOPIC, OrderChanged(order_id=order, step=s), key=order) for s in (1, 2, 3)
+        ]
+        await db_a.collection("orders").insert_one(relay_a.attach({"_id": order}, *events))
+
+    async with running(bus_a, db_a, relay_a):
+        await place(0)
+        async with asyncio.timeout(15):
+            await a_holding.wait()
+        async with running(bus_b, db_b, relay_b):
+            for n in range(1, 40):
+                await place(n)
+            await eventually(lambda: relay_b.published > 0, timeout=15)
+            release_a.set()
+            await eventually(lambda: relay_a.published + relay_b.published == 120, timeout=15)
+            assert await relay_a.pending() == 0
+            # a second copy could only come from a round that read a document before it was
+            # settled
+            await next_rounds(relay_a, relay_b)
+            counts = Counter(published_ids(transport))
+            assert len(counts) == 120
+            assert set(counts.values()) == {1}
+            for n in range(40):
+                assert steps_of(transport, f"o-{n}") == [1, 2, 3]
+            assert relay_a.published > 0
+            assert relay_b.published > 0
+            assert await db_a.collection(CLAIMS_COLLECTION).count_documents({}) == 0
 
 
 async def test_a_claim_is_respected_until_its_lease_expires(

@@ -174,13 +174,21 @@ async def role_upstream() -> None:
 
 
 async def role_gateway(config_path: str) -> None:
+    """Our gateway as `msa gateway` runs it: its access-log lines written by the logging
+    thread (`AccessLog`), off the event loop, to the log file this role was given."""
     from framework.gateway.app import Gateway
+    from framework.gateway.metering import AccessLog
 
-    gateway = Gateway.from_file(config_path, watch_interval=0)
-    await gateway.start()
-    assert gateway.port is not None
-    await _announce_and_wait(gateway.port)
-    await gateway.stop()
+    access_log = AccessLog.from_env({})
+    access_log.start()
+    try:
+        gateway = Gateway.from_file(config_path, watch_interval=0)
+        await gateway.start()
+        assert gateway.port is not None
+        await _announce_and_wait(gateway.port)
+        await gateway.stop()
+    finally:
+        access_log.stop()
 
 
 async def role_bare(upstream: str, port: int) -> None:

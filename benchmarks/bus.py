@@ -929,6 +929,24 @@ async def round_trips(
     return [one, many]
 
 
+async def correlated_reply(
+    pending: dict[Any, asyncio.Future[Quote]],
+    correlation: Any,
+    send: Awaitable[Any],
+    timeout: float,
+) -> Quote:
+    """Send a request (`send`, not yet awaited) and wait up to `timeout` for the reply a reader
+    puts in `pending` under `correlation` (the hand-written RPC rows: FastStream's, raw's)."""
+    future: asyncio.Future[Quote] = asyncio.get_running_loop().create_future()
+    pending[correlation] = future
+    try:
+        await send
+        async with asyncio.timeout(timeout):
+            return await future
+    finally:
+        pending.pop(correlation, None)
+
+
 async def native_request(client: Any, order: OrderPlaced, topic: str) -> str:
     """Whether FastStream's own `broker.request()` works on a real broker (this version)."""
     try:
@@ -1008,20 +1026,14 @@ def request_variants(
 
             async def request(i: int, timeout: float = 10.0) -> Quote:
                 correlation = os.urandom(16).hex()
-                future: asyncio.Future[Quote] = asyncio.get_running_loop().create_future()
-                pending[correlation] = future
-                try:
-                    await client.publish(
-                        orders[i % KEYS],
-                        topic,
-                        key=key_bytes[i % KEYS],
-                        reply_to=reply_topic,
-                        correlation_id=correlation,
-                    )
-                    async with asyncio.timeout(timeout):
-                        return await future
-                finally:
-                    pending.pop(correlation, None)
+                send = client.publish(
+                    orders[i % KEYS],
+                    topic,
+                    key=key_bytes[i % KEYS],
+                    reply_to=reply_topic,
+                    correlation_id=correlation,
+                )
+                return await correlated_reply(pending, correlation, send, timeout)
 
             samples = await round_trips(request, *counts)
             samples[0] = replace(samples[0], note=native)
@@ -1092,19 +1104,13 @@ def request_variants(
 
             async def request(i: int, timeout: float = 10.0) -> Quote:
                 correlation = os.urandom(16).hex().encode()
-                future: asyncio.Future[Quote] = asyncio.get_running_loop().create_future()
-                pending[correlation] = future
-                try:
-                    await client_producer.send_and_wait(
-                        topic,
-                        encode(orders[i % KEYS]),
-                        key=key_bytes[i % KEYS],
-                        headers=[("correlation", correlation)],
-                    )
-                    async with asyncio.timeout(timeout):
-                        return await future
-                finally:
-                    pending.pop(correlation, None)
+                send = client_producer.send_and_wait(
+                    topic,
+                    encode(orders[i % KEYS]),
+                    key=key_bytes[i % KEYS],
+                    headers=[("correlation", correlation)],
+                )
+                return await correlated_reply(pending, correlation, send, timeout)
 
             return await round_trips(request, *counts)
         finally:

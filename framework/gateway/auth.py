@@ -362,7 +362,21 @@ class Authenticator:
         self._verified: _VerifiedTokens | None = _VerifiedTokens(cache_size) if cache_size else None
         # The digest of a presented key is looked up here, then confirmed with compare_digest.
         # The lookup's timing cannot help an attacker: they choose the key, not its SHA-256.
-        self._api_keys: dict[str, ApiKeyConfig] = {k.hash: k for k in config.api_keys}
+        # Each key's identity is built once, with the config: a request with a key costs one
+        # SHA-256 and one lookup.
+        self._api_keys: dict[str, tuple[ApiKeyConfig, ClientIdentity]] = {
+            k.hash: (
+                k,
+                ClientIdentity(
+                    id=k.id,
+                    method="api_key",
+                    tier=k.tier,
+                    roles=frozenset(k.roles),
+                    scopes=frozenset(k.scopes),
+                ),
+            )
+            for k in config.api_keys
+        }
 
     async def start(self) -> None:
         if self._started:
@@ -553,15 +567,9 @@ class Authenticator:
         except UnicodeEncodeError:  # not a key we could ever have issued
             digest = ""
         found = self._api_keys.get(digest)
-        if found is None or not hmac.compare_digest(found.hash, digest):
+        if found is None or not hmac.compare_digest(found[0].hash, digest):
             raise self._unauthorized("unknown API key", methods)
-        return ClientIdentity(
-            id=found.id,
-            method="api_key",
-            tier=found.tier,
-            roles=frozenset(found.roles),
-            scopes=frozenset(found.scopes),
-        )
+        return found[1]
 
     # -- refusals --
 

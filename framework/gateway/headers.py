@@ -26,7 +26,7 @@ from collections.abc import Collection, Iterable, Mapping
 from multidict import CIMultiDict
 
 from framework.gateway.types import GatewayError
-from framework.resilience.upstreams import clean_headers
+from framework.resilience.upstreams import HOP_BY_HOP, connection_named
 
 __all__ = ["FRAMING", "GATEWAY_OWNED", "check_client_headers", "forwardable_headers"]
 
@@ -82,11 +82,19 @@ def forwardable_headers(headers: Mapping[str, str], *, owned: Collection[str]) -
     ...     owned={"x-user-id", "x-forwarded-for"}).items())
     [('Accept', '*/*')]
     """
+    named = connection_named(headers)
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in clean_headers(headers).items():  # hop-by-hop and what Connection names
+    for name, value in headers.items():
         lower = name.lower()
-        # A value that is not UTF-8 can only be a credential no route checked: never sent on.
-        if lower in FRAMING or lower in owned or not _utf8(value):
+        if (
+            lower in HOP_BY_HOP
+            or lower in FRAMING
+            or lower in owned
+            or lower in named
+            or lower.startswith("proxy-")
+            # A value that is not UTF-8 can only be a credential no route checked: never sent on.
+            or not (value.isascii() or _utf8(value))
+        ):
             continue
         out.add(name, value)
     return out

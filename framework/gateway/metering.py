@@ -70,6 +70,8 @@ __all__ = [
     "Meter",
     "RouteUsage",
     "access_log_middleware",
+    "account",
+    "failure_status",
 ]
 
 ACCESS_LOGGER = "framework.gateway.access"
@@ -267,6 +269,52 @@ def _access_fields(
     return fields
 
 
+def failure_status(exc: BaseException) -> tuple[int, str]:
+    """The status and `error` field an access-log line gives a request that ended in `exc`."""
+    if isinstance(exc, GatewayError):
+        return exc.status, exc.title
+    if isinstance(exc, web.HTTPException):
+        return exc.status, exc.reason
+    if isinstance(exc, asyncio.CancelledError):
+        return 499, "client closed the request"
+    return 500, type(exc).__name__
+
+
+def account(
+    meter: Meter | None,
+    log: logging.Logger,
+    exchange: Exchange,
+    response: web.StreamResponse | None,
+    status: int,
+    error: str | None,
+) -> None:
+    """Count a finished request on `meter` and write its access-log line to `log` (built only
+    when `log` is enabled for the line's level): what `access_log_middleware` does once the
+    layers inside it are done; the gateway's compiled routes call it directly."""
+    latency = exchange.elapsed_ms()
+    exchange.bytes_out = _bytes_out(exchange, response)
+    if meter is not None:
+        meter.record(
+            route=exchange.route.name,
+            client=_metered_client(exchange),
+            status=status,
+            bytes_in=exchange.bytes_in,
+            bytes_out=exchange.bytes_out,
+            seconds=latency / 1000,
+        )
+    level = logging.WARNING if status >= 500 else logging.INFO
+    if log.isEnabledFor(level):
+        request = exchange.request
+        log.log(
+            level,
+            "%s %s %d",
+            request.method,
+            request.path,
+            status,
+            extra=_access_fields(exchange, status, latency, error),
+        )
+
+
 def access_log_middleware(
     meter: Meter | None, logger: logging.Logger | None = None
 ) -> GatewayMiddleware:
@@ -285,47 +333,14 @@ def access_log_middleware(
 
     async def access_log(exchange: Exchange, call_next: GatewayHandler) -> web.StreamResponse:
         response: web.StreamResponse | None = None
-        error: str | None = None
-        status = 500
         try:
             response = await call_next(exchange)
-            status = response.status
-            return response
-        except GatewayError as exc:
-            status, error = exc.status, exc.title
+        except BaseException as exc:
+            status, error = failure_status(exc)
+            account(meter, log, exchange, None, status, error)
             raise
-        except web.HTTPException as exc:
-            status, error = exc.status, exc.reason
-            raise
-        except asyncio.CancelledError:
-            status, error = 499, "client closed the request"
-            raise
-        except Exception as exc:
-            status, error = 500, type(exc).__name__
-            raise
-        finally:
-            latency = exchange.elapsed_ms()
-            exchange.bytes_out = _bytes_out(exchange, response)
-            if meter is not None:
-                meter.record(
-                    route=exchange.route.name,
-                    client=_metered_client(exchange),
-                    status=status,
-                    bytes_in=exchange.bytes_in,
-                    bytes_out=exchange.bytes_out,
-                    seconds=latency / 1000,
-                )
-            level = logging.WARNING if status >= 500 else logging.INFO
-            if log.isEnabledFor(level):
-                request = exchange.request
-                log.log(
-                    level,
-                    "%s %s %d",
-                    request.method,
-                    request.path,
-                    status,
-                    extra=_access_fields(exchange, status, latency, error),
-                )
+        account(meter, log, exchange, response, response.status, None)
+        return response
 
     return access_log
 

@@ -59,7 +59,9 @@ __all__ = [
     "Decision",
     "RateLimiter",
     "body_limit_middleware",
+    "limit_rate",
     "rate_limit_middleware",
+    "read_body",
 ]
 
 _DAY = 86_400
@@ -85,6 +87,18 @@ class Decision:
 
 
 _UNLIMITED = Decision(allowed=True)
+
+
+def _part(tier: TierConfig, share: int) -> TierConfig:
+    """`tier` with its rate, burst and daily quota divided by `share` (at least 1 each)."""
+    if share == 1:
+        return tier
+    quota = tier.daily_quota
+    return TierConfig(
+        rate=tier.rate / share,
+        burst=max(1, tier.burst // share),
+        daily_quota=None if quota is None else max(1, quota // share),
+    )
 
 
 class _ClientState:
@@ -124,6 +138,7 @@ class RateLimiter:
         default_tier: str | None,
         anonymous_tier: str | None = None,
         max_clients: int = 100_000,
+        share: int = 1,
         time_fn: Callable[[], float] = time.monotonic,
         day_fn: Callable[[], float] = time.time,
     ) -> None:
@@ -132,7 +147,11 @@ class RateLimiter:
                 raise ConfigurationError(f"no tier named {name!r} in tiers")
         if max_clients < 1:
             raise ConfigurationError(f"max_clients must be at least 1, not {max_clients}")
-        self.tiers = dict(tiers)
+        if share < 1:
+            raise ConfigurationError(f"share must be at least 1, not {share}")
+        self.share = share
+        """This process's part of every limit is 1/`share` (`msa gateway --workers N`: N)."""
+        self.tiers = {name: _part(tier, share) for name, tier in tiers.items()}
         self.default_tier = default_tier
         self.anonymous_tier = anonymous_tier
         self.max_clients = max_clients
@@ -216,6 +235,37 @@ def _rate_headers(decision: Decision) -> dict[str, str]:
     return {"RateLimit-Limit": str(decision.limit), "RateLimit-Remaining": str(decision.remaining)}
 
 
+def limit_rate(limiter: RateLimiter, exchange: Exchange) -> dict[str, str]:
+    """Count `exchange` against `limiter`: its `RateLimit-*` headers when allowed, else
+    `GatewayError` 429 with them and `Retry-After` (`rate_limit_middleware` is this around the
+    layers inside it; the gateway's compiled routes call it directly)."""
+    client = exchange.client
+    if client is None:
+        client_id = f"anon:{exchange.request.remote or 'unknown'}"
+        tier = limiter.anonymous_tier
+    elif client.method == "anonymous":
+        client_id, tier = client.id, client.tier or limiter.anonymous_tier
+    else:
+        client_id, tier = client.id, client.tier
+    decision = limiter.check(client_id, tier)
+    headers = _rate_headers(decision)
+    if not decision.allowed:
+        headers["Retry-After"] = _retry_after(decision.retry_after)
+        if decision.quota_exhausted:
+            detail = (
+                f"the daily quota of {decision.quota} requests is used up; "
+                "it starts again at 00:00 UTC"
+            )
+        else:
+            detail = (
+                f"the rate limit is exceeded (bursts of at most {decision.limit} requests); "
+                f"retry in {headers['Retry-After']} s"
+            )
+        exchange.notes["rate_limited"] = "quota" if decision.quota_exhausted else "rate"
+        raise GatewayError(429, "Too Many Requests", detail, headers=headers)
+    return headers
+
+
 def rate_limit_middleware(limiter: RateLimiter) -> GatewayMiddleware:
     """Apply `limiter` to each request: 429 when refused, `RateLimit-*` headers when allowed.
 
@@ -226,37 +276,14 @@ def rate_limit_middleware(limiter: RateLimiter) -> GatewayMiddleware:
     """
 
     async def rate_limit(exchange: Exchange, call_next: GatewayHandler) -> web.StreamResponse:
-        client = exchange.client
-        if client is None:
-            client_id = f"anon:{exchange.request.remote or 'unknown'}"
-            tier = limiter.anonymous_tier
-        elif client.method == "anonymous":
-            client_id, tier = client.id, client.tier or limiter.anonymous_tier
-        else:
-            client_id, tier = client.id, client.tier
-        decision = limiter.check(client_id, tier)
-        headers = _rate_headers(decision)
-        if not decision.allowed:
-            headers["Retry-After"] = _retry_after(decision.retry_after)
-            if decision.quota_exhausted:
-                detail = (
-                    f"the daily quota of {decision.quota} requests is used up; "
-                    "it starts again at 00:00 UTC"
-                )
-            else:
-                detail = (
-                    f"the rate limit is exceeded (bursts of at most {decision.limit} requests); "
-                    f"retry in {headers['Retry-After']} s"
-                )
-            exchange.notes["rate_limited"] = "quota" if decision.quota_exhausted else "rate"
-            raise GatewayError(429, "Too Many Requests", detail, headers=headers)
+        headers = limit_rate(limiter, exchange)
         try:
             response = await call_next(exchange)
         except GatewayError as exc:
             for name, value in headers.items():
                 exc.headers.setdefault(name, value)
             raise
-        if not response.prepared:
+        if headers and not response.prepared:
             response.headers.update(headers)
         return response
 
@@ -277,8 +304,8 @@ class ConcurrencyLimiter:
         self.in_flight = 0
         self.shed = 0
 
-    async def middleware(self, exchange: Exchange, call_next: GatewayHandler) -> web.StreamResponse:
-        """The `GatewayMiddleware`: pass the request on, or shed it when the gateway is full."""
+    def enter(self, exchange: Exchange) -> None:
+        """Take a slot for `exchange`, or shed it (`GatewayError` 503); `leave()` gives it back."""
         if self.in_flight >= self.max_concurrency:
             self.shed += 1
             exchange.notes["shed"] = True
@@ -289,6 +316,13 @@ class ConcurrencyLimiter:
                 headers={"Retry-After": "1"},
             )
         self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    async def middleware(self, exchange: Exchange, call_next: GatewayHandler) -> web.StreamResponse:
+        """The `GatewayMiddleware`: pass the request on, or shed it when the gateway is full."""
+        self.enter(exchange)
         try:
             return await call_next(exchange)
         finally:
@@ -323,28 +357,37 @@ def body_limit_middleware(
     min_rate = limits.body_min_rate if limits is not None else 0
 
     async def body_limit(exchange: Exchange, call_next: GatewayHandler) -> web.StreamResponse:
-        request = exchange.request
-        limit = exchange.route.max_body if exchange.route.max_body is not None else default_max
-        declared = request.headers.getall("Content-Length", [])
-        if declared:
-            if len(declared) > 1 or not _DIGITS.fullmatch(declared[0].strip()):
-                raise GatewayError(
-                    400, "Bad Request", "Content-Length must be one non-negative decimal number"
-                )
-            if "Transfer-Encoding" in request.headers:
-                raise GatewayError(
-                    400, "Bad Request", "Content-Length and Transfer-Encoding cannot both be sent"
-                )
-            if int(declared[0]) > limit:
-                raise _too_large(limit)
-        if exchange.body is None:
-            exchange.body = await _read_body(request, limit, pause, min_rate)
-        elif len(exchange.body) > limit:
-            raise _too_large(limit)
-        exchange.bytes_in = len(exchange.body)
+        await read_body(exchange, default_max, pause, min_rate)
         return await call_next(exchange)
 
     return body_limit
+
+
+async def read_body(
+    exchange: Exchange, default_max: int, pause: float | None, min_rate: int
+) -> None:
+    """Check the declared length and read the body into `exchange.body` within the route's
+    limit (else `default_max`), pausing at most `pause` s and averaging `min_rate` bytes/s:
+    what `body_limit_middleware` does before the layers inside it."""
+    request = exchange.request
+    limit = exchange.route.max_body if exchange.route.max_body is not None else default_max
+    declared = request.headers.getall("Content-Length", ())
+    if declared:
+        if len(declared) > 1 or not _DIGITS.fullmatch(declared[0].strip()):
+            raise GatewayError(
+                400, "Bad Request", "Content-Length must be one non-negative decimal number"
+            )
+        if "Transfer-Encoding" in request.headers:
+            raise GatewayError(
+                400, "Bad Request", "Content-Length and Transfer-Encoding cannot both be sent"
+            )
+        if int(declared[0]) > limit:
+            raise _too_large(limit)
+    if exchange.body is None:
+        exchange.body = await _read_body(request, limit, pause, min_rate)
+    elif len(exchange.body) > limit:
+        raise _too_large(limit)
+    exchange.bytes_in = len(exchange.body)
 
 
 async def _read_body(request: web.Request, limit: int, pause: float | None, min_rate: int) -> bytes:

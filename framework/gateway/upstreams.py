@@ -42,8 +42,11 @@ class UpstreamPool(resilience.UpstreamPool):
         headers: Mapping[str, str],
         body: bytes | None,
         timeout: float | None = None,
+        clean: bool = True,
     ) -> UpstreamResponse:
         try:
-            return await super().send(method, path_qs, headers=headers, body=body, timeout=timeout)
+            return await super().send(
+                method, path_qs, headers=headers, body=body, timeout=timeout, clean=clean
+            )
         except UpstreamError as exc:
             raise GatewayError(exc.status, exc.title, exc.detail, headers=exc.headers) from exc

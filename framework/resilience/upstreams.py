@@ -102,6 +102,7 @@ __all__ = [
     "UpstreamPool",
     "UpstreamResponse",
     "clean_headers",
+    "connection_named",
 ]
 
 log = logging.getLogger("framework.resilience.upstreams")
@@ -207,6 +208,18 @@ class UpstreamConfig(_Strict):
         return self
 
 
+def connection_named(headers: Mapping[str, str]) -> frozenset[str]:
+    """The header names (lowercase) the `Connection` headers of `headers` name: hop-by-hop."""
+    values = (
+        headers.getall("Connection", ())
+        if isinstance(headers, CIMultiDict | CIMultiDictProxy)
+        else [value for name, value in headers.items() if name.lower() == "connection"]
+    )
+    if not values:
+        return frozenset()
+    return frozenset(token.strip().lower() for value in values for token in value.split(","))
+
+
 def clean_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     """A copy of `headers` without hop-by-hop headers, keeping repeated ones (`Set-Cookie`).
 
@@ -214,10 +227,7 @@ def clean_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     ...                     "Proxy-Authorization": "Basic eA==", "Accept": "*/*"}))
     {'Accept': '*/*'}
     """
-    named: set[str] = set()
-    for name, value in headers.items():
-        if name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(","))
+    named = connection_named(headers)
     cleaned: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
@@ -515,12 +525,16 @@ class UpstreamPool:
         headers: Mapping[str, str],
         body: bytes | None,
         timeout: float | None = None,
+        clean: bool = True,
     ) -> UpstreamResponse:
         """Send one request to an instance (retrying as configured) and read the whole answer.
 
         `path_qs` is the already-encoded path and query (`/products/42?full=1`), appended to the
-        instance's base URL as it is. Raises `UpstreamUnreachable`, `UpstreamUnavailable` or
-        `UpstreamTimeout`; see the module docstring.
+        instance's base URL as it is. `clean=False` says `headers` (a `CIMultiDict`) already
+        hold only what may go upstream - no hop-by-hop headers, no `Host` or `Content-Length`,
+        as the gateway's `forwardable_headers` makes them - so they are sent without another
+        copy. Raises `UpstreamUnreachable`, `UpstreamUnavailable` or `UpstreamTimeout`; see the
+        module docstring.
         """
         if self._session is None:
             raise NotStartedError(f"upstream pool {self.name!r} is not started")
@@ -544,8 +558,13 @@ class UpstreamPool:
             await self._admit(deadline)
             admitted = self._time()
             try:
+                outgoing = (
+                    self._outgoing_headers(headers)
+                    if clean or not isinstance(headers, CIMultiDict)
+                    else headers
+                )
                 result = await self._try_instances(
-                    method, path_qs, self._outgoing_headers(headers), body, deadline, budget
+                    method, path_qs, outgoing, body, deadline, budget
                 )
             finally:
                 if result is not None:

@@ -44,8 +44,10 @@ What `send` does, in order:
    `eject.slow_ms`) a moving average latency above it, take an instance out for `eject_for`
    seconds, but never more than `max_ejected_percent` of the instances, and never the last one.
 
-Errors are the framework's `UpstreamError`s, mapped from aiohttp's exceptions here and nowhere
-else: `UpstreamTimeout` (a gateway answers 504) when the timeout passes, `UpstreamUnreachable`
+The HTTP client is `config.client`: `http1` (the default), the lean keep-alive client of
+`framework.resilience.http1` (httptools on asyncio protocols), or `aiohttp`'s `ClientSession`;
+every pool test runs on both. Errors are the framework's `UpstreamError`s, mapped from the
+clients' exceptions here and nowhere else: `UpstreamTimeout` (a gateway answers 504) when the timeout passes, `UpstreamUnreachable`
 (502) when the instances cannot be reached (after any retries), `UpstreamUnavailable` (503) when
 the breaker is open, no instance is available, or the pool is at capacity. A 5xx answer from the
 upstream is not an error: it is returned (after any retries) for the caller to pass on. The
@@ -54,12 +56,13 @@ gateway's pool (`framework.gateway.upstreams.UpstreamPool`) raises them as `Gate
 Hop-by-hop headers (`HOP_BY_HOP`, any `Proxy-*`, and every header the `Connection` header names)
 are dropped in both directions by `clean_headers`, which the gateway uses too. `send` also drops
 the caller's `Host` and `Content-Length` (the instance's authority and the body's real length are
-sent), and the response's `Content-Length` and, when aiohttp decoded the body, its
-`Content-Encoding`: `UpstreamResponse.body` is the whole decoded entity.
+sent), and the response's `Content-Length` and, when the client decoded a gzip or deflate body,
+its `Content-Encoding`: `UpstreamResponse.body` is the whole decoded entity.
 
-The pool's own session uses a `DummyCookieJar`: a gateway must never keep one client's cookies
-and send them on another client's behalf. Active health checks use a separate small session, so
-a pool saturated by live traffic still gets its probes through.
+Neither client keeps cookies (aiohttp's session has a `DummyCookieJar`): a gateway must never
+keep one client's cookies and send them on another client's behalf. Active health checks use a
+separate small aiohttp session, so a pool saturated by live traffic still gets its probes
+through.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ from framework.errors import (
 from framework.resilience.adaptive import AdaptiveConfig, AdaptiveLimit
 from framework.resilience.backoff import Backoff
 from framework.resilience.breaker import BreakerConfig, CircuitBreaker
+from framework.resilience.http1 import HOP_BY_HOP, Http1Client, UpstreamConnectionError
 
 __all__ = [
     "HOP_BY_HOP",
@@ -106,22 +110,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("framework.resilience.upstreams")
-
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-"""Headers that describe one connection, not the message (RFC 9110 7.6.1); never forwarded.
-Every other `Proxy-*` header, and every header the `Connection` header names, is dropped too."""
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 """The methods `send` retries: sending them twice has the effect of sending them once."""
@@ -193,6 +181,10 @@ class UpstreamConfig(_Strict):
     timeout: float | None = Field(default=None, gt=0)
     max_connections: int = Field(default=100, ge=1)
     """Bulkhead: connections (and so concurrent requests) to this pool."""
+    client: Literal["http1", "aiohttp"] = "http1"
+    """The HTTP client: `http1`, the lean keep-alive client on asyncio protocols and httptools
+    (`framework.resilience.http1`; CPU per request is 2-3x lower, see benchmarks/gateway.py), or
+    aiohttp's `ClientSession`. Both pass the same pool tests."""
     queue_timeout: float = Field(default=0.25, ge=0)
     """Seconds a call over the limit waits for a slot (within its own timeout), then 503;
     0: refused at once."""
@@ -441,6 +433,7 @@ class UpstreamPool:
         self._time = time_fn
         self._given_session = session
         self._session: aiohttp.ClientSession | None = None
+        self._client: Http1Client | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._instances: list[_Instance] = []
@@ -476,13 +469,15 @@ class UpstreamPool:
 
     @property
     def started(self) -> bool:
-        return self._session is not None
+        return self._session is not None or self._client is not None
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self.started:
             return
         if self._given_session is not None:
             self._session = self._given_session
+        elif self.config.client == "http1":
+            self._client = Http1Client(max_idle=self.config.max_connections)
         else:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
@@ -514,6 +509,9 @@ class UpstreamPool:
         if self._session is not None and self._session is not self._given_session:
             await self._session.close()
         self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -536,7 +534,7 @@ class UpstreamPool:
         copy. Raises `UpstreamUnreachable`, `UpstreamUnavailable` or `UpstreamTimeout`; see the
         module docstring.
         """
-        if self._session is None:
+        if not self.started:
             raise NotStartedError(f"upstream pool {self.name!r} is not started")
         method = method.upper()
         budget = timeout if timeout is not None else self.config.timeout or self.default_timeout
@@ -687,7 +685,6 @@ class UpstreamPool:
         attempt: int,
         tries: int,
     ) -> _Result:
-        assert self._session is not None
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:  # the wait for a slot took it all: not this instance's fault
             return _Result(error=self._timeout_error(budget), judged=False)
@@ -699,26 +696,28 @@ class UpstreamPool:
         started = self._time()
         failure: _Failure | None = None
         cause: BaseException | None = None
+        connect_timeout = remaining / (tries - attempt + 1)
         try:
-            timeout = aiohttp.ClientTimeout(
-                total=remaining, sock_connect=remaining / (tries - attempt + 1)
-            )
-            async with self._session.request(
-                method,
-                URL(instance.url + path_qs, encoded=True),
-                headers=headers,
-                data=body,
-                timeout=timeout,
-                allow_redirects=False,
-                server_hostname=instance.server_hostname,
-            ) as raw:
-                payload = await raw.read()
-                status = raw.status
-                response_headers = clean_headers(raw.headers)
-        # The one place aiohttp's exceptions are translated (aiohttp's timeouts are TimeoutErrors).
+            if self._client is not None:
+                raw = await self._client.request(
+                    instance.url,
+                    method,
+                    path_qs,
+                    headers,
+                    body,
+                    timeout=remaining,
+                    connect_timeout=connect_timeout,
+                    server_hostname=instance.server_hostname,
+                )
+                status, response_headers, payload = raw.status, raw.headers, raw.body
+            else:
+                status, response_headers, payload = await self._aiohttp_request(
+                    instance, method, path_qs, headers, body, remaining, connect_timeout
+                )
+        # The one place the clients' exceptions are translated (both time out as TimeoutError).
         except TimeoutError as exc:
             failure, cause = "timeout", exc
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, UpstreamConnectionError) as exc:
             failure, cause = "connect", exc
         finally:
             instance.in_flight -= 1
@@ -732,10 +731,6 @@ class UpstreamPool:
                 error = UpstreamUnreachable(f"upstream {self.name} could not be reached")
             return _Result(error=error, cause=cause, failed=True)
 
-        response_headers.popall("content-length", None)
-        encoding = response_headers.get("content-encoding", "").lower()
-        if self._session.auto_decompress and encoding in _DECODED_ENCODINGS:
-            response_headers.popall("content-encoding", None)
         failed = status >= 500
         self._judge(instance, failed=failed, latency_ms=latency_ms)
         response = UpstreamResponse(
@@ -746,6 +741,38 @@ class UpstreamPool:
             attempts=attempt,
         )
         return _Result(response=response, failed=failed)
+
+    async def _aiohttp_request(
+        self,
+        instance: _Instance,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+        remaining: float,
+        connect_timeout: float,
+    ) -> tuple[int, CIMultiDict[str], bytes]:
+        """One try through aiohttp's client (`client: aiohttp`): the status, the headers as
+        the http1 client gives them (no hop-by-hop, no `Content-Length`, no `Content-Encoding`
+        of a body aiohttp decoded), the whole body."""
+        session = self._session
+        assert session is not None
+        async with session.request(
+            method,
+            URL(instance.url + path_qs, encoded=True),
+            headers=headers,
+            data=body,
+            timeout=aiohttp.ClientTimeout(total=remaining, sock_connect=connect_timeout),
+            allow_redirects=False,
+            server_hostname=instance.server_hostname,
+        ) as raw:
+            payload = await raw.read()
+            response_headers = clean_headers(raw.headers)
+        response_headers.popall("content-length", None)
+        encoding = response_headers.get("content-encoding", "").lower()
+        if session.auto_decompress and encoding in _DECODED_ENCODINGS:
+            response_headers.popall("content-encoding", None)
+        return raw.status, response_headers, payload
 
     def _timeout_error(self, budget: float) -> UpstreamTimeout:
         return UpstreamTimeout(f"upstream {self.name} did not answer within {budget:g} s")

@@ -135,14 +135,17 @@ async def servers(clock: Clock) -> AsyncIterator[ServerFactory]:
         await instance.stop()
 
 
-@pytest.fixture
-async def pools(servers: ServerFactory, clock: Clock) -> AsyncIterator[PoolFactory]:
+@pytest.fixture(params=["http1", "aiohttp"])
+async def pools(
+    servers: ServerFactory, clock: Clock, request: pytest.FixtureRequest
+) -> AsyncIterator[PoolFactory]:
     """Started pools on the fake clock, stopped before the servers go (so this depends on
-    `servers`)."""
+    `servers`); every pool test runs on both HTTP clients (`UpstreamConfig.client`)."""
     started: list[UpstreamPool] = []
 
     async def make(name: str = "svc", **config: Any) -> UpstreamPool:
         default_timeout = config.pop("default_timeout", 5.0)
+        config.setdefault("client", request.param)
         pool = UpstreamPool(
             name, UpstreamConfig(**config), default_timeout=default_timeout, time_fn=clock
         )

@@ -8,6 +8,7 @@ translated; the adaptive limit on its own in test_adaptive.py.
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 import aiohttp
 import pytest
@@ -24,12 +25,19 @@ from framework.gateway.config import UpstreamConfig as GatewayUpstreamConfig
 from framework.gateway.types import GatewayError
 from framework.gateway.upstreams import UpstreamPool as GatewayUpstreamPool
 from framework.resilience import AdaptiveConfig, RetryConfig, UpstreamConfig, UpstreamPool
+from framework.resilience.http1 import UpstreamConnectionError
 from tests.framework.gateway.conftest import Clock, eventually
 from tests.framework.gateway.test_upstreams import Instance, closed_port_url
 
 
-async def test_an_unreachable_upstream_is_a_framework_error() -> None:
-    pool = UpstreamPool("svc", UpstreamConfig(targets=(closed_port_url(),)))
+@pytest.mark.parametrize(
+    ("client", "cause"),
+    [("http1", UpstreamConnectionError), ("aiohttp", aiohttp.ClientError)],
+)
+async def test_an_unreachable_upstream_is_a_framework_error(
+    client: Literal["http1", "aiohttp"], cause: type[Exception]
+) -> None:
+    pool = UpstreamPool("svc", UpstreamConfig(targets=(closed_port_url(),), client=client))
     await pool.start()
     try:
         with pytest.raises(UpstreamUnreachable) as caught:
@@ -40,7 +48,7 @@ async def test_an_unreachable_upstream_is_a_framework_error() -> None:
     assert isinstance(caught.value, MsaError)
     assert (caught.value.status, caught.value.title) == (502, "Bad Gateway")
     assert caught.value.detail == "upstream svc could not be reached"
-    assert isinstance(caught.value.__cause__, aiohttp.ClientError)  # translated at the edge
+    assert isinstance(caught.value.__cause__, cause)  # translated at the edge
 
 
 async def test_the_gateway_pool_answers_the_same_failure_as_a_gateway_error() -> None:

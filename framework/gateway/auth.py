@@ -414,9 +414,8 @@ class Authenticator:
         """
         if not self._started:
             raise NotStartedError("Authenticator is not started: await authenticator.start()")
-        unknown = set(methods) - _METHODS
-        if unknown:
-            raise ConfigurationError(f"unknown auth methods {sorted(unknown)}")
+        if not _METHODS.issuperset(methods):
+            raise ConfigurationError(f"unknown auth methods {sorted(set(methods) - _METHODS)}")
         for method in methods:
             if method == "jwt":
                 token = self._bearer_token(request, methods)

@@ -144,9 +144,13 @@ class ConnectionGuard(asyncio.Protocol):
             if self._discarded > _LINGER_BYTES and self._transport is not None:
                 self._transport.close()
             return
-        if self._state == "idle":
-            self._start_head()  # the first byte of the next request on a kept-alive connection
-        if self._state == "head" and not self._scan_head(data):
+        if self._state == "idle":  # the first byte of the next request on a kept-alive connection
+            self._start_head()
+            if not self._scan_head(data):
+                return
+            if self._reading_head():  # not all of it yet: its clock runs from now
+                self._arm()
+        elif self._state == "head" and not self._scan_head(data):
             return
         self._inner.data_received(data)
 
@@ -180,11 +184,15 @@ class ConnectionGuard(asyncio.Protocol):
     # -- the head of a request -------------------------------------------------------------------
 
     def _start_head(self) -> None:
+        """A new head begins; the caller arms its clock unless the head came whole (the common
+        case: no timer is made and cancelled for it)."""
         self._state = "head"
         self._head_bytes = 0
         self._head_lines = 0
         self._tail = b""
-        self._arm()
+
+    def _reading_head(self) -> bool:
+        return self._state == "head"
 
     def _scan_head(self, data: bytes) -> bool:
         """Count the head's bytes and lines; False when it broke a limit (and was answered)."""

@@ -59,7 +59,7 @@ from aiohttp import web
 from framework.errors import ConfigurationError
 from framework.gateway.types import Exchange, GatewayError, GatewayHandler, GatewayMiddleware
 from framework.observability.logging import JsonFormatter
-from framework.observability.metrics import MetricsRegistry
+from framework.observability.metrics import CounterChild, HistogramChild, MetricsRegistry
 from framework.observability.tracing import current_correlation_id, current_trace
 
 __all__ = [
@@ -135,6 +135,9 @@ class Meter:
         self.max_clients = max_clients
         self._labelled: set[str] = set()
         self._usage: dict[str, _ClientTotals] = {}
+        self._series: dict[
+            tuple[str, str, str], tuple[CounterChild, CounterChild, CounterChild, HistogramChild]
+        ] = {}
         if metrics is None:
             self._requests = self._bytes = self._seconds = None
         else:
@@ -175,12 +178,22 @@ class Meter:
         klass = _status_class(status)
         if self._requests is not None and self._bytes is not None and self._seconds is not None:
             label = self._label(client)
-            self._requests.labels(route=route, client=label, status=klass).inc()
+            key = (route, label, klass)
+            series = self._series.get(key)
+            if series is None:  # resolved once per route, client label and status class
+                series = self._series[key] = (
+                    self._requests.labels(route=route, client=label, status=klass),
+                    self._bytes.labels(client=label, direction="in"),
+                    self._bytes.labels(client=label, direction="out"),
+                    self._seconds.labels(route=route),
+                )
+            calls, received, sent, latency = series
+            calls.inc()
             if bytes_in:
-                self._bytes.labels(client=label, direction="in").inc(bytes_in)
+                received.inc(bytes_in)
             if bytes_out:
-                self._bytes.labels(client=label, direction="out").inc(bytes_out)
-            self._seconds.labels(route=route).observe(seconds)
+                sent.inc(bytes_out)
+            latency.observe(seconds)
         totals = self._usage.get(client)
         if totals is None:
             if len(self._usage) >= self.max_clients and client != OTHER:

@@ -38,6 +38,9 @@ _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ESCAPED_SEPARATOR = re.compile(r"%(2[eEfF]|5[cC]|3[bB]|25|00)")
 _SAFE = "!$&'()*+,=:@~"
 """Characters left unencoded in a rebuilt segment: RFC 3986 pchar sub-delims, minus `;`."""
+_PLAIN = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,=:@-]*)+")
+"""A path of segments that decode and re-encode to themselves (no `%`, no `;`): most paths,
+checked for empty and dot segments only, and forwarded as they came."""
 
 
 def _bad(detail: str) -> GatewayError:
@@ -50,6 +53,14 @@ def normalise_path(raw_path: str) -> list[str]:
     >>> normalise_path("/api/caf%C3%A9/x%20y/")
     ['api', 'café', 'x y', '']
     """
+    if _PLAIN.fullmatch(raw_path):
+        plain = raw_path[1:].split("/")
+        for index, part in enumerate(plain):
+            if not part and index < len(plain) - 1:
+                raise _bad("the path holds an empty segment")
+            if part in (".", ".."):
+                raise _bad("the path holds a '.' or '..' segment")
+        return plain
     if not raw_path.startswith("/"):
         raise _bad("the path must start with '/'")
     if "\\" in raw_path:
@@ -135,7 +146,9 @@ class RouteTable:
     def match(self, request: web.Request) -> tuple[RouteConfig, dict[str, str]] | None:
         """The first route matching the request and its path parameters (decoded), or None.
         Raises `GatewayError` 400 for paths refused by `check_path`."""
-        path = "/" + "/".join(normalise_path(request.raw_path.split("?", 1)[0]))
+        raw_path = request.raw_path.split("?", 1)[0]
+        segments = normalise_path(raw_path)
+        path = raw_path if _PLAIN.fullmatch(raw_path) else "/" + "/".join(segments)
         method = request.method
         if method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             method = request.headers["Access-Control-Request-Method"].upper()  # a preflight
@@ -171,11 +184,14 @@ class RouteTable:
         if route.rewrite is not None:
             path = fill_template(route.rewrite, params)
         else:
-            segments = normalise_path(request.raw_path.split("?", 1)[0])
+            raw_path = request.raw_path.split("?", 1)[0]
+            segments = normalise_path(raw_path)
             strip = [part for part in (route.strip_prefix or "").split("/") if part]
             if strip and segments[: len(strip)] == strip:
                 segments = segments[len(strip) :] or [""]
-            path = _encode(segments)
+            elif _PLAIN.fullmatch(raw_path):
+                segments = []  # re-encoding would give it back as it is
+            path = _encode(segments) if segments else raw_path
         if route.match.prefix and self._internal(path):
             raise GatewayError(404, "Not Found", f"no route for {request.method} {request.path}")
         query = request.rel_url.raw_query_string

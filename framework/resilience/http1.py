@@ -234,22 +234,20 @@ class Http1Client:
         if origin is None:
             origin = self._origins[base_url] = self._origin(base_url)
         head = _request_head(method, target, headers, origin.host_header, body)
-        async with asyncio.timeout(timeout):
-            connection = self._reuse(origin)
-            if connection is None:
-                connection = await self._connect(
-                    origin,
-                    connect_timeout if connect_timeout is not None else timeout,
-                    server_hostname,
-                )
-            self._busy.add(connection)
-            try:
-                answer = await self._exchange(connection, method, head, body)
-            except BaseException:
-                connection.close()  # a late or partial answer must never reach another request
-                raise
-            finally:
-                self._busy.discard(connection)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        connection = self._reuse(origin)
+        if connection is None:
+            limit = timeout if connect_timeout is None else min(connect_timeout, timeout)
+            connection = await self._connect(origin, limit, server_hostname)
+        self._busy.add(connection)
+        try:
+            answer = await self._exchange(connection, method, head, body, deadline)
+        except BaseException:
+            connection.close()  # a late or partial answer must never reach another request
+            raise
+        finally:
+            self._busy.discard(connection)
         if connection.reusable and not self._closed:
             self._release(origin, connection)
         else:
@@ -329,7 +327,12 @@ class Http1Client:
         idle.append(connection)
 
     async def _exchange(
-        self, connection: _Connection, method: str, head: bytes, body: bytes | None
+        self,
+        connection: _Connection,
+        method: str,
+        head: bytes,
+        body: bytes | None,
+        deadline: float,
     ) -> RawResponse:
         transport = connection.transport
         if connection.closed or transport is None or transport.is_closing():
@@ -342,8 +345,18 @@ class Http1Client:
             transport.writelines((head, body))
         else:
             transport.write(head)
-        await waiter
+        # One timer on the answer's future (cheaper than an asyncio.timeout scope per request).
+        timer = connection.loop.call_at(deadline, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
         return _answer(connection)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def _request_head(

@@ -47,11 +47,12 @@ What `send` does, in order:
 The HTTP client is `config.client`: `http1` (the default), the lean keep-alive client of
 `framework.resilience.http1` (httptools on asyncio protocols), or `aiohttp`'s `ClientSession`;
 every pool test runs on both. Errors are the framework's `UpstreamError`s, mapped from the
-clients' exceptions here and nowhere else: `UpstreamTimeout` (a gateway answers 504) when the timeout passes, `UpstreamUnreachable`
-(502) when the instances cannot be reached (after any retries), `UpstreamUnavailable` (503) when
-the breaker is open, no instance is available, or the pool is at capacity. A 5xx answer from the
-upstream is not an error: it is returned (after any retries) for the caller to pass on. The
-gateway's pool (`framework.gateway.upstreams.UpstreamPool`) raises them as `GatewayError`s.
+clients' exceptions here and nowhere else: `UpstreamTimeout` (a gateway answers 504) when the
+timeout passes, `UpstreamUnreachable` (502) when the instances cannot be reached (after any
+retries), `UpstreamUnavailable` (503) when the breaker is open, no instance is available, or the
+pool is at capacity. A 5xx answer from the upstream is not an error: it is returned (after any
+retries) for the caller to pass on. The gateway's pool (`framework.gateway.upstreams.
+UpstreamPool`) raises them as `GatewayError`s.
 
 Hop-by-hop headers (`HOP_BY_HOP`, any `Proxy-*`, and every header the `Connection` header names)
 are dropped in both directions by `clean_headers`, which the gateway uses too. `send` also drops

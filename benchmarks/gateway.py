@@ -23,6 +23,18 @@ two cores, not those of a dedicated core:
 - FastAPI + httpx: a catch-all route forwarding with one shared `httpx.AsyncClient` (limits 100
   connections, all kept alive), hop-by-hop headers dropped both ways, run by uvicorn with
   uvloop + httptools, 1 worker, access log off.
+- the bare proxies, the floor of our stack: an aiohttp server on uvloop whose one catch-all
+  handler forwards through a shared upstream client and copies the answer back, hop-by-hop
+  headers dropped both ways (repeated ones, Set-Cookie, kept), the whole body read before
+  answering; no routing, limits, auth, metering or logging. They differ only in the client, each
+  with at most 100 upstream connections kept alive, a 10 s total timeout, no redirects followed
+  and no decompression: (f) aiohttp's `ClientSession`; (f2) pyreqwest's `Client` (reqwest and
+  hyper in Rust, on a Tokio thread of the same process, so its CPU is counted); (f3) `LeanPool`,
+  written here: an `asyncio.Protocol` per connection parsing answers with httptools (llhttp;
+  Content-Length, chunked, or delimited by the close), idle connections reused last in, first
+  out, a kept-alive connection found closed retried once for idempotent methods. Each client
+  sends the forwarded headers plus what it adds itself: Host (all), Accept and User-Agent
+  (aiohttp, pyreqwest), Accept-Encoding (aiohttp).
 
 Scenarios:
 
@@ -31,7 +43,8 @@ Scenarios:
    the ratio column), (b) our gateway as a plain proxy, (b') the same with its JSON access log
    written, (c) our gateway with JWT (RS256, the issuer's JWKS served by this script, fetched
    once at start) + rate limit (a `premium` tier of 1,000,000 req/s with that burst, so it is
-   checked on every request but never throttles) + the access log, (e) FastAPI + httpx. p50/p99
+   checked on every request but never throttles) + the access log, (e) FastAPI + httpx, the
+   bare proxies (f) aiohttp client, (f2) pyreqwest, (f3) the lean client. p50/p99
    are wrk's latency distribution; "added" in the notes is the row's p50/p99 minus direct's, at
    saturation, so it includes queueing. CPU us/op is the proxy process's CPU time (user + sys,
    from /proc, children included: nginx's worker) per request; for (a) the upstream's.
@@ -50,7 +63,10 @@ Scenarios:
 
 Before any timing each proxy must return the upstream's exact body for one request; the JWT
 variant must also refuse a request without a token (401), send the verified subject upstream
-(the upstream echoes it in a header) and answer with `RateLimit-*` headers. A failed check, a
+(the upstream echoes it in a header) and answer with `RateLimit-*` headers. The bare proxies
+must also pass on, byte for byte, a chunked answer with its two Set-Cookie headers, an answer
+that closes its connection (and answer the next request), and 40 concurrent answers.
+`--rows a,d,b,f,f2,f3` runs only the rows named (by the letter in parentheses). A failed check, a
 server that does not start, a load run with errors or non-2xx answers, or one over its time
 limit gives an ERROR row (and exit status 1); a missed target is a result, not an error.
 
@@ -75,13 +91,14 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
 import aiohttp
+import httptools
 import orjson
 import uvloop
 from _common import Check, Result, environment, percentile, render
@@ -107,7 +124,7 @@ HOP = frozenset(
     }
 )
 
-DIRECT, NGINX, PLAIN, LOGGED, FULL, FASTAPI, BARE = (
+DIRECT, NGINX, PLAIN, LOGGED, FULL, FASTAPI, BARE, BARE_PYREQWEST, BARE_LEAN = (
     "(a) direct",
     "(d) nginx",
     "(b) our gateway",
@@ -115,7 +132,14 @@ DIRECT, NGINX, PLAIN, LOGGED, FULL, FASTAPI, BARE = (
     "(c) our gateway + JWT/RL/log",
     "(e) FastAPI + httpx",
     "(f) bare aiohttp proxy",
+    "(f2) bare aiohttp + pyreqwest",
+    "(f3) bare aiohttp + lean client",
 )
+BARES = (BARE, BARE_PYREQWEST, BARE_LEAN)
+UPSTREAM_TIMEOUT = 10.0
+"""The bare proxies' total timeout per upstream request (connect, send, answer read fully)."""
+UPSTREAM_CONNECTIONS = 100
+"""The bare proxies' upstream connection limit (aiohttp's `TCPConnector(limit=100)`)."""
 
 
 # -- child processes: `gateway.py --role NAME ...` -------------------------------------------------
@@ -168,8 +192,32 @@ async def role_upstream() -> None:
             headers=headers,
         )
 
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        """The item body in two chunks (`Transfer-Encoding: chunked`), with two Set-Cookie
+        headers: the bare proxies' checks (body framing, repeated headers)."""
+        body = item_body(request.match_info["id"])
+        answer = web.StreamResponse(headers={"Content-Type": "application/json"})
+        answer.headers.add("Set-Cookie", "a=1; Path=/")
+        answer.headers.add("Set-Cookie", "b=2; Path=/")
+        answer.enable_chunked_encoding()
+        await answer.prepare(request)
+        await answer.write(body[:100])
+        await answer.write(body[100:])
+        await answer.write_eof()
+        return answer
+
+    async def close(request: web.Request) -> web.Response:
+        """The item body, then the connection closed (`Connection: close`)."""
+        answer = web.Response(
+            body=item_body(request.match_info["id"]), content_type="application/json"
+        )
+        answer.force_close()
+        return answer
+
     app = web.Application()
     app.router.add_get("/item/{id}", item)
+    app.router.add_get("/chunked/{id}", chunked)
+    app.router.add_get("/close/{id}", close)
     await _serve_until_signal(app)
 
 
@@ -197,9 +245,9 @@ async def role_bare(upstream: str, port: int) -> None:
     dropping hop-by-hop headers both ways - what any aiohttp proxy must do, and nothing else."""
     session = aiohttp.ClientSession(
         base_url=upstream,
-        connector=aiohttp.TCPConnector(limit=100),
+        connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS),
         auto_decompress=False,
-        timeout=aiohttp.ClientTimeout(total=10),
+        timeout=aiohttp.ClientTimeout(total=UPSTREAM_TIMEOUT),
     )
 
     async def proxy(request: web.Request) -> web.Response:
@@ -212,11 +260,254 @@ async def role_bare(upstream: str, port: int) -> None:
             allow_redirects=False,
         ) as answer:
             body = await answer.read()
-            out = {k: v for k, v in answer.headers.items() if k.lower() not in HOP}
+            out = [(k, v) for k, v in answer.headers.items() if k.lower() not in HOP]
             return web.Response(body=body, status=answer.status, headers=out)
 
+    await _serve_bare(proxy, port, session.close)
+
+
+async def role_bare_pyreqwest(upstream: str, port: int) -> None:
+    """(f) with pyreqwest (reqwest/hyper in Rust, on its own Tokio thread) as the upstream
+    client: one shared `Client`, keep-alive pool, at most 100 requests in flight, the same total
+    timeout, no redirects followed, no decompression (nor Accept-Encoding added), the whole body
+    read before answering."""
+    from datetime import timedelta
+
+    from pyreqwest.client import ClientBuilder
+
+    client = (
+        ClientBuilder()
+        .base_url(upstream)
+        .max_connections(UPSTREAM_CONNECTIONS)
+        .timeout(timedelta(seconds=UPSTREAM_TIMEOUT))
+        .follow_redirects(False)
+        .gzip(False)
+        .brotli(False)
+        .zstd(False)
+        .deflate(False)
+        .no_proxy()  # no *_PROXY variables read, as aiohttp's trust_env=False
+        .build()
+    )
+
+    async def proxy(request: web.Request) -> web.Response:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+        builder = client.request(request.method, str(request.rel_url)).headers(headers)
+        if request.can_read_body:
+            builder = builder.body_bytes(await request.read())
+        answer = await builder.build().send()  # the body is read fully by send()
+        body = await answer.bytes()
+        out = [(k, v) for k, v in answer.headers.items() if k.lower() not in HOP]
+        return web.Response(body=memoryview(body), status=answer.status, headers=out)
+
+    await _serve_bare(proxy, port, client.close)
+
+
+class _Upstream(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection of the lean client: one request at a time, the answer
+    parsed by httptools (llhttp): Content-Length, chunked, or delimited by the connection's
+    close; `reusable` once an answer is complete and neither side asked to close."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.head = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.framed = False  # Content-Length or Transfer-Encoding: not delimited by the close
+        self.received = False
+        self.complete = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, raw: bytes, head: bool) -> asyncio.Future[None]:
+        assert self.transport is not None
+        self.head, self.status, self.headers, self.body = head, 0, [], []
+        self.framed = self.received = self.complete = False
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        if self.waiter is None or self.complete:  # nothing asked: the connection is unusable
+            self._fail(ConnectionError("data from the upstream with no request pending"))
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(ConnectionError(f"malformed answer from the upstream: {exc}"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if self.head:  # llhttp cannot be told the request was HEAD: its body length is not sent
+            self._done(reusable=False)
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._done(reusable=self.parser.should_keep_alive())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            if self.status and not self.framed:  # an answer delimited by the close: complete
+                self._done(reusable=False)
+            else:
+                self.waiter.set_exception(ConnectionError("the upstream closed the connection"))
+
+    @property
+    def reusable(self) -> bool:
+        return self.complete and not self.closed
+
+    def _done(self, *, reusable: bool) -> None:
+        self.complete = True
+        if not reusable:
+            self.close()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _fail(self, exc: Exception) -> None:
+        self.close()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class LeanPool:
+    """The lean client's pool: up to `limit` connections to one upstream, idle ones reused last
+    in, first out; a request waits for a connection when all are busy. A kept-alive connection
+    the upstream closed while idle is retried once on a new one when nothing was received (as
+    aiohttp does for idempotent methods)."""
+
+    def __init__(self, upstream: str, limit: int, timeout: float) -> None:
+        parts = urllib.parse.urlsplit(upstream)
+        self.host, self.port = parts.hostname or HOST, parts.port or 80
+        self.authority = parts.netloc.encode()
+        self.limit, self.timeout = limit, timeout
+        self.idle: list[_Upstream] = []
+        self.opened = 0
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def request(
+        self, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes | None
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Status, headers (raw, in order, repeats kept) and the whole body of the answer."""
+        lines = [f"{method} {target} HTTP/1.1".encode(), b"Host: " + self.authority]
+        lines += [f"{k}: {v}".encode("utf-8", "surrogateescape") for k, v in headers]
+        if body is not None:
+            lines.append(b"Content-Length: %d" % len(body))
+        raw = b"\r\n".join(lines) + b"\r\n\r\n" + (body or b"")
+        idempotent = method in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
+        async with asyncio.timeout(self.timeout):
+            for attempt in (1, 2):
+                connection, reused = await self._acquire()
+                try:
+                    await connection.send(raw, method == "HEAD")
+                except ConnectionError:
+                    if attempt == 1 and reused and idempotent and not connection.received:
+                        continue
+                    raise
+                finally:
+                    self._release(connection)
+                return connection.status, connection.headers, b"".join(connection.body)
+        raise AssertionError("unreachable")
+
+    async def _acquire(self) -> tuple[_Upstream, bool]:
+        """An idle connection (True), else a new one (False) once fewer than `limit` are open."""
+        while True:
+            while self.idle:
+                connection = self.idle.pop()
+                if not connection.closed:
+                    return connection, True
+                self.opened -= 1  # the upstream closed it while idle
+            if self.opened < self.limit:
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiting.append(waiter)
+            try:
+                await waiter
+            except BaseException:  # cancelled (timeout): pass on a wake-up it was given
+                if waiter in self.waiting:
+                    self.waiting.remove(waiter)
+                elif not waiter.cancelled():
+                    self._wake()
+                raise
+        self.opened += 1
+        try:
+            _, connection = await asyncio.get_running_loop().create_connection(
+                _Upstream, self.host, self.port
+            )
+        except BaseException:
+            self.opened -= 1
+            self._wake()
+            raise
+        return connection, False
+
+    def _release(self, connection: _Upstream) -> None:
+        if connection.reusable:
+            self.idle.append(connection)
+        else:  # closed, failed, or cancelled mid-answer (its state unknown): not reused
+            connection.close()
+            self.opened -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self) -> None:
+        for connection in self.idle:
+            connection.close()
+        self.idle.clear()
+
+
+async def role_bare_lean(upstream: str, port: int) -> None:
+    """(f) with `LeanPool` as the upstream client: asyncio protocols parsing with httptools, up
+    to 100 kept-alive connections, the same total timeout, the same forwarded headers (plus Host
+    and Content-Length, as aiohttp sets them), no redirects, no decompression."""
+    pool = LeanPool(upstream, UPSTREAM_CONNECTIONS, UPSTREAM_TIMEOUT)
+
+    async def proxy(request: web.Request) -> web.Response:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+        body = await request.read() if request.can_read_body else None
+        status, raw, content = await pool.request(request.method, request.raw_path, headers, body)
+        out = []
+        for k, v in raw:
+            name = k.decode("utf-8", "surrogateescape")
+            if name.lower() not in HOP:
+                out.append((name, v.decode("utf-8", "surrogateescape")))
+        return web.Response(body=content, status=status, headers=out)
+
+    async def close() -> None:
+        pool.close()
+
+    await _serve_bare(proxy, port, close)
+
+
+async def _serve_bare(
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+    port: int,
+    close: Callable[[], Awaitable[None]],
+) -> None:
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", proxy)
+    app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, HOST, port).start()
@@ -224,7 +515,7 @@ async def role_bare(upstream: str, port: int) -> None:
     try:
         await asyncio.Event().wait()
     finally:
-        await session.close()
+        await close()
         await runner.cleanup()
 
 
@@ -463,6 +754,10 @@ def run_role(role: str, args: Sequence[str]) -> None:
         role_fastapi(args[0], int(args[1]))
     elif role == "bare":
         uvloop.run(role_bare(args[0], int(args[1])))
+    elif role == "bare-pyreqwest":
+        uvloop.run(role_bare_pyreqwest(args[0], int(args[1])))
+    elif role == "bare-lean":
+        uvloop.run(role_bare_lean(args[0], int(args[1])))
     elif role == "paced":
         uvloop.run(role_paced(args[0], float(args[1]), float(args[2]), float(args[3]), args[4]))
     elif role == "closed":
@@ -687,6 +982,13 @@ class Settings:
     """Steady rates; the first one is the target's."""
     steady_seconds: float
     steady_warm: float
+    rows: frozenset[str] = frozenset()
+    """The rows to run, by key (`a`, `d`, `b`, `b'`, `c`, `e`, `f`, `f2`, `f3`); empty: all."""
+
+
+def row_key(name: str) -> str:
+    """`(f2) bare aiohttp + pyreqwest` -> `f2`."""
+    return name[1 : name.index(")")]
 
 
 async def closed_load(settings: Settings, url: str, token: str, seconds: float) -> Load:
@@ -864,6 +1166,34 @@ async def verify(target: Target, server: Server, token: str) -> None:
                     raise Failure("the verified subject did not reach the upstream")
                 if "RateLimit-Limit" not in response.headers:
                     raise Failure("no RateLimit-Limit header: the rate limit is not applied")
+        if target.name in BARES:
+            await _verify_client(session, server.base, expected)
+
+
+async def _verify_client(session: aiohttp.ClientSession, base: str, expected: bytes) -> None:
+    """The bare proxies' upstream clients: a chunked answer with two Set-Cookie headers, an
+    answer that closes its connection, then concurrent requests on the pool, all answered with
+    the upstream's exact body."""
+    async with session.get(base + "/chunked/12345") as response:
+        body = await response.read()
+        if response.status != 200 or body != expected:
+            raise Failure(f"chunked: {response.status} {body[:60]!r}, not the upstream's body")
+        cookies = response.headers.getall("Set-Cookie", [])
+        if cookies != ["a=1; Path=/", "b=2; Path=/"]:
+            raise Failure(f"chunked: Set-Cookie {cookies}, not the upstream's two")
+    for path in ("/close/12345", ITEM):
+        async with session.get(base + path) as response:
+            body = await response.read()
+            if response.status != 200 or body != expected:
+                raise Failure(f"{path}: {response.status} {body[:60]!r}, not the upstream's body")
+
+    async def one() -> bytes:
+        async with session.get(base + ITEM) as response:
+            return await response.read() if response.status == 200 else b""
+
+    bodies = await asyncio.gather(*(one() for _ in range(40)))
+    if any(body != expected for body in bodies):
+        raise Failure("concurrent requests: an answer that is not the upstream's body")
 
 
 # -- measuring --
@@ -974,8 +1304,8 @@ async def run(settings: Settings, directory: Path) -> list[Result]:
                 "fastapi", child("fastapi", upstream.base, port), port=port, logs=directory
             )
 
-        def bare() -> Server:
-            return Server("bare", child("bare", upstream.base, free_port()), logs=directory)
+        def bare(role: str) -> Callable[[], Server]:
+            return lambda: Server(role, child(role, upstream.base, free_port()), logs=directory)
 
         token = jwt_issuer.token
         no_nginx = None if settings.nginx else "no nginx: apt-get install -y nginx-light"
@@ -1010,8 +1340,14 @@ async def run(settings: Settings, directory: Path) -> list[Result]:
                 log=directory / "full.log",
             ),
             Target(FASTAPI, "catch-all route, shared httpx", fastapi),
-            Target(BARE, "catch-all aiohttp handler -> shared ClientSession, uvloop", bare),
+            Target(BARE, "catch-all aiohttp handler -> shared ClientSession, uvloop", bare("bare")),
+            Target(
+                BARE_PYREQWEST, "as (f), client: shared pyreqwest Client", bare("bare-pyreqwest")
+            ),
+            Target(BARE_LEAN, "as (f), client: asyncio + httptools, LIFO pool", bare("bare-lean")),
         ]
+        if settings.rows:
+            targets = [t for t in targets if row_key(t.name) in settings.rows]
         direct_steady: dict[float, list[float]] = {}
         for target in targets:
             print(f"  {target.name} ...", file=sys.stderr, flush=True)
@@ -1112,6 +1448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="1000,200",
         help="steady rates in req/s, comma-separated; the first is the target's (1000,200)",
     )
+    parser.add_argument(
+        "--rows",
+        default="",
+        help="only these rows, comma-separated keys: a,d,b,b',c,e,f,f2,f3 (default: all)",
+    )
     parser.add_argument("--role", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     if args.role:
@@ -1129,7 +1470,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rates=tuple(float(r) for r in args.rates.split(",") if r.strip()),
         steady_seconds=3.0 if args.quick else 8.0,
         steady_warm=1.0,
+        rows=frozenset(r.strip() for r in args.rows.split(",") if r.strip()),
     )
+    known = {"a", "d", "b", "b'", "c", "e", "f", "f2", "f3"}
+    if settings.rows - known:
+        parser.error(f"unknown rows {sorted(settings.rows - known)}; known: {sorted(known)}")
     load = (
         f"wrk -t1 -c{settings.connections} -d{settings.seconds:g}s --latency "
         f"({_version([settings.wrk, '-v'])})"
@@ -1150,6 +1495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "httpx",
                 "uvicorn",
                 "httptools",
+                "pyreqwest",
             ],
             extra=[
                 (

@@ -128,6 +128,22 @@ def test_no_tier_at_all_is_unlimited() -> None:
     assert len(limits) == 0
 
 
+def test_a_share_of_the_limits_is_each_divided_by_it_and_never_below_one() -> None:
+    """`msa gateway --workers 2`: each worker holds half of every rate, burst and quota."""
+    clock = Clock()
+    half = limiter(clock, share=2)
+    premium = [half.check("p", "premium").allowed for _ in range(4)]
+    assert premium == [True, True, False, False]  # burst 5 // 2
+    clock.advance(1 / 5)  # 10 tokens/s halved: one token in 0.2 s (the whole rate: two)
+    assert [half.check("p", "premium").allowed for _ in range(2)] == [True, False]
+    metered = [half.check("m", "metered").allowed for _ in range(3)]
+    assert metered == [True, False, False]  # the daily quota of 2, halved
+    assert half.check("m", "metered").quota_exhausted
+    assert [half.check("s", "slow").allowed for _ in range(2)] == [True, False]  # burst 1 stays 1
+    with pytest.raises(ConfigurationError, match="share"):
+        limiter(clock, share=0)
+
+
 def test_unknown_default_tier_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="gold"):
         RateLimiter(TIERS, default_tier="gold")

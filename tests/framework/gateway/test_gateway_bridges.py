@@ -119,11 +119,13 @@ routes:
         # client to the feed before it answers, and the feed has been reading since it started.
         stream = await http.get(f"{base(gateway)}/orders/o-1/events")
         assert stream.status == 200
+        assert stream.headers.getall("Server") == ["msa-gateway"]  # streamed: no banner either
 
         async with http.post(
             f"{base(gateway)}/orders", json={"order_id": "o-1", "quantity": 2}
         ) as response:
             assert response.status == 202
+            assert response.headers.getall("Server") == ["msa-gateway"]
             accepted = await response.json()
         status_url = accepted["status"]
         assert status_url.startswith("/_status/place/")

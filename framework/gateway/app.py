@@ -219,7 +219,9 @@ class _Runtime:
                 self.trackers[route.name] = tracker
 
             async def publish(exchange: Exchange) -> web.StreamResponse:
-                return await publisher.handle(exchange.request, exchange.body or b"")
+                return await publisher.handle(
+                    exchange.request, exchange.body or b"", exchange.params
+                )
 
             return publish
         if route.request is not None:
@@ -235,7 +237,9 @@ class _Runtime:
             )
 
             async def request_reply(exchange: Exchange) -> web.StreamResponse:
-                return await requester.handle(exchange.request, exchange.body or b"")
+                return await requester.handle(
+                    exchange.request, exchange.body or b"", exchange.params
+                )
 
             return request_reply
         if route.drain is not None:

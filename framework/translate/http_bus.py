@@ -67,13 +67,16 @@ KeyFrom = str | Callable[[web.Request, Any], str | None] | None
 a dotted path into the decoded body, or a function of the request and the body."""
 
 
-def _resolve_key(key_from: KeyFrom, request: web.Request, document: Any) -> str | None:
+def _resolve_key(
+    key_from: KeyFrom, request: web.Request, document: Any, params: Mapping[str, str] | None
+) -> str | None:
     if key_from is None:
         return None
     if callable(key_from):
         return key_from(request, document)
     if key_from.startswith("{") and key_from.endswith("}"):
-        return request.match_info.get(key_from[1:-1])
+        found = request.match_info if params is None else params
+        return found.get(key_from[1:-1])
     value: Any = document
     for part in key_from.split("."):
         value = value.get(part) if isinstance(value, dict) else None
@@ -153,11 +156,17 @@ class AcceptedPublish:
             max_body=max_body,
         )
 
-    async def handle(self, request: web.Request, body: bytes | None = None) -> web.Response:
-        """The aiohttp handler (`body`: the request body, if the caller has read it)."""
+    async def handle(
+        self,
+        request: web.Request,
+        body: bytes | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        """The aiohttp handler (`body`: the request body, if the caller has read it; `params`:
+        the path parameters, when not `request.match_info` - the gateway's)."""
         try:
             document, payload = await self._decoding.read(request, body)
-            key = _resolve_key(self.key_from, request, document)
+            key = _resolve_key(self.key_from, request, document, params)
         except (TranslationError, PayloadValidationError) as exc:
             return _input_problem(exc)
         envelope = self.bus.envelope(payload, key=key, type=self.event_type)
@@ -324,12 +333,17 @@ class RequestReply:
             payload_type=payload_type, mapping=mapping, codecs=self.codecs, max_body=max_body
         )
 
-    async def handle(self, request: web.Request, body: bytes | None = None) -> web.Response:
-        """The aiohttp handler (`body`: the request body, if the caller has read it)."""
+    async def handle(
+        self,
+        request: web.Request,
+        body: bytes | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        """The aiohttp handler (`body` and `params` as for `AcceptedPublish.handle`)."""
         try:
             answer_codec = self.codecs.for_accept(request.headers.get("Accept"))
             document, payload = await self._decoding.read(request, body)
-            key = _resolve_key(self.key_from, request, document)
+            key = _resolve_key(self.key_from, request, document, params)
         except (TranslationError, PayloadValidationError) as exc:
             return _input_problem(exc)
         try:

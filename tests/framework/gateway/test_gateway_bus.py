@@ -1,16 +1,19 @@
 """The gateway's bus is set up from the environment as a service's is (`transport_from_env`).
 
-No broker is needed: the tests look at the transport the gateway made, before anything connects.
+No broker is needed: the tests look at the transport the gateway made, before anything connects,
+or publish through the in-memory one.
 """
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 
-from framework.bus import MemoryTransport
+from framework.bus import Bus, MemoryTransport
 from framework.bus.kafka import KafkaTransport
 from framework.gateway.app import Gateway
 from framework.gateway.config import GatewayConfigError, parse_config
+from tests.framework.gateway.conftest import GatewayFactory, base
 
 SASL_ENV = {
     "KAFKA_BOOTSTRAP": "kafka-1.example.invalid:9096,kafka-2.example.invalid:9096",
@@ -82,3 +85,31 @@ def test_the_in_memory_bus_ignores_the_kafka_settings() -> None:
 
     assert bus is not None
     assert isinstance(bus.transport, MemoryTransport)
+
+
+async def test_a_publish_routes_key_can_be_a_path_parameter(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """`key: "{order_id}"` names the route's own path parameter: each record is keyed by it
+    (the gateway routes requests itself, so aiohttp's `match_info` does not hold it)."""
+    transport = MemoryTransport()
+    bus = Bus(transport, source="gw")
+    await bus.start()
+    try:
+        gateway = await make_gateway(
+            """
+            gateway: {listen: {port: 0}, admin: {port: 0}}
+            bus: {transport: memory}
+            routes:
+              - name: place
+                match: {methods: [POST], path: "/orders/{order_id}"}
+                publish: {topic: orders, event_type: gw.order.place, key: "{order_id}"}
+            """,
+            bus=bus,
+        )
+        for order in ("o-1", "o-2"):
+            async with http.post(f"{base(gateway)}/orders/{order}", json={"n": 1}) as response:
+                assert response.status == 202, await response.text()
+        assert [record.key for record in transport.records("orders")] == [b"o-1", b"o-2"]
+    finally:
+        await bus.stop()

@@ -8,7 +8,10 @@ msa migrate module:Service [--admin-url URL]
                                        exit; with an admin's URL (or POSTGRES_ADMIN_URL), first
                                        create the service's missing PostgreSQL role and
                                        database (PostgresResource.provision)
-msa gateway --config gateway.yaml    run the API gateway until SIGTERM (hot-reloads the file)
+msa gateway --config gateway.yaml [--workers N]
+                                       run the API gateway until SIGTERM (hot-reloads the
+                                       file); with N workers, N processes share its port
+                                       (see framework.gateway.workers)
 msa gateway --check gateway.yaml     validate a gateway config and exit (1 with its problems)
 msa graph [module:Service ...] [--gateway FILE ...] [--format mermaid|svg]
                                        draw the system from its declarations (with neither
@@ -176,6 +179,12 @@ def _not_negative(text: str) -> int:
     return value
 
 
+def _worker_count(text: str) -> int:
+    from framework.gateway.workers import worker_count
+
+    return worker_count(text)
+
+
 def build_parser(installed: Mapping[str, Command] | None = None) -> argparse.ArgumentParser:
     """The `msa` parser, with the `installed` commands (default: `installed_commands()`)."""
     if installed is None:
@@ -222,6 +231,15 @@ def build_parser(installed: Mapping[str, Command] | None = None) -> argparse.Arg
     mode = gateway.add_mutually_exclusive_group(required=True)
     mode.add_argument("--config", help="the gateway's YAML config (reloaded when it changes)")
     mode.add_argument("--check", metavar="CONFIG", help="validate a config and exit")
+    gateway.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="run N gateway processes on one port (SO_REUSEPORT, Linux) under a supervisor "
+        "that restarts them; each enforces 1/N of every rate limit and quota, so a client on "
+        "one keep-alive connection meets 1/N of its limit (default: 1, a single process)",
+    )
 
     graph = commands.add_parser("graph", help="draw services, topics, databases and routes")
     graph.add_argument(
@@ -336,7 +354,7 @@ async def _gateway(path: str) -> int:
     """Run a gateway until SIGTERM/SIGINT; stop it gracefully (in-flight requests finish)."""
     import signal
 
-    from framework.gateway.app import Gateway
+    from framework.gateway.app import Gateway, settle_garbage_collector
     from framework.gateway.metering import AccessLog
     from framework.observability.logging import configure_logging
 
@@ -350,6 +368,7 @@ async def _gateway(path: str) -> int:
     access_log.start()
     try:
         await gateway.start()
+        settle_garbage_collector()  # this process serves this one gateway
         print(f"gateway listening on port {gateway.port} (admin {gateway.admin_port})", flush=True)
         await stop.wait()
         await gateway.stop()
@@ -461,6 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from framework.runner import _install_uvloop
 
             with asyncio.Runner(loop_factory=_install_uvloop()) as runner:
+                if args.workers > 1:
+                    from framework.gateway.workers import supervise
+
+                    return runner.run(supervise(args.config, args.workers))
                 return runner.run(_gateway(args.config))
         if args.command == "graph":
             return _graph(args.targets, args.gateway, args.format, installed)

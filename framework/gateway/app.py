@@ -1009,9 +1009,8 @@ class Gateway:
     async def _admin_metering(self, request: web.Request) -> web.Response:
         snapshots: list[Any] = [self.meter.snapshot()]
         if self.peers:
-            snapshots += [
-                orjson.loads(body) for body in await peers.get_all(self.peers, "/peer/metering")
-            ]
+            answers = await peers.get_all(self.peers, "/peer/metering")
+            snapshots += [orjson.loads(body) for body in answers if body is not None]
             return _json(peers.merge_metering(snapshots))
         return _json(snapshots[0])
 
@@ -1078,7 +1077,7 @@ class Gateway:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-async def settle_garbage_collector(young: int = 10_000) -> None:
+def settle_garbage_collector(young: int = 10_000) -> None:
     """Tune the garbage collector of a process that serves one gateway (`msa gateway`, each of
     its workers), once the gateway has started.
 

@@ -137,15 +137,19 @@ async def _call(socket: str, method: str, path: str, timeout: float) -> tuple[in
         return 503, orjson.dumps(body)
 
 
-async def get_all(peers: Sequence[str], path: str, *, timeout: float = PEER_TIMEOUT) -> list[bytes]:
-    """GET `path` from every peer at once: the bodies of those that answered 200, in the order
-    of `peers`; the others are left out (and logged)."""
+async def get_all(
+    peers: Sequence[str], path: str, *, timeout: float = PEER_TIMEOUT
+) -> list[bytes | None]:
+    """GET `path` from every peer at once: each one's body, in the order of `peers`, or None
+    for one that did not answer 200 (logged), so a position stays a worker's."""
     answers = await asyncio.gather(*(_call(peer, "GET", path, timeout) for peer in peers))
-    bodies = []
+    bodies: list[bytes | None] = []
     for peer, (status, body) in zip(peers, answers, strict=True):
         if status == 200:
             bodies.append(body)
-        elif status != 503:  # a 503 was logged by _call
+            continue
+        bodies.append(None)
+        if status != 503:  # a 503 was logged by _call
             log.warning("gateway worker at %s answered GET %s with %d", peer, path, status)
     return bodies
 
@@ -186,10 +190,11 @@ class _Families(Collector):
         return self._families
 
 
-def merge_metrics(texts: Sequence[bytes]) -> bytes:
-    """The workers' Prometheus expositions as one: `texts[i]` is worker i's, and each of its
-    samples gets the label `worker="i"` (replacing one of that name), so every series stays
-    a worker's own and sums are left to queries (`sum without (worker) (...)`).
+def merge_metrics(texts: Sequence[bytes | None]) -> bytes:
+    """The workers' Prometheus expositions as one: `texts[i]` is worker i's (None: it did not
+    answer, and is left out of this scrape), and each of its samples gets the label
+    `worker="i"` (replacing one of that name), so every series stays a worker's own and sums
+    are left to queries (`sum without (worker) (...)`).
 
     One HELP and TYPE per family, described as the first worker that has it describes it; a
     family another worker exposes with a different type is left out of that worker's part (and
@@ -198,6 +203,8 @@ def merge_metrics(texts: Sequence[bytes]) -> bytes:
     """
     families: dict[str, Metric] = {}
     for index, text in enumerate(texts):
+        if text is None:
+            continue
         worker = str(index)
         for family in text_string_to_metric_families(text.decode("utf-8")):
             merged = families.get(family.name)

@@ -163,6 +163,13 @@ def test_merge_metrics_leaves_out_a_family_whose_type_differs(
     assert "confused is a histogram in gateway worker 1" in caplog.text
 
 
+def test_a_worker_that_did_not_answer_keeps_its_place_in_the_labels() -> None:
+    merged = samples(merge_metrics([worker_metrics(3, 0.002), None, worker_metrics(2, 0.2)]))
+    route = {("route", "products"), ("client", "alice"), ("status", "2xx")}
+    assert merged["gateway_requests_total", frozenset({*route, ("worker", "2")})] == 2
+    assert not any(("worker", "1") in labels for _, labels in merged)
+
+
 def test_merge_metrics_of_nothing_is_an_empty_exposition() -> None:
     assert merge_metrics([]) == b""
     assert merge_metrics([b"", b""]) == b""
@@ -237,7 +244,7 @@ async def test_get_all_fetches_every_workers_metering_and_metrics(
             gateway.meter.record(route="a", client="alice", status=200, bytes_in=1, bytes_out=2)
     paths = [await serve(gateway, f"w{n}") for n, gateway in enumerate(workers)]
 
-    metering = await get_all(paths, "/peer/metering")
+    metering = [body for body in await get_all(paths, "/peer/metering") if body is not None]
     assert [orjson.loads(body)["alice"]["calls"] for body in metering] == [1, 2]
     assert merge_metering(orjson.loads(body) for body in metering)["alice"]["calls"] == 3
 
@@ -245,7 +252,7 @@ async def test_get_all_fetches_every_workers_metering_and_metrics(
     assert metrics == [gateway.metrics.render() for gateway in workers]
 
 
-async def test_a_worker_that_does_not_answer_is_left_out_of_a_get_and_a_503_for_a_post(
+async def test_a_worker_that_does_not_answer_is_none_in_a_get_and_a_503_for_a_post(
     serve: Serve,
     sockets: Path,
     caplog: pytest.LogCaptureFixture,
@@ -255,7 +262,9 @@ async def test_a_worker_that_does_not_answer_is_left_out_of_a_get_and_a_503_for_
     path = await serve(alive, "alive")
     gone = str(sockets / "gone.sock")
 
-    [body] = await get_all([gone, path], "/peer/metering")
+    [missing, body] = await get_all([gone, path], "/peer/metering")
+    assert missing is None  # its place is kept: worker labels do not shift
+    assert body is not None
     assert orjson.loads(body)["alice"]["calls"] == 1
     assert f"gateway worker at {gone} did not answer GET /peer/metering" in caplog.text
 
@@ -269,7 +278,7 @@ async def test_a_get_skips_a_worker_that_answers_with_an_error(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = await serve(FakeGateway([]), "w")
-    assert await get_all([path], "/peer/nothing") == []
+    assert await get_all([path], "/peer/nothing") == [None]
     assert "answered GET /peer/nothing with 404" in caplog.text
 
 
@@ -307,7 +316,7 @@ async def test_a_worker_slower_than_the_timeout_is_a_503(sockets: Path) -> None:
     path = str(sockets / "stuck.sock")
     await web.UnixSite(runner, path).start()
     try:
-        assert await get_all([path], "/peer/metrics", timeout=0.05) == []
+        assert await get_all([path], "/peer/metrics", timeout=0.05) == [None]
         [(status, _)] = await post_all([path], "/peer/reload", timeout=0.05)
         assert status == 503
     finally:

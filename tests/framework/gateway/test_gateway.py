@@ -10,6 +10,8 @@ import asyncio
 import gzip as gzip_module
 import itertools
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -537,3 +539,19 @@ async def test_probes_answer_on_the_admin_port_without_a_token_and_ready_drops_o
     assert (await get_json(http, f"{admin(gateway)}/ready"))[0] == 503
     assert (await get_json(http, f"{admin(gateway)}/alive"))[0] == 200
     gateway._stopping = False
+
+
+def test_a_gateway_process_settles_its_garbage_collector() -> None:
+    """What exists once a gateway has started is frozen out of the collector's sight and the
+    young generation is collected less often (in a process of its own: freezing is for good)."""
+    program = (
+        "import gc\n"
+        "from framework.gateway.app import settle_garbage_collector\n"
+        "made = [[n] for n in range(1000)]\n"
+        "settle_garbage_collector(young=5000)\n"
+        "print(gc.get_freeze_count() >= 1000, gc.get_threshold()[0], gc.get_count()[0] < 100)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["True", "5000", "True"]

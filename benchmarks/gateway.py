@@ -226,14 +226,15 @@ async def role_upstream() -> None:
     await _serve_until_signal(app)
 
 
-async def role_gateway(config_path: str) -> None:
-    """Our gateway as `msa gateway` runs it: its access-log lines written by the logging
-    thread (`AccessLog`), off the event loop, to the log file this role was given, and the
-    garbage collector settled once it has started."""
+async def role_gateway(config_path: str, log_path: str) -> None:
+    """Our gateway as `msa gateway` runs it with `MSA_ACCESS_LOG_FILE` set (as the k8s gateway
+    is): its access-log lines written in batches by `AccessLog`'s thread, off the event loop,
+    to the log file this role was given, and the garbage collector settled once it has
+    started."""
     from framework.gateway.app import Gateway, settle_garbage_collector
     from framework.gateway.metering import AccessLog
 
-    access_log = AccessLog.from_env({})
+    access_log = AccessLog(log_path)
     access_log.start()
     try:
         gateway = Gateway.from_file(config_path, watch_interval=0)
@@ -756,7 +757,7 @@ def run_role(role: str, args: Sequence[str]) -> None:
         config_path, log_path, level = args
         with open(log_path, "a", encoding="utf-8") as log_file:
             configure_logging("gateway", level=level, stream=log_file, json=True)
-            uvloop.run(role_gateway(config_path))
+            uvloop.run(role_gateway(config_path, log_path))
     elif role == "fastapi":
         role_fastapi(args[0], int(args[1]))
     elif role == "bare":
@@ -1617,13 +1618,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def machine_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent in user and system mode (from /proc/stat)."""
+    """CPU seconds the whole machine has spent busy (from /proc/stat): user, nice and system
+    time, and interrupts - loopback traffic is mostly softirq time there, while a process's own
+    system time includes what it ran of it - and steal (guest time is already in user)."""
     try:
         with open("/proc/stat") as stat:
-            fields = stat.readline().split()[1:]
+            fields = [int(field) for field in stat.readline().split()[1:9]]
     except OSError:
         return float("nan")
-    return (int(fields[0]) + int(fields[1]) + int(fields[2])) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_seconds() -> float:

@@ -320,14 +320,20 @@ def account(
     level = logging.WARNING if status >= 500 else logging.INFO
     if log.isEnabledFor(level):
         request = exchange.request
-        log.log(
+        # Made and handled directly (what Logger.log does, less looking up the caller's frame:
+        # an access-log line's source is always this function).
+        record = log.makeRecord(
+            log.name,
             level,
+            __file__,
+            0,
             "%s %s %d",
-            request.method,
-            request.path,
-            status,
+            (request.method, request.path, status),
+            None,
+            func="account",
             extra=_access_fields(exchange, status, latency, error),
         )
+        log.handle(record)
 
 
 def access_log_middleware(

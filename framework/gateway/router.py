@@ -142,6 +142,7 @@ class RouteTable:
             )
             for route in routes
         ]
+        self._by_host = any(c.host is not None or c.host_suffix for c in self._compiled)
 
     def match(self, request: web.Request) -> tuple[RouteConfig, dict[str, str]] | None:
         """The first route matching the request and its path parameters (decoded), or None.
@@ -152,7 +153,7 @@ class RouteTable:
         method = request.method
         if method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             method = request.headers["Access-Control-Request-Method"].upper()  # a preflight
-        host = (request.host or "").split(":", 1)[0].lower()
+        host = (request.host or "").split(":", 1)[0].lower() if self._by_host else ""
         headers = request.headers
         method_mismatch = False
         for compiled in self._compiled:
@@ -164,7 +165,9 @@ class RouteTable:
                     continue
             elif compiled.host is not None and host != compiled.host:
                 continue
-            if any(headers.get(name) != value for name, value in compiled.headers):
+            if compiled.headers and any(
+                headers.get(name) != value for name, value in compiled.headers
+            ):
                 continue
             if compiled.methods and method not in compiled.methods:
                 method_mismatch = True

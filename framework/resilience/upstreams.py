@@ -347,10 +347,16 @@ class _Admission:
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def enter(self, until: float) -> bool:
-        """Take a slot, waiting at most until `until` (the loop's clock); False: none came."""
+    def try_enter(self) -> bool:
+        """Take a free slot now, if one is free and nobody waits for one."""
         if not self._waiters and self.in_flight < self._limit():
             self.in_flight += 1
+            return True
+        return False
+
+    async def enter(self, until: float) -> bool:
+        """Take a slot, waiting at most until `until` (the loop's clock); False: none came."""
+        if self.try_enter():
             return True
         loop = asyncio.get_running_loop()
         if until <= loop.time():
@@ -554,7 +560,8 @@ class UpstreamPool:
             )
         result: _Result | None = None
         try:
-            await self._admit(deadline)
+            if not self._admission.try_enter():  # the common case needs no waiting coroutine
+                await self._admit(deadline)
             admitted = self._time()
             try:
                 outgoing = (
@@ -590,6 +597,7 @@ class UpstreamPool:
         return self.config.max_connections if self._adaptive is None else self._adaptive.limit
 
     async def _admit(self, deadline: float) -> None:
+        """A slot for a call that found none free at once (`_Admission.try_enter`)."""
         until = min(deadline, asyncio.get_running_loop().time() + self.config.queue_timeout)
         if await self._admission.enter(until):
             return
@@ -792,7 +800,9 @@ class UpstreamPool:
 
     def _pick(self, *, exclude: set[str]) -> _Instance | None:
         available = self._available(self._time())
-        candidates = [i for i in available if i.url not in exclude] or available
+        candidates = (
+            [i for i in available if i.url not in exclude] or available if exclude else available
+        )
         if not candidates:
             return None
         if self.config.balance == "least_outstanding":

@@ -68,9 +68,9 @@ def check_client_headers(headers: Mapping[str, str], *, singletons: Iterable[str
             if lower in seen:
                 raise GatewayError(400, "Bad Request", f"the {name} header is sent more than once")
             seen.add(lower)
-        if not _utf8(name):
+        if not (name.isascii() or _utf8(name)):
             raise GatewayError(400, "Bad Request", "a header name is not UTF-8")
-        if lower not in single and not _utf8(value):
+        if lower not in single and not (value.isascii() or _utf8(value)):
             raise GatewayError(400, "Bad Request", f"the value of {lower} is not UTF-8")
 
 

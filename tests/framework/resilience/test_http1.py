@@ -699,6 +699,33 @@ async def test_a_read_timeout_closes_the_connection_and_a_late_answer_reaches_no
     assert len(upstream.conns) == 2
 
 
+async def test_a_shorter_deadline_set_later_still_times_out_first() -> None:
+    """One timer serves every request's deadline: a request with a shorter one, sent while a
+    longer one waits, times out at its own; the longer one still gets its answer."""
+    release = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        if await conn.read_request() is None:
+            return
+        if conn.index == 0:
+            await release.wait()
+            conn.writer.write(response(b"patient"))
+            await conn.writer.drain()
+            return
+        await asyncio.Event().wait()  # the impatient request is never answered
+
+    async with Upstream(handler) as upstream, open_client() as client:
+        patient = asyncio.create_task(call(client, upstream.url, "/patient", timeout=30))
+        await eventually(lambda: len(upstream.requests) == 1)
+        with pytest.raises(TimeoutError):
+            await call(client, upstream.url, "/impatient", timeout=0.05)
+        assert not patient.done()
+        release.set()
+        answer = await patient
+
+    assert answer.body == b"patient"
+
+
 async def test_a_cancelled_request_closes_its_connection() -> None:
     async def handler(conn: Conn) -> None:
         if conn.index == 0:

@@ -73,7 +73,8 @@ from framework.gateway.cache import (
     ResponseCache,
     cache_middleware,
     cors_middleware,
-    gzip_middleware,
+    gzip_candidate,
+    gzip_response,
 )
 from framework.gateway.config import (
     BusConfig,
@@ -369,17 +370,16 @@ class _Runtime:
         """`route` compiled into one handler holding only the steps it uses.
 
         The steps every route takes (access log and metering; authentication; rate limits
-        when tiers exist; the body within its limits; a concurrency slot) run in two frames,
-        `logged` and `admitted`, with what is off left out when the config is built, not
-        skipped per request. The optional layers (CORS, gzip, cache, transformation) are
-        wrapped around the target only on routes that use them. The order is the module
+        when tiers exist; the body within its limits; a concurrency slot; gzip on the way out
+        unless it is off or the route streams) run in two frames, `logged` and `admitted`, with
+        what is off left out when the config is built, not skipped per request. The optional
+        layers (CORS, cache, transformation) are wrapped around the target only on routes
+        that use them. The order is the module
         docstring's; a reload compiles the new config's routes beside the old ones.
         """
         settings = self.config.gateway
         inner = target
         optional: list[GatewayMiddleware] = []
-        if settings.gzip_min_size is not None and route.stream is None:
-            optional.append(gzip_middleware(settings.gzip_min_size))  # outside the cache: one copy
         if route.cache is not None:
             optional.append(cache_middleware(self.cache))
         if route.transform is not None:
@@ -425,6 +425,9 @@ class _Runtime:
         pause = settings.limits.body_timeout
         min_rate = settings.limits.body_min_rate
         client_address = self._client_address
+        # gzip is the last step on the way out (outside the cache: one copy is kept), checked
+        # in line: most answers are too small or already encoded, and cost no coroutine.
+        gzip_min = settings.gzip_min_size if route.stream is None else None
 
         async def admitted(exchange: Exchange) -> web.StreamResponse:
             request = exchange.request
@@ -442,6 +445,8 @@ class _Runtime:
                 shedder.enter(exchange)
                 try:
                     response = await inner(exchange)
+                    if gzip_min is not None and gzip_candidate(response, gzip_min):
+                        response = await gzip_response(exchange, response)
                 finally:
                     shedder.leave()
             except GatewayError as exc:

@@ -67,7 +67,9 @@ __all__ = [
     "ResponseCache",
     "cache_middleware",
     "cors_middleware",
+    "gzip_candidate",
     "gzip_middleware",
+    "gzip_response",
 ]
 
 CacheKey = tuple[str, str, str, str, tuple[str, ...], str | None]
@@ -418,36 +420,57 @@ def gzip_middleware(min_size: int, *, level: int = 6) -> GatewayMiddleware:
 
     async def compress(exchange: Exchange, call_next: GatewayHandler) -> web.StreamResponse:
         response = await call_next(exchange)
-        if not isinstance(response, web.Response) or response.prepared or response.compression:
+        if not gzip_candidate(response, min_size):
             return response
-        body = response.body
-        headers = response.headers
-        if (
-            not isinstance(body, bytes | bytearray)
-            or len(body) < min_size
-            or response.status in (204, 206, 304)
-            or "Content-Encoding" in headers
-            or not _compressible(response.content_type)
-            or "no-transform" in _directives(headers.getall("Cache-Control", []))
-        ):
-            return response
-        _add_vary(headers, "Accept-Encoding")
-        if not _accepts_gzip(", ".join(exchange.request.headers.getall("Accept-Encoding", []))):
-            return response
-        data = bytes(body)
-        if len(data) >= _THREAD_SIZE:
-            compressed = await asyncio.to_thread(gzip.compress, data, level, mtime=0)
-        else:
-            compressed = gzip.compress(data, level, mtime=0)
-        if len(compressed) >= len(data):
-            return response
-        response.body = compressed
-        headers["Content-Encoding"] = "gzip"
-        headers["Content-Length"] = str(len(compressed))
-        etag = headers.get("ETag")
-        if etag is not None and not etag.startswith("W/"):
-            headers["ETag"] = "W/" + etag
-        exchange.notes["gzip"] = True
-        return response
+        return await gzip_response(exchange, response, level)
 
     return compress
+
+
+def gzip_candidate(response: web.StreamResponse, min_size: int) -> bool:
+    """Whether `response` could be gzipped at all (a whole, unencoded body of at least
+    `min_size` bytes): the cheap checks, made without a coroutine, so the gateway's compiled
+    routes skip `gzip_response` for most answers."""
+    if not isinstance(response, web.Response) or response.prepared or response.compression:
+        return False
+    body = response.body
+    return (
+        isinstance(body, bytes | bytearray)
+        and len(body) >= min_size
+        and response.status not in (204, 206, 304)
+        and "Content-Encoding" not in response.headers
+    )
+
+
+async def gzip_response(
+    exchange: Exchange, response: web.StreamResponse, level: int = 6
+) -> web.StreamResponse:
+    """`response` (a `gzip_candidate`) gzipped when its type is textual, no `Cache-Control:
+    no-transform` forbids it, the client accepts gzip and it gets smaller; `Vary:
+    Accept-Encoding` is added whenever the answer could have been either."""
+    assert isinstance(response, web.Response)
+    headers = response.headers
+    if not _compressible(response.content_type) or "no-transform" in _directives(
+        headers.getall("Cache-Control", [])
+    ):
+        return response
+    _add_vary(headers, "Accept-Encoding")
+    if not _accepts_gzip(", ".join(exchange.request.headers.getall("Accept-Encoding", []))):
+        return response
+    body = response.body
+    assert isinstance(body, bytes | bytearray)
+    data = bytes(body)
+    if len(data) >= _THREAD_SIZE:
+        compressed = await asyncio.to_thread(gzip.compress, data, level, mtime=0)
+    else:
+        compressed = gzip.compress(data, level, mtime=0)
+    if len(compressed) >= len(data):
+        return response
+    response.body = compressed
+    headers["Content-Encoding"] = "gzip"
+    headers["Content-Length"] = str(len(compressed))
+    etag = headers.get("ETag")
+    if etag is not None and not etag.startswith("W/"):
+        headers["ETag"] = "W/" + etag
+    exchange.notes["gzip"] = True
+    return response

@@ -21,13 +21,18 @@ path that could resolve elsewhere, `framework.gateway.router`) -> access log and
 CORS -> authentication and authorization (verified claims forwarded as headers) -> rate limits
 and quotas per client tier -> the body, read within its limit and timeouts (413, 408) -> load
 shedding (the gateway's concurrency limit, taken only now, so a slow client never holds a slot)
--> response cache -> gzip -> transformation (field mapping, JSON <-> XML) -> the route's target:
-an upstream pool (load balanced, health-checked, retried, circuit-broken, with an adaptive
-concurrency limit and a bounded wait for a slot, then 503), an aggregation of several, the bus
-(publish + 202 + status, request/reply), a queue drained to an upstream, an SSE or WebSocket
-stream from topics, or a signed URL for a file transfer. What an upstream receives is the
-client's headers cleaned in one step (`framework.gateway.headers`: hop-by-hop, what
+-> gzip (on the way out) -> response cache -> transformation (field mapping, JSON <-> XML) ->
+the route's target: an upstream pool (load balanced, health-checked, retried, circuit-broken,
+with an adaptive concurrency limit and a bounded wait for a slot, then 503), an aggregation of
+several, the bus (publish + 202 + status, request/reply), a queue drained to an upstream, an SSE
+or WebSocket stream from topics, or a signed URL for a file transfer. What an upstream receives
+is the client's headers cleaned in one step (`framework.gateway.headers`: hop-by-hop, what
 `Connection` names, and every header the gateway owns) with the gateway's own added last.
+
+Each route is compiled when its config is built into one handler of two frames holding only
+the steps it uses (`_Runtime._chain`): a route without tiers has no rate-limit step, one without
+CORS, a cache or a transformation no such layer. The main port is aiohttp's low-level server:
+`_handle` gets every request with no URL dispatcher in between.
 
 Reload (`POST /admin/reload`, or a change of the file, polled every `watch_interval` s): the new
 config is validated and built beside the running one; if anything is wrong the old one keeps

@@ -1043,12 +1043,7 @@ class Gateway:
         try:
             config = await self.reload()
         except GatewayConfigError as exc:
-            return problem(
-                400,
-                "Bad Request",
-                "the new config was refused; the old one keeps serving",
-                problems=exc.problems,
-            )
+            return peers.refused_reload(exc)
         answer: dict[str, Any] = {
             "reloaded": True,
             "routes": len(config.routes),

@@ -47,6 +47,7 @@ __all__ = [
     "merge_metrics",
     "peer_app",
     "post_all",
+    "refused_reload",
 ]
 
 log = logging.getLogger("framework.gateway.peers")
@@ -74,6 +75,17 @@ class PeerGateway(Protocol):
     async def reload(self) -> GatewayConfig: ...
 
 
+def refused_reload(exc: GatewayConfigError) -> web.Response:
+    """The answer to a reload whose config was refused, on the admin API and the peer API
+    alike: 400 with every problem."""
+    return problem(
+        400,
+        "Bad Request",
+        "the new config was refused; the old one keeps serving",
+        problems=exc.problems,
+    )
+
+
 def peer_app(gateway: PeerGateway) -> web.Application:
     """The app a worker other than worker 0 serves on its unix socket.
 
@@ -95,12 +107,7 @@ def peer_app(gateway: PeerGateway) -> web.Application:
         try:
             config = await gateway.reload()
         except GatewayConfigError as exc:
-            return problem(
-                400,
-                "Bad Request",
-                "the new config was refused; the old one keeps serving",
-                problems=exc.problems,
-            )
+            return refused_reload(exc)
         return web.Response(
             body=orjson.dumps({"reloaded": True, "routes": len(config.routes)}),
             content_type="application/json",

@@ -147,9 +147,7 @@ class RouteTable:
     def match(self, request: web.Request) -> tuple[RouteConfig, dict[str, str]] | None:
         """The first route matching the request and its path parameters (decoded), or None.
         Raises `GatewayError` 400 for paths refused by `check_path`."""
-        raw_path = request.raw_path.split("?", 1)[0]
-        segments = normalise_path(raw_path)
-        path = raw_path if _PLAIN.fullmatch(raw_path) else "/" + "/".join(segments)
+        path = "/" + "/".join(normalise_path(request.raw_path.split("?", 1)[0]))
         method = request.method
         if method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             method = request.headers["Access-Control-Request-Method"].upper()  # a preflight

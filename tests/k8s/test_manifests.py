@@ -5,13 +5,15 @@ rules: every Deployment has probes and a PodDisruptionBudget, every HPA's target
 Service selects a Pod, the NetworkPolicies allow exactly the shop's real flows (derived from
 the web gateway's config and the services' databases, not listed by hand), images are pinned,
 every container runs locked down, termination outlasts the drain, prod has three Kafka brokers
-and a database server per owning service. The last test runs scripts/validate-k8s itself.
+and a database server per owning service, and local differs from dev only in what its one-node
+cluster needs. The last test runs scripts/validate-k8s itself.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -28,8 +30,8 @@ from framework.gateway.app import Gateway
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-OVERLAYS = ("dev", "prod")
-SHOP_IMAGE = "msa-framework/shop"
+OVERLAYS = ("dev", "prod", "local")
+SHOP_IMAGES = ("msa-framework/shop", "msa.local/shop")  # local: preloaded under this name
 SHOP_UID = 10001
 NAME = "app.kubernetes.io/name"
 POD_KINDS = ("Deployment", "StatefulSet", "Job")
@@ -37,10 +39,14 @@ POD_KINDS = ("Deployment", "StatefulSet", "Job")
 # Peers outside the namespace, as the policies name them.
 KUBE_DNS = "kube-dns"
 INGRESS_CONTROLLER = "ingress-controller"
+NODE = "node"
 EXTERNAL_PEERS = {
     ("kube-system", (("k8s-app", "kube-dns"),)): KUBE_DNS,
     ("ingress-nginx", ((NAME, "ingress-nginx"),)): INGRESS_CONTROLLER,
 }
+# local: the node's address and the pod network (where kube-proxy's SNAT puts the node's
+# clients), the only ipBlocks any policy may name.
+NODE_CIDRS = frozenset({"10.97.0.1/32", "10.244.0.0/16"})
 
 Doc = dict[str, Any]
 
@@ -221,19 +227,22 @@ def test_termination_grace_outlasts_prestop_and_drain(manifests: Manifests) -> N
 # -- HPAs, Services, Secrets ----------------------------------------------------------------------
 
 
-def test_every_hpa_targets_an_existing_deployment_that_leaves_replicas_to_it(
-    manifests: Manifests,
-) -> None:
+def test_every_deployment_leaves_its_replicas_to_one_owner(manifests: Manifests) -> None:
+    """Its HPA, or where nothing measures CPU (local: no metrics-server), its own `replicas`;
+    never both, or each `kubectl apply` would undo what the HPA chose."""
     hpas = manifests.of_kind("HorizontalPodAutoscaler")
-    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas} == {
-        d["metadata"]["name"] for d in manifests.of_kind("Deployment")
-    }
+    deployments = {d["metadata"]["name"]: d for d in manifests.of_kind("Deployment")}
+    targets = {h["spec"]["scaleTargetRef"]["name"] for h in hpas}
+    assert targets == (set() if manifests.overlay == "local" else deployments.keys())
     for hpa in hpas:
         assert hpa["apiVersion"] == "autoscaling/v2"
         target = hpa["spec"]["scaleTargetRef"]
         deployment = manifests.get(target["kind"], target["name"])
         assert "replicas" not in deployment["spec"], f"HPA {target['name']} owns replicas"
         assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    for name, deployment in deployments.items():
+        if name not in targets:
+            assert deployment["spec"]["replicas"] >= 1, name
 
 
 def test_prod_runs_at_least_two_replicas_of_everything(rendered: dict[str, Manifests]) -> None:
@@ -320,7 +329,7 @@ def test_every_pod_and_container_runs_locked_down(manifests: Manifests) -> None:
             resources = container["resources"]
             assert {"cpu", "memory"} <= resources["requests"].keys(), what
             assert {"cpu", "memory"} <= resources["limits"].keys(), what
-            if container["image"].startswith(SHOP_IMAGE):
+            if container["image"].startswith(SHOP_IMAGES):
                 mounts = {m["mountPath"] for m in container["volumeMounts"]}
                 assert "/tmp" in mounts, f"{what}: read-only root needs a writable /tmp"
 
@@ -342,7 +351,7 @@ def test_every_image_is_pinned(manifests: Manifests) -> None:
             assert repository, f"{template.name}: {image} has no tag"
             assert "/" not in tag, f"{template.name}: {image} has no tag"
             assert tag != "latest", f"{template.name}: {image}"
-            if repository == SHOP_IMAGE:
+            if repository in SHOP_IMAGES:
                 assert tag == "0.1.0", image
 
 
@@ -364,21 +373,29 @@ def expected_flows(manifests: Manifests) -> set[tuple[str, str]]:
     """The shop's real flows, derived from what the code and configs declare."""
     web = yaml.safe_load((REPO / "example_shop" / "gateway" / "web.yaml").read_text())
     flows = {(INGRESS_CONTROLLER, "gateway")}
+    if manifests.overlay == "local":  # no ingress controller: clients on the node
+        flows.add((NODE, "gateway"))
     flows |= {("gateway", upstream) for upstream in web["upstreams"]}
     if "bus" in web:
         flows.add(("gateway", "kafka"))
     flows |= {(service, "kafka") for service in START_ORDER}
     flows |= {("kafka-topics", "kafka"), ("kafka", "kafka")}
+    shared = manifests.overlay != "prod"  # dev and local: one server per engine
     for service in POSTGRES_SERVICES:
-        server = "postgres" if manifests.overlay == "dev" else f"postgres-{service}"
+        server = "postgres" if shared else f"postgres-{service}"
         flows |= {(service, server), (f"{service}-migrate", server)}
     for service in MONGO_SERVICES:
-        flows.add((service, "mongo" if manifests.overlay == "dev" else f"mongo-{service}"))
+        flows.add((service, "mongo" if shared else f"mongo-{service}"))
     flows |= {(component, KUBE_DNS) for component in manifests.components()}
     return flows
 
 
 def _peers(manifests: Manifests, peer: Doc) -> set[str]:
+    if "ipBlock" in peer:
+        assert set(peer) == {"ipBlock"}, peer
+        assert peer["ipBlock"]["cidr"] in NODE_CIDRS, f"an address we cannot name: {peer}"
+        assert "except" not in peer["ipBlock"], peer
+        return {NODE}
     if "namespaceSelector" in peer:
         namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
         pods = tuple(sorted(peer["podSelector"]["matchLabels"].items()))
@@ -421,7 +438,9 @@ def test_everything_is_denied_by_default(manifests: Manifests) -> None:
 def test_network_policies_allow_exactly_the_real_flows(manifests: Manifests) -> None:
     expected = expected_flows(manifests)
     components = manifests.components()
-    unknown = {c for flow in expected for c in flow} - components - {KUBE_DNS, INGRESS_CONTROLLER}
+    unknown = (
+        {c for flow in expected for c in flow} - components - {KUBE_DNS, INGRESS_CONTROLLER, NODE}
+    )
     assert not unknown, f"flows to components that do not exist: {unknown}"
     egress, ingress = allowed_flows(manifests, "egress"), allowed_flows(manifests, "ingress")
     want_egress = {f for f in expected if f[0] in components}
@@ -507,6 +526,194 @@ def test_each_postgres_service_has_a_migration_job(manifests: Manifests) -> None
         assert container["args"][0] == "migrate"
         assert container["args"][1].startswith(f"example_shop.{service}:")
         assert env_of(manifests, container)["MSA_TRANSPORT"] == "memory"
+
+
+# -- local: dev on the one-node cluster -----------------------------------------------------------
+
+# dev's image -> the name it is preloaded under on the local cluster (mongo: FerretDB instead).
+LOCAL_IMAGES = {
+    "msa-framework/shop:0.1.0": "msa.local/shop:0.1.0",
+    "apache/kafka:4.0.0": "msa.local/kafka:4.0.0",
+    "postgres:16.6-bookworm": "msa.local/postgres:15-bookworm",
+    "busybox:1.36.1": "msa.local/busybox:1.36.1",
+    "mongo:7.0.14": "msa.local/ferretdb:1.24.0",
+}
+# What local's Pods may request at most, all at once: the running Pods, the setup Jobs and a
+# rolling update's surge Pod of each Deployment rolled under load. Its node has 2 CPUs (about
+# 1.6 left beside the control plane) and 20 GiB, shared with the control plane: stay well below.
+LOCAL_CPU_BUDGET_MILLI = 800
+LOCAL_MEMORY_BUDGET_MI = 8 * 1024
+LOCAL_ROLLED = ("orders", "inventory")  # two replicas each: one serves while the other goes
+
+
+def _generated_names(*overlays: Manifests) -> dict[str, str]:
+    """Generated ConfigMaps' and Secrets' names -> their names without kustomize's hash."""
+    names = {}
+    for manifests in overlays:
+        for doc in (*manifests.of_kind("ConfigMap"), *manifests.of_kind("Secret")):
+            name = doc["metadata"]["name"]
+            if re.fullmatch(r".+-[2-9bcdfghkmt]{10}", name):
+                names[name] = name.rsplit("-", 1)[0]
+    return names
+
+
+def _comparable(doc: Doc, generated: dict[str, str]) -> Doc:
+    """`doc` without what local may change: hash suffixes, pull policies, images (mapped back
+    to dev's), CPU requests and replicas."""
+    text = yaml.safe_dump(doc)
+    for name, plain in generated.items():
+        text = text.replace(name, plain)
+    doc = yaml.safe_load(text)
+    doc["spec"] = doc.get("spec", {})
+    doc["spec"].pop("replicas", None)
+    pod = doc["spec"].get("template", {}).get("spec", {})
+    dev_image = {local: dev for dev, local in LOCAL_IMAGES.items()}
+    for container in (*pod.get("initContainers", []), *pod.get("containers", [])):
+        container.pop("imagePullPolicy")
+        container["image"] = dev_image.get(container["image"], container["image"])
+        container["resources"]["requests"].pop("cpu")
+    return doc
+
+
+def _key(doc: Doc, generated: dict[str, str]) -> tuple[str, str]:
+    name = doc["metadata"]["name"]
+    return doc["kind"], generated.get(name, name)
+
+
+def test_local_differs_from_dev_only_in_what_its_cluster_needs(
+    rendered: dict[str, Manifests],
+) -> None:
+    """Everything of dev, the same, but: images and pull policy, CPU requests, replicas
+    instead of HPAs, FerretDB in the mongo StatefulSet (and the Secrets its clients log in
+    with), and the way in (NodePort, its NetworkPolicy). Storage is dev's: claims naming no
+    StorageClass get the cluster's default (local-path)."""
+    dev, local = rendered["dev"], rendered["local"]
+    generated = _generated_names(dev, local)
+    dev_docs = {_key(d, generated): d for d in dev.docs}
+    local_docs = {_key(d, generated): d for d in local.docs}
+    dropped = {k for k in dev_docs if k[0] == "HorizontalPodAutoscaler"}
+    dropped.add(("ConfigMap", "mongo-init"))
+    added = {("Service", "gateway-nodeport"), ("NetworkPolicy", "node-to-gateway-ingress")}
+    assert local_docs.keys() == (dev_docs.keys() - dropped) | added
+    changed = {("StatefulSet", "mongo"), ("Secret", "catalog-db"), ("Secret", "shipping-db")}
+    for key in dev_docs.keys() - dropped - changed:
+        assert _comparable(local_docs[key], generated) == _comparable(dev_docs[key], generated), key
+    # The mongo StatefulSet: only its container and volumes differ (test_local_runs_ferretdb).
+    dev_mongo, local_mongo = (
+        _comparable(docs[("StatefulSet", "mongo")], generated) for docs in (dev_docs, local_docs)
+    )
+    for mongo in (dev_mongo, local_mongo):
+        del mongo["spec"]["template"]["spec"]["containers"]
+        del mongo["spec"]["template"]["spec"]["volumes"]
+    assert local_mongo == dev_mongo
+    for statefulset in local.of_kind("StatefulSet"):
+        for claim in statefulset["spec"]["volumeClaimTemplates"]:
+            assert "storageClassName" not in claim["spec"], statefulset["metadata"]["name"]
+
+
+def test_local_pulls_no_image(rendered: dict[str, Manifests]) -> None:
+    """The local cluster has no registry: every image is preloaded into its containerd."""
+    for template in rendered["local"].pod_templates():
+        for container in template.containers():
+            assert container["image"] in LOCAL_IMAGES.values(), template.name
+            assert container["imagePullPolicy"] == "Never", template.name
+
+
+def test_local_runs_ferretdb_as_mongo(rendered: dict[str, Manifests]) -> None:
+    """FerretDB v1.24 on SQLite behind dev's `mongo` Service, checking SCRAM credentials for
+    its one user (mongo-admin's, created by --setup-*), which the MongoDB services log in as:
+    it cannot give them users of their own (k8s/overlays/local/kustomization.yaml)."""
+    import base64
+
+    local = rendered["local"]
+    template = local.template("StatefulSet", "mongo")
+    (container,) = template.spec["containers"]
+    assert container["image"] == "msa.local/ferretdb:1.24.0"
+    args = dict(arg.removeprefix("--").partition("=")[::2] for arg in container["args"])
+    assert args["handler"] == "sqlite"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert args["sqlite-url"] == f"file:{mounts['data']}/"
+    assert args["state-dir"] == mounts["tmp"]
+    assert {v["name"] for v in template.spec["volumes"]} == {"tmp"}  # no init script
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert args["listen-addr"] == f":{ports['mongo']}" == ":27017"
+    assert args["debug-addr"] == f":{ports['debug']}"
+    (service_port,) = local.get("Service", "mongo")["spec"]["ports"]
+    assert (service_port["port"], service_port["targetPort"]) == (27017, "mongo")
+    assert "test-enable-new-auth" in args
+    assert args["setup-database"] == "admin"
+    admin = local.find("Secret", "mongo-admin")
+    setup = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in container["env"]}
+    assert setup == {
+        "FERRETDB_SETUP_USERNAME": {"name": admin["metadata"]["name"], "key": "username"},
+        "FERRETDB_SETUP_PASSWORD": {"name": admin["metadata"]["name"], "key": "password"},
+    }
+    assert container["readinessProbe"]["httpGet"] == {"path": "/debug/readyz", "port": "debug"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/debug/livez", "port": "debug"}
+
+    user, password = (base64.b64decode(admin["data"][k]).decode() for k in ("username", "password"))
+    for service in MONGO_SERVICES:
+        secret = local.find("Secret", f"{service}-db")["data"]
+        url = base64.b64decode(secret["url"]).decode()
+        assert url == f"mongodb://{user}:{password}@mongo:27017/shop_{service}?authSource=admin"
+        assert secret.keys() == {"url"}
+    rendering = yaml.safe_dump_all(local.docs)
+    assert "mongosh" not in rendering
+    assert "mongo-init" not in rendering
+
+
+def test_local_sets_replicas_for_a_rolling_update_without_a_gap(
+    rendered: dict[str, Manifests],
+) -> None:
+    """One of everything, two of the Deployments a rolling update (or a deleted Pod) must not
+    interrupt: with maxUnavailable 0 the other replica serves while one is replaced."""
+    local = rendered["local"]
+    for deployment in local.of_kind("Deployment"):
+        name = deployment["metadata"]["name"]
+        assert deployment["spec"]["replicas"] == (2 if name in LOCAL_ROLLED else 1), name
+        if name in LOCAL_ROLLED:
+            template = local.template("Deployment", name)
+            (container,) = template.spec["containers"]
+            assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+            assert "preStop" in container["lifecycle"]
+    for statefulset in local.of_kind("StatefulSet"):
+        assert statefulset["spec"]["replicas"] == 1, statefulset["metadata"]["name"]
+
+
+def _milli_cpu(quantity: str) -> int:
+    return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+
+
+def _mebibytes(quantity: str) -> int:
+    units = {"Mi": 1, "Gi": 1024}
+    return int(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_local_requests_fit_its_node(rendered: dict[str, Manifests]) -> None:
+    local = rendered["local"]
+    cpu = memory = 0
+    for template in local.pod_templates():
+        if template.kind == "Job":
+            pods = 1
+        else:
+            pods = local.get(template.kind, template.name)["spec"]["replicas"]
+            pods += 1 if template.name in LOCAL_ROLLED else 0  # maxSurge
+        for container in template.containers():
+            requests = container["resources"]["requests"]
+            cpu += pods * _milli_cpu(requests["cpu"])
+            memory += pods * _mebibytes(requests["memory"])
+    assert cpu <= LOCAL_CPU_BUDGET_MILLI, f"{cpu}m of CPU requested"
+    assert memory <= LOCAL_MEMORY_BUDGET_MI, f"{memory}Mi of memory requested"
+
+
+def test_local_exposes_the_gateway_on_the_node(rendered: dict[str, Manifests]) -> None:
+    local = rendered["local"]
+    service = local.get("Service", "gateway-nodeport")["spec"]
+    assert service["type"] == "NodePort"
+    assert service["selector"] == {NAME: "gateway"}
+    assert service["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "nodePort": 30080}
+    ]
 
 
 # -- the offline validation ------------------------------------------------------------------------

@@ -10,9 +10,13 @@
 # with every integration: `all`) and the shop (example_shop/pyproject.toml, `msa-example-shop`,
 # which requires `msa-framework[all]` - the one built here - and brings `msa shop` with its
 # embedded PostgreSQL server, in-memory MongoDB engine and Locust).
-# Both stages use the same pinned base: the venv's interpreter links to /usr/local/bin/python3.11.
+# Both stages use the same pinned base, BASE: the venv's interpreter links to the base's python
+# (/usr/local/bin/python), so the runtime stage must have it where the builder had it. Another
+# base with python 3.11 at that path works too: scripts/lib/cluster-images.sh builds this file
+# with buildah on its Debian-built msa.local/python:3.11-bookworm.
+ARG BASE=python:3.11.11-slim-bookworm
 
-FROM python:3.11.11-slim-bookworm AS builder
+FROM ${BASE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -24,7 +28,7 @@ COPY example_shop ./example_shop
 RUN /opt/venv/bin/pip install "./[all]" ./example_shop \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
-FROM python:3.11.11-slim-bookworm AS runtime
+FROM ${BASE} AS runtime
 # Fixed, high, non-root UID/GID: Kubernetes' runAsUser/fsGroup use the same numbers.
 RUN groupadd --system --gid 10001 msa \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

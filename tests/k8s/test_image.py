@@ -24,11 +24,16 @@ def _instructions() -> list[tuple[str, str]]:
     ]
 
 
-def test_the_image_is_multi_stage_on_pinned_slim_bases() -> None:
-    bases = [args.split()[0] for name, args in _instructions() if name == "FROM"]
+def test_the_image_is_multi_stage_on_one_pinned_slim_base() -> None:
+    instructions = _instructions()
+    (default,) = [args for name, args in instructions if name == "ARG" and args.startswith("BASE=")]
+    assert re.fullmatch(r"BASE=python:3\.11\.\d+-slim(-\w+)?", default), default
+    assert instructions[: instructions.index(("ARG", default)) + 1] == [("ARG", default)], (
+        "ARG BASE comes before the first FROM, so every stage can use it"
+    )
+    bases = [args.split()[0] for name, args in instructions if name == "FROM"]
     assert len(bases) >= 2
-    for base in bases:
-        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", base), base
+    assert set(bases) == {"${BASE}"}, bases
 
 
 def test_the_image_runs_as_a_fixed_non_root_user_with_a_health_check() -> None:

@@ -533,7 +533,7 @@ def test_each_postgres_service_has_a_migration_job(manifests: Manifests) -> None
 # dev's image -> the name it is preloaded under on the local cluster (mongo: FerretDB instead).
 LOCAL_IMAGES = {
     "msa-framework/shop:0.1.0": "msa.local/shop:0.1.0",
-    "apache/kafka:4.0.0": "msa.local/kafka:4.0.0",
+    "apache/kafka:4.0.0": "msa.local/kafka:4.3.0",
     "postgres:16.6-bookworm": "msa.local/postgres:15-bookworm",
     "busybox:1.36.1": "msa.local/busybox:1.36.1",
     "mongo:7.0.14": "msa.local/ferretdb:1.24.0",

@@ -88,7 +88,13 @@ HOST_SYSCTLS = (
     "net.bridge.bridge-nf-call-iptables",
 )
 # Host folders the cluster's mount namespace covers with a folder of the run directory.
-BIND_OVER = ("/var/lib/cni", "/var/log/pods", "/var/log/containers", "/run/containerd")
+BIND_OVER = (
+    "/var/lib/cni",
+    "/var/log/pods",
+    "/var/log/containers",
+    "/run/containerd",
+    "/run/netns",  # containerd pins pod network namespaces here
+)
 # Stop order: the kubelet first (it would restart containers), etcd last.
 COMPONENTS = (
     "etcd",
@@ -218,6 +224,7 @@ def host_record() -> dict[str, object]:
         ),
         "cgroups": cgroup_dirs(),
         "netns": sorted(_run(["ip", "netns", "list"]).split("\n")),
+        "folders": {target: Path(target).exists() for target in BIND_OVER},
     }
 
 
@@ -418,12 +425,15 @@ def make_namespaces(paths: Paths, state: dict[str, object]) -> None:
     for target in BIND_OVER:
         host = Path(target)
         if not host.exists():
-            host.mkdir(parents=True)
             created.append(target)
+            state["created_dirs"] = created
+            save_state(paths, state)
+            host.mkdir(parents=True)
         source = paths.run / "host" / target.strip("/").replace("/", "-")
         source.mkdir(parents=True, exist_ok=True)
         binds.append(f"mount --bind {source} {target}")
     state["created_dirs"] = created
+    save_state(paths, state)  # before anything can fail: `down` must find what to remove
     setup = " && ".join(
         [
             *binds,
@@ -1066,7 +1076,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "KUBECONFIG": str(paths.kubeconfig),
                 "PATH": f"{paths.bin}:{os.environ['PATH']}",
             }
-            return subprocess.run([*ns_prefix(paths), *args], env=env, check=False).returncode
+            # nsenter starts in / of the mount namespace: keep the caller's folder.
+            prefix = [*ns_prefix(paths)[:-1], f"--wd={os.getcwd()}", "--"]
+            return subprocess.run([*prefix, *args], env=env, check=False).returncode
     except ClusterError as error:
         log(f"error: {error}")
         return 1

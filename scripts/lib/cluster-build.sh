@@ -4,7 +4,7 @@
 # anew, an old one is never rebuilt). Called by scripts/cluster; usable alone:
 #
 #   bash scripts/lib/cluster-build.sh            # everything
-#   bash scripts/lib/cluster-build.sh k8s etcd   # some of: k8s etcd coredns local-path pause
+#   bash scripts/lib/cluster-build.sh k8s etcd   # some of: k8s etcd coredns local-path pause kube-router
 #
 # Kubernetes is built from the published k8s.io/kubernetes module: its go.work and ./staging
 # replaces only work in a git checkout, so the copy here points each replace at the published
@@ -15,6 +15,9 @@ K8S_VERSION=${MSA_K8S_VERSION:-v1.34.2}
 ETCD_VERSION=${MSA_ETCD_VERSION:-v3.6.4}
 COREDNS_VERSION=${MSA_COREDNS_VERSION:-v1.12.1}
 LOCAL_PATH_VERSION=${MSA_LOCAL_PATH_VERSION:-v0.0.30}
+# The Go module proxy serves only some kube-router versions: v2.10.0 (go 1.26.0, client-go v0.36)
+# is the newest it hands out whole (v2.11.x and v2.6-v2.9 are refused; v2.1.0 has known flaws).
+KUBE_ROUTER_VERSION=${MSA_KUBE_ROUTER_VERSION:-v2.10.0}
 
 MSA_CACHE_DIR=${MSA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/msa-framework}
 root=$MSA_CACHE_DIR/cluster
@@ -114,7 +117,22 @@ build_local_path() {
     local src=$work/local-path-$v
     module_src github.com/rancher/local-path-provisioner "$v" "$src"
     rm -rf "$src/vendor"
-    (cd "$src" && go build -trimpath -ldflags "-s -w" -o "$bin/local-path-provisioner-$v" .)
+    (cd "$src" && go build -trimpath -ldflags "-s -w -X main.VERSION=$v" -o "$bin/local-path-provisioner-$v" .)
+}
+
+# kube-router, run as a NetworkPolicy controller only (iptables + ipset) next to the bridge CNI.
+build_kube_router() {
+    local v=$KUBE_ROUTER_VERSION
+    [ -x "$bin/kube-router-$v" ] && return 0
+    log "kube-router $v"
+    local src=$work/kube-router-$v
+    module_src github.com/cloudnativelabs/kube-router/v2 "$v" "$src"
+    # v2.10.0 pins a netlink pseudo-version the proxy refuses; the last release (v1.3.1) builds.
+    if grep -q 'github.com/vishvananda/netlink v1.3.2-0\.' "$src/go.mod"; then
+        (cd "$src" && go mod edit -replace github.com/vishvananda/netlink=github.com/vishvananda/netlink@v1.3.1)
+    fi
+    local ld="-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$v"
+    (cd "$src" && go build -trimpath -ldflags "$ld" -o "$bin/kube-router-$v" ./cmd/kube-router)
 }
 
 # The sandbox ("pause") image's one program, from the Kubernetes source, linked statically.
@@ -137,6 +155,7 @@ for w in $what; do
         coredns) build_coredns ;;
         local-path) build_local_path ;;
         pause) build_pause ;;
+        kube-router) build_kube_router ;;
         *) log "unknown: $w"; exit 2 ;;
     esac
     log "$w ready ($((SECONDS - began))s)"

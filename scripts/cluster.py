@@ -72,7 +72,15 @@ CLUSTER_CIDR = "10.244.0.0/16"
 SERVICE_CIDR = "10.96.0.0/16"
 API_SERVICE_IP = "10.96.0.1"
 DNS_IP = "10.96.0.10"
-APT_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", "conntrack")
+APT_PACKAGES = (
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "iptables",
+    "conntrack",
+    "debootstrap",  # the images' Debian base (scripts/lib/cluster-images.sh)
+    "buildah",  # the shop image from the Dockerfile
+)
 CNI_BIN = Path("/usr/lib/cni")
 ETCD_HEALTH = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:2379/health').read())"
 # Host-wide sysctls the kubelet writes (protectKernelDefaults: false), restored by `down`.

@@ -47,7 +47,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 REPO = Path(__file__).resolve().parent.parent
 K8S_VERSION = "v1.34.2"
 ETCD_VERSION = "v3.6.4"
+KUBE_ROUTER_VERSION = "v2.10.0"
 COREDNS_VERSION = "v1.12.1"
 LOCAL_PATH_VERSION = "v0.0.30"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10.1"
@@ -80,9 +81,12 @@ APT_PACKAGES = (
     "conntrack",
     "debootstrap",  # the images' Debian base (scripts/lib/cluster-images.sh)
     "buildah",  # the shop image from the Dockerfile
+    "ipset",  # kube-router's NetworkPolicy rules
 )
 CNI_BIN = Path("/usr/lib/cni")
-ETCD_HEALTH = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:2379/health').read())"
+ETCD_HEALTH = "http://127.0.0.1:2379/health"
+KUBE_ROUTER_HEALTH = "http://127.0.0.1:20244/healthz"
+GET = "import sys, urllib.request as u; print(u.urlopen(sys.argv[1], timeout=5).read().decode())"
 # Host-wide sysctls the kubelet writes (protectKernelDefaults: false), restored by `down`.
 HOST_SYSCTLS = (
     "kernel.panic",
@@ -112,6 +116,7 @@ COMPONENTS = (
     "containerd",
     "kubelet",
     "kube-proxy",
+    "kube-router",
 )
 
 
@@ -167,7 +172,7 @@ class Paths:
         return self.run / "containerd" / "containerd.sock"
 
     def binary(self, name: str) -> Path:
-        version = {"etcd": ETCD_VERSION}.get(name, K8S_VERSION)
+        version = {"etcd": ETCD_VERSION, "kube-router": KUBE_ROUTER_VERSION}.get(name, K8S_VERSION)
         return self.bin / f"{name}-{version}"
 
 
@@ -357,6 +362,7 @@ def write_pki(pki: Path) -> None:
     issue("controller-manager", "system:kube-controller-manager", None)
     issue("scheduler", "system:kube-scheduler", None)
     issue("kube-proxy", "system:kube-proxy", None)
+    issue("kube-router", "system:kube-router", None)
     issue("kubelet", f"system:node:{NODE}", "system:nodes", server=True, sans=(NODE_IP, NODE))
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     _write_key(pki / "sa.key", sa_key)
@@ -483,7 +489,14 @@ def remove_namespaces(paths: Paths, state: dict[str, object]) -> None:
 
 def write_configs(paths: Paths) -> None:
     run, pki = paths.run, paths.pki
-    for user in ("admin", "controller-manager", "scheduler", "kubelet", "kube-proxy"):
+    for user in (
+        "admin",
+        "controller-manager",
+        "scheduler",
+        "kubelet",
+        "kube-proxy",
+        "kube-router",
+    ):
         write_kubeconfig(run / f"{user}.kubeconfig", pki, user)
     paths.kubeconfig.write_text((run / "admin.kubeconfig").read_text())
     (run / "resolv.conf").write_text("nameserver 127.0.0.1\n")
@@ -701,6 +714,23 @@ def component_args(paths: Paths, name: str) -> list[str]:
         ]
     if name == "kube-proxy":
         return [binary, f"--config={run / 'kube-proxy.yaml'}"]
+    if name == "kube-router":
+        # NetworkPolicy only (the bridge CNI enforces none): iptables and ipsets in the cluster's
+        # network namespace; routing and Services stay with the bridge and kube-proxy.
+        return [
+            binary,
+            f"--kubeconfig={run / 'kube-router.kubeconfig'}",
+            f"--hostname-override={NODE}",
+            "--run-firewall=true",
+            "--run-router=false",
+            "--run-service-proxy=false",
+            "--enable-cni=false",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--health-addr=127.0.0.1",
+            "--health-port=20244",
+            "--metrics-addr=127.0.0.1",
+            "--metrics-port=20245",
+        ]
     raise ClusterError(f"unknown component {name}")
 
 
@@ -737,13 +767,18 @@ def alive(pid: int) -> bool:
 
 
 def wait_for(
-    what: str, check: object, *, timeout: float, paths: Paths, component: str | None = None
+    what: str,
+    check: Callable[[], bool],
+    *,
+    timeout: float,
+    paths: Paths,
+    component: str | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout
     state = load_state(paths)
     while True:
         try:
-            if check():  # type: ignore[operator]
+            if check():
                 return
         except (ClusterError, OSError):
             pass
@@ -757,6 +792,18 @@ def wait_for(
             detail = tail(paths, component) if component else ""
             raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}\n{detail}")
         time.sleep(0.5)
+
+
+def start_and_wait(
+    paths: Paths, state: dict[str, object], name: str, ready: Callable[[], bool]
+) -> None:
+    start_component(paths, state, name)
+    wait_for(f"{name} to answer", ready, timeout=120, paths=paths, component=name)
+
+
+def get(paths: Paths, url: str) -> str:
+    """The body at `url`, fetched from inside the cluster's network namespace."""
+    return in_cluster(paths, ["python3", "-c", GET, url])
 
 
 def tail(paths: Paths, component: str, lines: int = 30) -> str:
@@ -789,9 +836,10 @@ def kill_cgroups() -> None:
     for _ in range(50):
         left = False
         for top in cgroup_dirs():
-            for procs in Path(top).rglob("cgroup.procs"):
+            # os.walk, not rglob: folders vanish while we walk (their last process exits).
+            for here, _, _ in os.walk(top):
                 try:
-                    pids = [int(p) for p in procs.read_text().split()]
+                    pids = [int(p) for p in (Path(here) / "cgroup.procs").read_text().split()]
                 except OSError:
                     continue
                 for pid in pids:
@@ -802,17 +850,35 @@ def kill_cgroups() -> None:
             break
         time.sleep(0.1)
     for top in cgroup_dirs():
-        for folder in sorted(
-            (p for p in Path(top).rglob("*") if p.is_dir()),
-            key=lambda p: len(p.parts),
-            reverse=True,
-        ):
+        # Deepest first: a cgroup folder goes only once it has no children.
+        for here, _, _ in sorted(os.walk(top), key=lambda walked: -walked[0].count("/")):
             with contextlib.suppress(OSError):
-                folder.rmdir()
-        try:
-            Path(top).rmdir()
-        except OSError as error:
-            log(f"could not remove cgroup {top}: {error}")
+                Path(here).rmdir()
+        if Path(top).exists():
+            log(f"could not remove cgroup {top}")
+
+
+def kill_namespace_members(paths: Paths) -> None:
+    """SIGKILLs every process still in the cluster's network or mount namespace (containerd's
+    shims, which leave containerd's session and cgroup): none may outlive `down`."""
+    wanted = set()
+    for name in ("net", "mnt"):
+        with contextlib.suppress(OSError):
+            wanted.add(f"{name}:[{(paths.run / 'ns' / name).stat().st_ino}]")
+    if not wanted:
+        return
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        for name in ("net", "mnt"):
+            try:
+                member = os.readlink(entry / "ns" / name) in wanted
+            except OSError:
+                continue
+            if member:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry.name), signal.SIGKILL)
+                break
 
 
 def load_state(paths: Paths) -> dict[str, object]:
@@ -909,21 +975,9 @@ def up(paths: Paths) -> None:
     write_pki(paths.pki)
     write_configs(paths)
     phases("control plane")
-    start_component(paths, state, "etcd")
-    wait_for(
-        "etcd",
-        lambda: "true" in in_cluster(paths, ["python3", "-c", ETCD_HEALTH]),
-        timeout=60,
-        paths=paths,
-        component="etcd",
-    )
-    start_component(paths, state, "kube-apiserver")
-    wait_for(
-        "the API server",
-        lambda: kubectl(paths, "get", "--raw", "/readyz") == "ok",
-        timeout=120,
-        paths=paths,
-        component="kube-apiserver",
+    start_and_wait(paths, state, "etcd", lambda: '"health":"true"' in get(paths, ETCD_HEALTH))
+    start_and_wait(
+        paths, state, "kube-apiserver", lambda: kubectl(paths, "get", "--raw", "/readyz") == "ok"
     )
     for name in ("kube-controller-manager", "kube-scheduler", "containerd"):
         start_component(paths, state, name)
@@ -951,8 +1005,10 @@ def up(paths: Paths) -> None:
         paths=paths,
         component="kubelet",
     )
-    phases("cluster DNS and storage")
+    phases("cluster DNS, storage and NetworkPolicy")
     apply_addons(paths)
+    # After the node has its address and the add-ons its permissions.
+    start_and_wait(paths, state, "kube-router", lambda: "OK" in get(paths, KUBE_ROUTER_HEALTH))
     for namespace, deployment in (
         ("kube-system", "coredns"),
         ("local-path-storage", "local-path-provisioner"),
@@ -1000,7 +1056,7 @@ def apply_addons(paths: Paths) -> None:
 def down(paths: Paths, *, check_host: bool = True) -> list[str]:
     state = load_state(paths)
     pids: dict[str, int] = state.get("pids", {})  # type: ignore[assignment]
-    for name in ("kubelet", "kube-proxy"):
+    for name in ("kubelet", "kube-proxy", "kube-router"):
         if name in pids:
             stop_pid(pids[name], name, 15)
     kill_cgroups()
@@ -1013,6 +1069,7 @@ def down(paths: Paths, *, check_host: bool = True) -> list[str]:
     ):
         if name in pids:
             stop_pid(pids[name], name, 15)
+    kill_namespace_members(paths)
     kill_cgroups()
     remove_namespaces(paths, state)
     host = state.get("host")

@@ -146,7 +146,7 @@ build_pause() {
     strip "$bin/pause-$v"
 }
 
-what=${*:-k8s etcd coredns local-path pause}
+what=${*:-k8s etcd coredns local-path pause kube-router}
 for w in $what; do
     began=$SECONDS
     case $w in

@@ -6,7 +6,9 @@ used through its gateway the way a user meets it.
 - a buyer signs up, places an order and sees it confirmed;
 - `orders` and `inventory` are rolled (a new ReplicaSet each) while buyers place orders: no
   request fails and every accepted order ends as its card and stock dictate;
-- a pod of `orders` is deleted under the same load: it is replaced and nothing is lost.
+- a pod of `orders` is deleted under the same load: it is replaced and nothing is lost;
+- the NetworkPolicies hold (kube-router enforces them): a service reaches its own database
+  server, not another's.
 
 The load runs as its own OS process (tests/k8s/shop_client.py) inside the cluster's network
 namespace, the node, and reaches the gateway through its NodePort Service. The figures of each
@@ -176,7 +178,13 @@ class Load:
 
 
 def pods(selector: str) -> set[str]:
-    return set(kubectl("get", "pods", "-l", selector, "-o", "name").split())
+    """The pods matching `selector`, without those already terminating."""
+    listed = json.loads(kubectl("get", "pods", "-l", selector, "-o", "json"))
+    return {
+        f"pod/{pod['metadata']['name']}"
+        for pod in listed["items"]
+        if not pod["metadata"].get("deletionTimestamp")
+    }
 
 
 def test_rolling_update_under_load_fails_no_request(shop: None, tmp_path: Path) -> None:
@@ -218,3 +226,28 @@ def test_a_deleted_pod_is_replaced_and_nothing_is_lost(shop: None, tmp_path: Pat
     assert len(now) >= 2, now
     assert report["ok"], report
     assert report["failures"] == 0
+
+
+PROBE = (
+    "import socket, sys\n"
+    "try:\n"
+    "    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()\n"
+    "    print('open')\n"
+    "except OSError as error:\n"
+    "    print('closed', type(error).__name__)\n"
+)
+
+
+def reaches(service: str, host: str, port: int) -> bool:
+    out = kubectl("exec", f"deploy/{service}", "--", "python", "-c", PROBE, host, str(port))
+    return out.strip() == "open"
+
+
+def test_network_policies_keep_each_service_to_its_own_database(shop: None) -> None:
+    """kube-router enforces the NetworkPolicies: a service reaches its own database server and
+    not another's (dev runs one PostgreSQL and one MongoDB server for all services)."""
+    assert reaches("orders", "postgres", 5432)
+    assert reaches("catalog", "mongo", 27017)
+    assert not reaches("catalog", "postgres", 5432)
+    assert not reaches("orders", "mongo", 27017)
+    assert not reaches("storefront", "postgres", 5432)

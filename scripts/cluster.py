@@ -965,9 +965,8 @@ def up(paths: Paths) -> None:
     phases("binaries and images")
     build(paths)
     phases("namespaces, certificates, configuration")
-    if paths.run.exists():
-        shutil.rmtree(paths.run)
-    paths.run.mkdir(parents=True)
+    clear_run_folder(paths)
+    paths.run.mkdir(parents=True, exist_ok=True)
     state: dict[str, object] = {"host": host_record()}
     save_state(paths, state)
     make_namespaces(paths, state)
@@ -1024,6 +1023,19 @@ def up(paths: Paths) -> None:
         )
     phases.end()
     log(f"ready in {time.monotonic() - phases.began:.0f}s: scripts/cluster kubectl get nodes")
+
+
+def clear_run_folder(paths: Paths) -> None:
+    """Everything of a cluster's run folder but its logs (the e2e test's figures among them)."""
+    if not paths.run.exists():
+        return
+    for child in paths.run.iterdir():
+        if child.name == "logs":
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _node_ready(paths: Paths) -> bool:
@@ -1086,12 +1098,8 @@ def down(paths: Paths, *, check_host: bool = True) -> list[str]:
     ]
     if still_mounted:
         differences.append(f"still mounted: {still_mounted}")
-    elif paths.run.exists():
-        for child in paths.run.iterdir():
-            if child.name != "logs":
-                shutil.rmtree(
-                    child
-                ) if child.is_dir() and not child.is_symlink() else child.unlink()
+    else:
+        clear_run_folder(paths)
     for line in differences:
         log(f"host differs from before `up`: {line}")
     if differences and check_host:

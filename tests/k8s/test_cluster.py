@@ -82,14 +82,19 @@ def record(name: str, figures: dict[str, Any]) -> None:
     print(f"\n{name}: {json.dumps(figures, indent=2)}")
 
 
-@pytest.fixture(scope="module")
-def shop() -> Iterator[None]:
+def require_cluster() -> None:
+    """Fails (CI, MSA_REQUIRE_SERVERS=1) or skips the test when no cluster is up."""
     status = subprocess.run([*CLUSTER, "status"], capture_output=True, text=True, check=False)
     if status.returncode != 0:
         problem = f"no Kubernetes cluster is up (scripts/cluster up): {status.stdout.strip()}"
         if servers_required():
             pytest.fail(problem, pytrace=False)
         pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def shop() -> Iterator[None]:
+    require_cluster()
     kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true")
     began = time.monotonic()
     rendered = subprocess.run(

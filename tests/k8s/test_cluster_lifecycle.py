@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import servers_required
+from tests.k8s.test_cluster import CLUSTER, require_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("msa_cluster", REPO / "scripts" / "cluster.py")
@@ -26,17 +24,10 @@ cluster = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = cluster  # its dataclasses look themselves up there
 _spec.loader.exec_module(cluster)
 
-CLUSTER = [sys.executable, str(REPO / "scripts" / "cluster.py")]
-
 
 def test_down_restores_the_host_and_up_starts_again() -> None:
     paths = cluster.Paths.from_env()
-    status = subprocess.run([*CLUSTER, "status"], capture_output=True, text=True, check=False)
-    if status.returncode != 0:
-        problem = f"no Kubernetes cluster is up (scripts/cluster up): {status.stdout.strip()}"
-        if servers_required():
-            pytest.fail(problem, pytrace=False)
-        pytest.skip(problem)
+    require_cluster()
     before: dict[str, Any] = json.loads(paths.state.read_text())["host"]
     # The running cluster did change the host: the kubelet set its kernel defaults.
     changed = {

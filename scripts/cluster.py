@@ -7,7 +7,7 @@
     scripts/cluster exec -- CMD...    run CMD inside the cluster's network namespace (the node),
                                       with KUBECONFIG set: the node reaches Service IPs and pods
 
-Everything runs inside a network namespace (`msa-k8s`) and a mount namespace that this script
+Everything runs inside a network namespace and a mount namespace that this script
 creates. The node's address (10.97.0.1) is on a veth interface in that namespace, pods sit on a
 bridge (cni0, 10.244.0.0/24) that the bridge CNI plugin creates there, Services are 10.96.0.0/16,
 and the default route points at that interface, whose peer (in the namespace too) drops what it
@@ -31,7 +31,7 @@ imported into containerd, never pulled); Debian packages give containerd, runc, 
 and iptables.
 
 Environment: MSA_CACHE_DIR (the build cache), MSA_CLUSTER_DIR (run folder, default
-/tmp/msa-cluster), MSA_CLUSTER_NETNS (msa-k8s).
+/tmp/msa-cluster; the namespaces are files in it).
 """
 
 from __future__ import annotations
@@ -132,7 +132,6 @@ def log(message: str) -> None:
 class Paths:
     cache: Path
     run: Path
-    netns: str
 
     @classmethod
     def from_env(cls) -> Paths:
@@ -141,7 +140,7 @@ class Paths:
             or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "msa-framework"
         )
         run = Path(os.environ.get("MSA_CLUSTER_DIR", "/tmp/msa-cluster"))
-        return cls(cache=cache, run=run, netns=os.environ.get("MSA_CLUSTER_NETNS", "msa-k8s"))
+        return cls(cache=cache, run=run)
 
     @property
     def bin(self) -> Path:

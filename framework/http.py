@@ -11,10 +11,22 @@ HTTP exception keeps its status; `PayloadValidationError` and `DecodeError` are 
 validation errors; any other exception is a 500 whose detail does not leak internals. Every
 request continues the caller's W3C trace (or starts one) and runs with a correlation id taken
 from `X-Correlation-ID` (or the trace id), which log lines then carry.
+
+Draining (`ServiceHttp.drain`, the first step of `Service.stop`): from then on every response
+carries `Connection: close`, so a client's pool (say a gateway behind a Kubernetes Service, whose
+conntrack entries keep kept-alive connections on this pod after it left the endpoints) opens a
+new connection for its next request, which reaches another replica. Requests under way finish
+while resources and bus still serve them; once none is (or the time is up) the service takes
+no more work: later requests are answered 503 with `Retry-After: 1` and `X-MSA-Not-Processed: 1`
+(`framework.types.NOT_PROCESSED`: no handler saw it, so an upstream pool may send even a POST
+again, elsewhere), while `/alive`, `/ready` and `/metrics` answer until the HTTP side stops,
+last. Idle kept-alive connections stay open until then: one used meanwhile gets an answer and
+closes, never a reset in the middle of a request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Protocol, TypeVar
 
@@ -28,6 +40,7 @@ from framework.messages import decode_payload, encode_payload
 from framework.observability.metrics import CONTENT_TYPE, MetricsRegistry
 from framework.observability.tracing import current_trace, use_correlation_id
 from framework.observability.web import trace_middleware
+from framework.types import NOT_PROCESSED
 
 __all__ = [
     "HttpSettings",
@@ -42,6 +55,8 @@ __all__ = [
 T = TypeVar("T")
 log = logging.getLogger("framework.http")
 PROBLEM = "application/problem+json"
+PROBES = frozenset({"/alive", "/ready", "/metrics"})
+"""Paths served until the HTTP side stops, draining or not (probes and scrapes)."""
 
 
 def json_response(
@@ -132,17 +147,27 @@ class ServedService(DocumentedService, Protocol):
 
 
 class ServiceHttp:
-    """Serves a service's aiohttp application; started first and stopped last by `Service`."""
+    """Serves a service's aiohttp application; started first, drained first and stopped last
+    by `Service`."""
 
     def __init__(self, service: ServedService) -> None:
         self.service = service
+        self.in_flight = 0
+        """Requests under way other than probes (`PROBES`)."""
+        self.refusing = False
+        """True once drained: requests other than probes are answered 503 (not processed)."""
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self.app = self.build_app()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
     def build_app(self) -> web.Application:
         service = self.service
-        app = web.Application(middlewares=[trace_middleware, problem_middleware])
+        app = web.Application(
+            middlewares=[self.work_middleware, trace_middleware, problem_middleware]
+        )
+        app.on_response_prepare.append(self._closing_when_draining)
         app.router.add_get("/alive", self.alive)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.metrics)
@@ -161,6 +186,53 @@ class ServiceHttp:
         addresses = self._runner.addresses
         self.port = int(addresses[0][1]) if addresses else settings.http_port
         log.info("service %s: HTTP on %s:%s", self.service.name, settings.http_host, self.port)
+
+    async def drain(self, timeout: float) -> bool:
+        """Let requests under way finish (at most `timeout` seconds), then refuse further work
+        (see the module docstring). True when every request finished in time."""
+        try:
+            await asyncio.wait_for(self._quiet.wait(), timeout)
+            finished = True
+        except TimeoutError:
+            finished = False
+            log.warning(
+                "service %s: %d HTTP requests still under way after %.1fs of draining",
+                self.service.name,
+                self.in_flight,
+                timeout,
+            )
+        self.refusing = True
+        return finished
+
+    @web.middleware
+    async def work_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Counts the requests under way; refuses them once drained (probes excepted)."""
+        if request.path in PROBES:
+            return await handler(request)
+        if self.refusing:
+            response = problem(
+                503,
+                "Service Unavailable",
+                f"{self.service.name} is stopping; send the request again",
+            )
+            response.headers["Retry-After"] = "1"
+            response.headers[NOT_PROCESSED] = "1"
+            return response
+        self.in_flight += 1
+        self._quiet.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._quiet.set()
+
+    async def _closing_when_draining(
+        self, request: web.Request, response: web.StreamResponse
+    ) -> None:
+        if self.service.stopping:  # the client's next request opens a connection elsewhere
+            response.force_close()
+            response.headers["Connection"] = "close"  # (aiohttp has written its own by now)
 
     async def stop(self) -> None:
         if self._runner is not None:

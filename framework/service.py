@@ -38,11 +38,14 @@ Lifecycle, in this order (the promises Kubernetes probes rely on):
   `settings.faults` is on, the fault switches are read (`framework.faults`; handlers wait for
   them); then `on_start()`; only then is the service ready (`/ready` 200).
 - `stop(grace)` (what SIGTERM triggers): ready goes false at once (`/ready` 503, so the Pod
-  leaves its Service's endpoints); fetching stops; handlers already running finish within
-  `grace` seconds; done offsets are committed; consumers leave their groups; the fault
-  switches' reader stops; `on_stop()` runs; resources stop in reverse order; the HTTP side
-  stops last. Records fetched but not started are not committed, so another replica receives
-  them.
+  leaves its Service's endpoints); the HTTP side drains (`framework.http`): every response
+  says `Connection: close` (kept-alive clients reconnect elsewhere), HTTP requests under way
+  finish while resources and bus still serve them, and later ones are answered 503 "not
+  processed" (probes excepted); then fetching stops; handlers already running finish; done
+  offsets are committed; consumers leave their groups; the fault switches' reader stops;
+  `on_stop()` runs; resources stop in reverse order; the HTTP side stops last. All of it within
+  `grace` seconds, the HTTP drain first. Records fetched but not started are not committed, so
+  another replica receives them.
 - `kill()`: stops at once, without draining or committing (tests of crash recovery).
 """
 
@@ -498,9 +501,13 @@ class Service:
         self._stopping = True
         grace = self.settings.shutdown_grace if grace is None else grace
         log.info("service %s stopping (grace %.1fs)", self.name, grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         try:
+            if self._http is not None:
+                await self._http.drain(grace)
             try:
-                await self.bus.stop(grace=grace)
+                await self.bus.stop(grace=max(0.0, deadline - loop.time()))
             finally:
                 if self.faults is not None:
                     await self.faults.stop()

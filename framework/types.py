@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 __all__ = [
+    "NOT_PROCESSED",
     "Codec",
     "ConsumeMiddleware",
     "HandlerInfo",
@@ -37,6 +38,11 @@ Headers: TypeAlias = tuple[tuple[str, bytes], ...]
 """Record headers in order, as Kafka keeps them (a name may repeat)."""
 
 StartFrom: TypeAlias = Literal["earliest", "latest"]
+
+NOT_PROCESSED = "X-MSA-Not-Processed"
+"""HTTP response header (value `1`) of a 503 whose request no handler saw: a draining service's
+refusal (`framework.http`). A client may send it again, whatever its method, to another
+instance; `framework.resilience.UpstreamPool` does."""
 
 
 @dataclass(frozen=True, slots=True)

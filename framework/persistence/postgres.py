@@ -39,6 +39,7 @@ asyncpg errors are translated to `PersistenceError` subclasses at this one edge 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -197,7 +198,10 @@ class PostgresResource:
         command_timeout: float = 30.0,
         apply_migrations: bool = True,
         create_database: bool = False,
+        close_timeout: float = 10.0,
     ) -> None:
+        """`close_timeout`: seconds `stop()` waits for borrowed connections to come back before
+        it terminates the pool (asyncpg's `Pool.close()` alone waits for ever)."""
         if not url:
             raise ConfigurationError("PostgresResource needs a URL (POSTGRES_URL)")
         self.url = url
@@ -206,6 +210,7 @@ class PostgresResource:
         self.command_timeout = command_timeout
         self.apply_migrations = apply_migrations
         self.create_database = create_database
+        self.close_timeout = close_timeout
         self._migrations: list[Migration] = []
         self._pool: asyncpg.Pool | None = None
         self.add_migrations(migrations)
@@ -313,9 +318,19 @@ class PostgresResource:
 
     async def stop(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is not None:
-            with contextlib.suppress(Exception):
-                await pool.close()
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self.close_timeout)
+        except TimeoutError:
+            log.warning(
+                "a PostgreSQL connection was not given back within %.1fs; closing the pool at once",
+                self.close_timeout,
+            )
+            pool.terminate()
+        except Exception:
+            log.exception("closing the PostgreSQL pool failed")
+            pool.terminate()
 
     async def check(self) -> bool:
         """Readiness: one `select 1` round trip."""

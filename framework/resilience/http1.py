@@ -268,6 +268,16 @@ class Http1Client:
             connection.close()
         return answer
 
+    def close_idle(self, base_url: str) -> int:
+        """Close the idle connections to the origin of `base_url`; returns how many. For an
+        origin that said it is going away (a draining instance behind a Kubernetes Service,
+        whose kept-alive connections all reach the same terminating pod)."""
+        origin = self._origins.get(base_url)
+        idle = self._idle.pop(origin, None) if origin is not None else None
+        for connection in idle or ():
+            connection.close()
+        return len(idle or ())
+
     async def close(self) -> None:
         """Close every connection; a request under way fails."""
         self._closed = True

@@ -32,8 +32,12 @@ What `send` does, in order:
    and calls that reached no instance teach it nothing.
 3. **Choosing an instance**: among instances that pass their active health checks and are not
    ejected, `round_robin` or `least_outstanding` (fewest calls in flight, ties in turn).
-4. **Retries**: only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE), after a connect
-   error, a timeout or a status in `retry.on_status`, up to `retry.attempts` tries in all, each
+4. **Retries**: idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE) after a connect error, a
+   timeout or a status in `retry.on_status`; any method after a 503 that says its request was
+   not processed (`X-MSA-Not-Processed: 1`, a draining framework service's refusal, see
+   `framework.types.NOT_PROCESSED`; the `http1` client then also closes its idle connections to
+   that instance, which all lead to the same terminating pod when the instance is a Kubernetes
+   Service); up to `retry.attempts` tries in all, each
    on another instance while there is one, after `retry.backoff * 2**n` seconds (+-20% jitter). A
    retry budget keeps retries from multiplying an outage: retries in the last 10 s may be at most
    `retry.budget` x the calls in those 10 s (but at least one, so a quiet pool still retries).
@@ -96,6 +100,7 @@ from framework.resilience.adaptive import AdaptiveConfig, AdaptiveLimit
 from framework.resilience.backoff import Backoff
 from framework.resilience.breaker import BreakerConfig, CircuitBreaker
 from framework.resilience.http1 import HOP_BY_HOP, Http1Client, UpstreamConnectionError
+from framework.types import NOT_PROCESSED
 
 __all__ = [
     "HOP_BY_HOP",
@@ -156,7 +161,8 @@ class EjectionConfig(_Strict):
 
 class RetryConfig(_Strict):
     attempts: int = Field(default=2, ge=1)
-    """Tries in all, on another instance each time; only idempotent methods are retried."""
+    """Tries in all, on another instance each time; idempotent methods are retried, any method
+    after a 503 whose request was not processed (`framework.types.NOT_PROCESSED`)."""
     budget: float = Field(default=0.2, ge=0, le=1)
     """Retries may add at most this share of the pool's recent requests."""
     on_status: tuple[int, ...] = (502, 503, 504)
@@ -637,7 +643,7 @@ class UpstreamPool:
     ) -> _Result:
         loop = asyncio.get_running_loop()
         retry = self.config.retry
-        tries = retry.attempts if method in IDEMPOTENT_METHODS else 1
+        tries = retry.attempts
         tried: set[str] = set()
         result: _Result | None = None
         attempt = 0
@@ -658,7 +664,7 @@ class UpstreamPool:
             result = await self._attempt(
                 instance, method, path_qs, headers, body, deadline, budget, attempt, tries
             )
-            if attempt >= tries or not self._should_retry(result):
+            if attempt >= tries or not self._should_retry(method, result):
                 return result
             # Only on a retry (rare): jittered, so instances that failed together are not
             # retried in lock-step by every gateway replica.
@@ -677,10 +683,15 @@ class UpstreamPool:
             if delay:
                 await asyncio.sleep(delay)
 
-    def _should_retry(self, result: _Result) -> bool:
-        if result.response is not None:
-            return result.response.status in self.config.retry.on_status
-        return result.error is not None
+    def _should_retry(self, method: str, result: _Result) -> bool:
+        response = result.response
+        if response is not None:
+            if response.status not in self.config.retry.on_status:
+                return False
+            return method in IDEMPOTENT_METHODS or (
+                response.status == 503 and response.headers.get(NOT_PROCESSED) == "1"
+            )
+        return result.error is not None and method in IDEMPOTENT_METHODS
 
     async def _attempt(
         self,
@@ -741,6 +752,10 @@ class UpstreamPool:
             return _Result(error=error, cause=cause, failed=True)
 
         failed = status >= 500
+        refused = status == 503 and response_headers.get(NOT_PROCESSED) == "1"
+        if refused and self._client is not None:
+            # The instance is draining: its other kept-alive connections lead there too.
+            self._client.close_idle(instance.url)
         self._judge(instance, failed=failed, latency_ms=latency_ms)
         response = UpstreamResponse(
             status=status,

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from framework.bus import MemoryTransport
+from framework.http import json_response
 from framework.observability.tracing import TraceContext
-from framework.service import Service, ServiceSettings
+from framework.service import Service, ServiceSettings, route
 from framework.testing import ServiceHarness
+from framework.types import NOT_PROCESSED
 from tests.framework.sample_services import OrderPlaced, Shop
 
 HTTP = ServiceSettings(http_host="127.0.0.1", http_port=0)
@@ -126,6 +130,112 @@ async def test_ready_is_503_while_stopping_and_the_http_side_stops_last(
     assert service.http_port is None
     with pytest.raises(aiohttp.ClientConnectionError):
         await get_json(client, url + "/alive")
+
+
+class Held(Service):
+    """A service whose `GET /held` answers when the test says so; `events` records the order of
+    a held request's end and the resources' stop."""
+
+    name = "held"
+
+    def __init__(self) -> None:
+        super().__init__(HTTP, transport=MemoryTransport())
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.events: list[str] = []
+        self.gate = self.use(Gate(on="stop"))
+        self.use(Recorder(self.events))
+
+    @route("GET", "/held")
+    async def held(self, request: web.Request) -> web.Response:
+        self.entered.set()
+        await self.release.wait()
+        self.events.append("request answered")
+        return json_response({"held": True})
+
+    @route("GET", "/quick")
+    async def quick(self, request: web.Request) -> web.Response:
+        return json_response({"quick": True})
+
+
+class Recorder:
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self.events.append("resources stopped")
+
+
+async def test_a_request_under_way_when_the_stop_begins_finishes_before_resources_stop(
+    client: aiohttp.ClientSession,
+) -> None:
+    service = Held()
+    service.gate.open.set()
+    await service.start()
+    url = base_url(service)
+
+    async def get_held() -> tuple[int, str]:
+        async with client.get(url + "/held") as response:
+            await response.read()
+            return response.status, response.headers.get("Connection", "")
+
+    request = asyncio.create_task(get_held())
+    await asyncio.wait_for(service.entered.wait(), 5)
+    stopping = asyncio.create_task(service.stop())
+    await asyncio.sleep(0)  # the stop begins: it waits for the request
+    assert service.stopping
+    service.release.set()
+    assert await asyncio.wait_for(request, 10) == (200, "close")
+    await asyncio.wait_for(stopping, 10)
+    assert service.events == ["request answered", "resources stopped"]
+
+
+async def test_a_drained_service_refuses_work_as_not_processed_and_probes_still_answer(
+    client: aiohttp.ClientSession,
+) -> None:
+    """Once drained, a request on a connection kept alive from before is answered 503 "not
+    processed" and the connection is closed; probes answer until the HTTP side stops."""
+    service = Held()
+    await service.start()
+    assert service.http_port is not None
+    url = base_url(service)
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+    try:
+        writer.write(b"GET /quick HTTP/1.1\r\nHost: held\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"connection: close" not in head.lower()  # kept alive
+        await asyncio.wait_for(reader.readexactly(len(b'{"quick":true}')), 5)
+        stopping = asyncio.create_task(service.stop())
+        try:
+            await asyncio.wait_for(service.gate.reached.wait(), 5)  # resources are stopping
+            writer.write(b"POST /quick HTTP/1.1\r\nHost: held\r\nContent-Length: 0\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)  # to the end: the server closed it
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503")
+            lines = head.lower().split(b"\r\n")
+            assert b"connection: close" in lines
+            assert b"retry-after: 1" in lines
+            assert NOT_PROCESSED.lower().encode() + b": 1" in lines
+            assert json.loads(body)["status"] == 503
+
+            async with client.get(url + "/quick") as response:  # a new connection: the same
+                assert (response.status, response.content_type) == (503, PROBLEM)
+                assert response.headers[NOT_PROCESSED] == "1"
+            status, _, _ = await get_json(client, url + "/alive")
+            assert status == 200
+            status, _, body = await get_json(client, url + "/ready")
+            assert (status, body["stopping"]) == (503, True)
+            async with client.get(url + "/metrics") as response:
+                assert response.status == 200
+        finally:
+            service.gate.open.set()
+            await stopping
+    finally:
+        writer.close()
 
 
 async def test_a_port_in_use_fails_the_start_and_leaves_nothing_behind(

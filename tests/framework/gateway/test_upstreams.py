@@ -223,7 +223,9 @@ async def test_get_on_a_down_instance_is_retried_on_another(
     assert pool.retries == 1
 
 
-async def test_post_is_never_retried(servers: ServerFactory, pools: PoolFactory) -> None:
+async def test_a_post_is_not_retried_after_a_connect_error(
+    servers: ServerFactory, pools: PoolFactory
+) -> None:
     (up,) = await servers(1)
     pool = await pools(targets=(closed_port_url(), up.url), retry=RetryConfig(attempts=3))
 

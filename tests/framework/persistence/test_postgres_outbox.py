@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -332,3 +333,30 @@ async def test_errors_are_framework_errors(db: PostgresResource) -> None:
             await conn.execute("select * from no_such_table")
     assert not isinstance(error.value, asyncpg.PostgresError)
     assert orjson.loads(b"1") == 1
+
+
+async def test_stop_closes_a_connection_never_given_back_after_close_timeout(
+    postgres_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = PostgresResource(postgres_database, migrations=ORDERS, close_timeout=0.2)
+    await db.start()
+    conn = await db.pool.acquire()  # borrowed and never released: `pool.close()` alone would hang
+    pid = conn.get_server_pid()
+    assert await conn.fetchval("select 1") == 1
+
+    with caplog.at_level(logging.WARNING, logger="framework.persistence"):
+        await asyncio.wait_for(db.stop(), 30)  # a regression fails here instead of hanging
+
+    assert any("was not given back" in r.getMessage() for r in caplog.records)
+    # Terminated: asyncpg detaches the borrower's proxy from the closed connection, so even
+    # `conn.is_closed()` refuses, and the server-side backend goes away.
+    with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
+        conn.is_closed()
+    probe = await asyncpg.connect(postgres_database)
+    try:
+        deadline = time.monotonic() + 10
+        while await probe.fetchval("select count(*) from pg_stat_activity where pid = $1", pid):
+            assert time.monotonic() < deadline, "the held connection's backend is still there"
+            await asyncio.sleep(0.02)
+    finally:
+        await probe.close()

@@ -406,6 +406,19 @@ async def test_more_idle_connections_than_max_idle_close_the_coldest() -> None:
     assert len(upstream.conns) == 2
 
 
+async def test_close_idle_closes_the_idle_connections_of_one_origin() -> None:
+    async with Upstream(serve(by_connection)) as upstream, open_client() as client:
+        await held_requests(upstream, client)  # two idle connections now
+        assert client.close_idle(upstream.url) == 2
+        await ended(upstream.conns[0])
+        await ended(upstream.conns[1])
+        again = await call(client, upstream.url, "/c")
+        assert client.close_idle("http://127.0.0.1:1") == 0  # an origin it never reached
+
+    assert again.body == b"2"  # a third connection
+    assert len(upstream.conns) == 3
+
+
 async def test_a_chunked_body_is_read_across_pieces_and_the_connection_reused() -> None:
     chunked = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"

@@ -6,6 +6,8 @@ used through its gateway the way a user meets it.
 - a buyer signs up, places an order and sees it confirmed;
 - `orders` and `inventory` are rolled (a new ReplicaSet each) while buyers place orders: no
   request fails and every accepted order ends as its card and stock dictate;
+- an `orders` pod is deleted while buyers place orders: it is replaced, no request fails and
+  nothing is lost (the deleted pod's log is kept in `$MSA_CLUSTER_DIR/logs/`);
 - the NetworkPolicies hold (kube-router enforces them): a service reaches its own database
   server, not another's.
 
@@ -117,7 +119,28 @@ def shop() -> Iterator[None]:
     kubectl("wait", "--for=condition=complete", "job", "--all", f"--timeout={ROLLOUT_TIMEOUT}")
     record("deploy", {"seconds_to_every_rollout_and_job": round(time.monotonic() - began, 1)})
     yield
+    keep_logs("shop-pods.log")
     kubectl("delete", "namespace", NAMESPACE, "--wait=true", check=False)
+
+
+def keep_logs(name: str, *selectors: str) -> None:
+    """The logs of the shop's pods (those of `selectors`, else all) into the run's logs folder,
+    which `scripts/cluster down` keeps, for a failure to be read after the cluster is gone."""
+    chosen = selectors or ("app.kubernetes.io/name",)
+    with (RUN_DIR / "logs" / name).open("w") as out:
+        for selector in chosen:
+            out.write(
+                kubectl(
+                    "logs",
+                    "-l",
+                    selector,
+                    "--all-containers",
+                    "--prefix",
+                    "--tail=-1",
+                    "--max-log-requests=50",
+                    check=False,
+                )
+            )
 
 
 def run_client(*args: str, timeout: float = 600) -> dict[str, Any]:
@@ -211,6 +234,34 @@ def test_rolling_update_under_load_fails_no_request(shop: None, tmp_path: Path) 
     assert report["ok"], report
     assert report["failures"] == 0
     assert report["accepted"] > 0
+
+
+def test_a_deleted_pod_is_replaced_and_nothing_is_lost(shop: None, tmp_path: Path) -> None:
+    load = Load(tmp_path)
+    try:
+        load.started()
+        (victim, *_) = sorted(pods("app.kubernetes.io/name=orders"))
+        # The pod's log goes with it: follow it into the logs folder until it ends.
+        with (RUN_DIR / "logs" / f"deleted-{victim.removeprefix('pod/')}.log").open("w") as log:
+            follower = subprocess.Popen(
+                [*CLUSTER, "kubectl", "--", "-n", NAMESPACE, "logs", "-f", victim],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            began = time.monotonic()
+            kubectl("delete", victim, "--wait=true")
+            kubectl("rollout", "status", "deployment/orders", f"--timeout={ROLLOUT_TIMEOUT}")
+            replaced = round(time.monotonic() - began, 1)
+            follower.wait(timeout=60)
+        now = pods("app.kubernetes.io/name=orders")
+    finally:
+        report = load.stop()
+        keep_logs("pod-deletion-orders.log", "app.kubernetes.io/name=orders")
+    record("pod_deletion", {"replaced_seconds": replaced, **report})
+    assert victim not in now, (victim, now)
+    assert len(now) >= 2, now
+    assert report["ok"], report
+    assert report["failures"] == 0
 
 
 PROBE = (

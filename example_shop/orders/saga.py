@@ -45,6 +45,7 @@ which keeps its last four digits.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -87,8 +88,9 @@ __all__ = [
     "PlaceOrderSaga",
 ]
 
-STEP_TIMEOUT = 30.0
-"""Seconds each participant has to answer a command (and to confirm an undo)."""
+STEP_TIMEOUT = float(os.environ.get("ORDERS_STEP_TIMEOUT", "30"))
+"""Seconds each participant has to answer a command (and to confirm an undo): 30, or the orders
+process's `ORDERS_STEP_TIMEOUT` (read when this module is imported)."""
 FORWARD_MILESTONES = ("stock_reserved", "payment_authorized", "shipment_created")
 """What the saga does for an order, in order."""
 REFUSAL_MILESTONES = ("stock_rejected", "payment_declined")

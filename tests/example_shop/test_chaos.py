@@ -60,7 +60,9 @@ PAUSE_LAG = 5
 """Shipping commands that must pile up on the broker while the shipping consumers are paused
 (a running shipping service keeps its lag below it: the test waits for that before pausing)."""
 PAUSE_DEADLINE = 15.0
-"""Seconds they have to pile up: well below the order saga's 30 s step timeout."""
+"""Seconds they have to pile up: well below the order saga's step timeout."""
+STEP_TIMEOUT = 90.0
+"""The order saga's step timeout in this test (`ORDERS_STEP_TIMEOUT`; 30 s by default)."""
 QUIESCENCE = timedelta(seconds=15)
 """How long an outbox entry may wait for the relay once the shop is quiet."""
 SETTLE_DEADLINE = 150.0
@@ -511,7 +513,15 @@ async def test_orders_survive_crashing_services_and_a_broker_restart(tmp_path: P
     async with own_broker(tmp_path / "broker") as broker:
         ports = free_ports(len(START_ORDER) + 2)
         layout = ShopLayout(
-            env={**os.environ, "KAFKA_BOOTSTRAP": broker.bootstrap},
+            env={
+                **os.environ,
+                "KAFKA_BOOTSTRAP": broker.bootstrap,
+                # No order may time out, so no clock may decide one: a participant's recovery
+                # (restart, the dead member's 10 s Kafka session, its backlog) once took over
+                # the default 30 s on a busy 2-core box. A lost message still times out, within
+                # the settling deadline.
+                "ORDERS_STEP_TIMEOUT": str(STEP_TIMEOUT),
+            },
             run_dir=tmp_path / "shop",
             gateway_port=ports[0],
             gateway_admin_port=ports[1],

@@ -43,8 +43,9 @@ Lifecycle, in this order (the promises Kubernetes probes rely on):
   finish while resources and bus still serve them, and later ones are answered 503 "not
   processed" (probes excepted); then fetching stops; handlers already running finish; done
   offsets are committed; consumers leave their groups; the fault switches' reader stops;
-  `on_stop()` runs; resources stop in reverse order; the HTTP side stops last. All of it within
-  `grace` seconds, the HTTP drain first. Records fetched but not started are not committed, so
+  `on_stop()` runs; resources stop in reverse order; the HTTP side stops last. The HTTP drain
+  and the consumers' drain share `grace` seconds (resources bound their own stops, e.g.
+  `PostgresResource.close_timeout`). Records fetched but not started are not committed, so
   another replica receives them.
 - `kill()`: stops at once, without draining or committing (tests of crash recovery).
 """

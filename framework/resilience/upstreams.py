@@ -688,8 +688,8 @@ class UpstreamPool:
         if response is not None:
             if response.status not in self.config.retry.on_status:
                 return False
-            return method in IDEMPOTENT_METHODS or (
-                response.status == 503 and response.headers.get(NOT_PROCESSED) == "1"
+            return method in IDEMPOTENT_METHODS or refused_unprocessed(
+                response.status, response.headers
             )
         return result.error is not None and method in IDEMPOTENT_METHODS
 
@@ -752,8 +752,7 @@ class UpstreamPool:
             return _Result(error=error, cause=cause, failed=True)
 
         failed = status >= 500
-        refused = status == 503 and response_headers.get(NOT_PROCESSED) == "1"
-        if refused and self._client is not None:
+        if self._client is not None and refused_unprocessed(status, response_headers):
             # The instance is draining: its other kept-alive connections lead there too.
             self._client.close_idle(instance.url)
         self._judge(instance, failed=failed, latency_ms=latency_ms)
@@ -1030,6 +1029,12 @@ class UpstreamPool:
                 for i in self._instances
             ],
         }
+
+
+def refused_unprocessed(status: int, headers: Mapping[str, str]) -> bool:
+    """A draining framework service's refusal: 503 with `X-MSA-Not-Processed: 1` (no handler
+    saw the request, so any method may be sent again)."""
+    return status == 503 and headers.get(NOT_PROCESSED) == "1"
 
 
 def _parse_host_port(value: str) -> tuple[str, int]:
